@@ -1,0 +1,146 @@
+"""trm_kernels: the fused ops of the TRM recursion, usable in any recursive model.
+
+Every op validates its arguments once here, then runs the implementation chosen by
+:mod:`trm_kernels.backend` (``reference`` PyTorch everywhere; fused backends where
+registered). Semantics are those of :mod:`trm_kernels.reference`.
+
+Example, one post-norm block of your own recursive model::
+
+    import trm_kernels as K
+
+    def block(h, injection, qkv_proj, o_proj, gate_up_proj, down_proj, cos, sin, heads):
+        h = K.inject(h, injection)
+        h = K.add_rmsnorm(h, o_proj(K.rope_attention(qkv_proj(h), cos, sin, heads)))
+        return K.add_rmsnorm(h, down_proj(K.swiglu(gate_up_proj(h))))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backend import available, get_backend, register, resolve, set_backend, use_backend
+
+__all__ = [
+    "add_rmsnorm",
+    "inject",
+    "swiglu",
+    "rope_attention",
+    "rope_cos_sin",
+    "stablemax_cross_entropy",
+    "softmax_cross_entropy",
+    "available",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]
+
+rope_cos_sin = reference.rope_cos_sin
+
+for _name in ("add_rmsnorm", "inject", "swiglu", "rope_attention", "stablemax_cross_entropy", "softmax_cross_entropy"):
+    register(_name, "reference", getattr(reference, _name))
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT:
+        raise TypeError(f"{name} must be float64/float32/float16/bfloat16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    _check_float(name, t)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_dim(name: str, t: torch.Tensor, dim: int) -> None:
+    if not -t.dim() <= dim < t.dim():
+        raise ValueError(f"dim={dim} is out of range for {name} of rank {t.dim()}")
+
+
+def add_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    dim: int = -1,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """rmsnorm(x + residual) over axis `dim` (-1: hidden; -2: sequence, as in ``mlp_t``)."""
+    _check_float("x", x)
+    _check_dim("x", x, dim)
+    if residual is not None:
+        _check_same("residual", residual, "x", x)
+    return resolve("add_rmsnorm", x.device, backend)(x, residual, dim, eps)
+
+
+def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """h + (a + b) (or h + a): the recursion's input injection."""
+    _check_float("h", h)
+    _check_same("a", a, "h", h)
+    if b is not None:
+        _check_same("b", b, "h", h)
+    return resolve("inject", h.device, backend)(h, a, b)
+
+
+def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> torch.Tensor:
+    """silu(gate) * up on the packed [gate | up] tensor, split along `dim`."""
+    _check_float("gate_up", gate_up)
+    _check_dim("gate_up", gate_up, dim)
+    if gate_up.shape[dim] % 2:
+        raise ValueError(f"gate_up must have an even size along dim={dim}, got {gate_up.shape[dim]}")
+    return resolve("swiglu", gate_up.device, backend)(gate_up, dim)
+
+
+def rope_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, backend: str | None = None
+) -> torch.Tensor:
+    """Non-causal attention with RoPE; qkv [B, S, 3*H*d] as [q | k | v] heads -> [B, S, H*d]."""
+    _check_float("qkv", qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [batch, seq, 3*heads*head_dim], got shape {tuple(qkv.shape)}")
+    if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv's last dim {qkv.shape[-1]} is not divisible by 3*num_heads={3 * num_heads}")
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_float(name, t)
+        if t.shape != (qkv.shape[1], head_dim):
+            raise ValueError(f"{name} must have shape {(qkv.shape[1], head_dim)}, got {tuple(t.shape)}")
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+    return resolve("rope_attention", qkv.device, backend)(qkv, cos, sin, num_heads)
+
+
+def _check_ce(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    _check_float("logits", logits)
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected logits' shape without the last axis "
+                         f"{tuple(logits.shape[:-1])}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+
+
+def stablemax_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, backend: str | None = None
+) -> torch.Tensor:
+    """Per-token stablemax cross-entropy (fp32 out, float64-exact), 0 at ignored labels."""
+    _check_ce(logits, labels)
+    return resolve("stablemax_cross_entropy", logits.device, backend)(logits, labels, ignore_index)
+
+
+def softmax_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, backend: str | None = None
+) -> torch.Tensor:
+    """Per-token softmax cross-entropy (fp32 out), 0 at ignored labels."""
+    _check_ce(logits, labels)
+    return resolve("softmax_cross_entropy", logits.device, backend)(logits, labels, ignore_index)

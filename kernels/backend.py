@@ -1,0 +1,77 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends: ``reference`` (plain PyTorch, every device), ``triton`` and ``cuda`` (fused
+kernels, registered by their own modules when importable). The choice, in order of
+precedence: the ``backend=`` argument of an op call, :func:`set_backend` /
+:func:`use_backend`, the ``TRM_BACKEND`` environment variable, then ``auto``: the fastest
+registered backend for the tensor's device, which on CPU is always ``reference``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+_CHOICES = ("auto", *BACKENDS)
+
+# op name -> backend name -> implementation
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+# per-device order in which `auto` tries backends; benchmarks decide this order.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+_override: str | None = None
+
+
+def _validate(name: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    return name
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} for op {op!r}")
+    _REGISTRY.setdefault(op, {})[backend] = fn
+
+
+def get_backend() -> str:
+    """The backend requested globally (``auto`` unless set)."""
+    if _override is not None:
+        return _override
+    return _validate(os.environ.get("TRM_BACKEND", "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str) -> None:
+    global _override
+    _override = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    global _override
+    previous, _override = _override, _validate(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def available(op: str) -> tuple[str, ...]:
+    return tuple(_REGISTRY.get(op, {}))
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None) -> Callable:
+    """The implementation of `op` to run for a tensor on `device`."""
+    name = _validate(backend) if backend is not None else get_backend()
+    impls = _REGISTRY[op]
+    if name != "auto":
+        if name not in impls:
+            raise RuntimeError(f"backend {name!r} is not available for op {op!r} (available: {', '.join(impls)})")
+        return impls[name]
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        if candidate in impls:
+            return impls[candidate]
+    return impls["reference"]

@@ -1,0 +1,91 @@
+"""Plain PyTorch implementations of every op on the TRM hot path.
+
+These are the semantics: the CPU path, and the oracle every fused kernel is tested
+against. Each one is written to be obviously right, not fast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor | None = None, dim: int = -1, eps: float = 1e-5
+) -> torch.Tensor:
+    """rmsnorm(x + residual) over `dim`, computed in fp32, returned in x's dtype (no weight)."""
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    h32 = h32 * torch.rsqrt(h32.square().mean(dim=dim, keepdim=True) + eps)
+    return h32.to(x.dtype)
+
+
+def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """The recursion's input injection: h + (a + b), or h + a.
+
+    The parenthesisation is the reference's (`z_L + (z_H + x)`), which matters in bf16.
+    """
+    return h + (a if b is None else a + b)
+
+
+def swiglu(gate_up: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """silu(gate) * up, with gate and up the two halves of `gate_up` along `dim` (gate first)."""
+    gate, up = gate_up.chunk(2, dim=dim)
+    return F.silu(gate) * up
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables [seq_len, head_dim] in the rotate-half convention."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in fp32 on x [B, S, H, d]; cos/sin [S, d]."""
+    x32 = x.float()
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+
+
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Non-causal multi-head attention with RoPE on q and k.
+
+    qkv: [B, S, 3 * H * d] laid out as [q heads | k heads | v heads]; returns [B, S, H * d].
+    """
+    batch, seq, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    q, k, v = qkv.view(batch, seq, 3 * num_heads, head_dim).split(num_heads, dim=2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
+
+
+def _stablemax_s(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, x + 1, 1 / (1 - x))
+
+
+def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token -log(s(x_label) / sum_j s(x_j)) in float64, 0 where label == ignore_index.
+
+    Returns float32 of labels' shape.
+    """
+    s = _stablemax_s(logits.double())
+    logp = torch.log(s / s.sum(dim=-1, keepdim=True))
+    valid = labels != ignore_index
+    picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, -picked, 0).float()
+
+
+def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token softmax cross-entropy in fp32, 0 where label == ignore_index."""
+    flat = F.cross_entropy(
+        logits.float().flatten(0, -2), labels.long().flatten(), ignore_index=ignore_index, reduction="none"
+    )
+    return flat.view(labels.shape)

@@ -1,0 +1,150 @@
+"""The one config system: dataclasses, presets by name, and ``section.field=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 11
+    seq_len: int = 81
+    num_puzzle_identifiers: int = 1
+    hidden_size: int = 512
+    num_heads: int = 8
+    expansion: float = 4.0
+    num_layers: int = 2  # reference: L_layers
+    mlp_t: bool = False  # attention-free token-mixing variant
+    puzzle_emb_len: int = 16  # prefix positions; 0 disables the puzzle embedding
+    T: int = 3  # reference: H_cycles
+    n: int = 6  # reference: L_cycles
+    n_sup: int = 16  # reference: halt_max_steps
+    halt_exploration_prob: float = 0.1
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    forward_dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 768
+    steps: int = 100_000  # optimizer steps = supervision steps
+    lr: float = 1e-4
+    lr_warmup_steps: int = 2000
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    puzzle_emb_lr: float = 1e-4
+    puzzle_emb_weight_decay: float = 1.0
+    ema_rate: float = 0.999  # 0 disables EMA
+    loss: str = "stablemax"  # or "softmax"
+    eval_interval: int = 10_000
+    eval_steps: int = 0  # supervision steps at evaluation; 0 = n_sup
+    eval_batch_size: int = 768
+    checkpoint_interval: int = 10_000
+    log_interval: int = 10
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    task: str = "sudoku"
+    size: int = 9  # Sudoku side: 4, 6 or 9
+    csv: str = ""  # Sudoku-Extreme style CSV for training; empty = built-in generator
+    test_csv: str = ""
+    num_train: int = 1000
+    num_test: int = 1000
+    augmentations: int = 1000  # augmented copies per training puzzle
+    min_blanks: int = 0
+    min_backtracks: int = 0
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(ModelConfig(**d["model"]), TrainConfig(**d["train"]), DataConfig(**d["data"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _sudoku(mlp_t: bool) -> RunConfig:
+    return RunConfig(ModelConfig(mlp_t=mlp_t), TrainConfig(), DataConfig(task="sudoku", size=9))
+
+
+def _grid_task(task: str, vocab: int, wd: float, emb_lr: float) -> RunConfig:
+    return RunConfig(
+        ModelConfig(vocab_size=vocab, seq_len=900, n=4),
+        TrainConfig(weight_decay=wd, puzzle_emb_lr=emb_lr, puzzle_emb_weight_decay=wd),
+        DataConfig(task=task),
+    )
+
+
+def _small_sudoku(size: int, hidden: int, steps: int) -> RunConfig:
+    """Presets sized for a 2-core CPU: a few minutes to a clearly learned model."""
+    return RunConfig(
+        ModelConfig(
+            vocab_size=size + 2, seq_len=size * size, hidden_size=hidden, num_heads=4, mlp_t=False,
+            puzzle_emb_len=1, T=2, n=2, n_sup=4,
+        ),
+        TrainConfig(
+            global_batch_size=64, steps=steps, lr=1e-3, lr_warmup_steps=50, weight_decay=0.1,
+            puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1, ema_rate=0.99,
+            eval_interval=steps, eval_batch_size=256, checkpoint_interval=steps, log_interval=10,
+        ),
+        DataConfig(task="sudoku", size=size, num_train=2000, num_test=200, augmentations=0),
+    )
+
+
+PRESETS = {
+    "sudoku-mlp": lambda: _sudoku(mlp_t=True),
+    "sudoku-att": lambda: _sudoku(mlp_t=False),
+    "maze": lambda: _grid_task("maze", vocab=6, wd=1.0, emb_lr=1e-4),
+    "arc1": lambda: _grid_task("arc1", vocab=12, wd=0.1, emb_lr=1e-2),
+    "arc2": lambda: _grid_task("arc2", vocab=12, wd=0.1, emb_lr=1e-2),
+    "sudoku4": lambda: _small_sudoku(4, hidden=64, steps=600),
+    "sudoku6": lambda: _small_sudoku(6, hidden=128, steps=2000),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _parse(raw: str, current: Any, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        return type(current)(raw) if not isinstance(current, int) else int(raw)
+    except ValueError:
+        raise ValueError(f"override {key}={raw!r}: expected a {type(current).__name__}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.field=value`` strings (e.g. ``train.lr=3e-4``) in place; returns cfg."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r} must look like section.field=value (e.g. train.lr=3e-4)")
+        target = getattr(cfg, section, None)
+        if target is None or not dataclasses.is_dataclass(target) or not hasattr(target, name):
+            raise ValueError(f"override {item!r}: no field {key!r} (sections: model, train, data)")
+        setattr(target, name, _parse(raw.strip(), getattr(target, name), key))
+    return cfg

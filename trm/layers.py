@@ -1,0 +1,122 @@
+"""The building blocks of the tiny net: casted linears, SwiGLU, RoPE attention, post-norm block.
+
+Attribute names follow the reference (``qkv_proj``, ``gate_up_proj``, ...) so that its
+checkpoints map onto ours by renaming prefixes only. Every hot-path op goes through
+``trm_kernels``; nothing here depends on which backend runs them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import trm_kernels as K
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Normal truncated at +-2 std, rescaled so that the truncated distribution has std `std`."""
+    if std == 0:
+        return tensor.zero_()
+    a, b = -2.0, 2.0
+    z = (math.erf(b / math.sqrt(2)) - math.erf(a / math.sqrt(2))) / 2
+    pdf = math.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+    # variance of a standard normal truncated to [a, b] is 1 - 2*b*pdf/z (symmetric bounds)
+    comp_std = std / math.sqrt(1 - 2 * b * pdf / z)
+    with torch.no_grad():
+        return nn.init.trunc_normal_(tensor, std=comp_std, a=a * comp_std, b=b * comp_std)
+
+
+def intermediate_size(hidden: int, expansion: float) -> int:
+    """round_up(round(expansion * hidden * 2/3), 256): 1536 for 512, 512 for a 97-token mixer."""
+    inter = round(expansion * hidden * 2 / 3)
+    return -(-inter // 256) * 256
+
+
+class CastedLinear(nn.Module):
+    """fp32 master weight, computed in the input's dtype; truncated LeCun-normal init."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features), std=in_features**-0.5))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate) * up) over the last axis."""
+
+    def __init__(self, hidden: int, expansion: float):
+        super().__init__()
+        inter = intermediate_size(hidden, expansion)
+        self.gate_up_proj = CastedLinear(hidden, 2 * inter)
+        self.down_proj = CastedLinear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(K.swiglu(self.gate_up_proj(x)))
+
+
+class TokenMixer(SwiGLU):
+    """The ``mlp_t`` sub-layer: a SwiGLU over the sequence axis of h [B, S, D].
+
+    The reference transposes h to [B, D, S] and back; multiplying by the weights from
+    the left computes the same thing with no transpose copies.
+    """
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate_up = torch.matmul(self.gate_up_proj.weight.to(h.dtype), h)  # [B, 2I, D]
+        return torch.matmul(self.down_proj.weight.to(h.dtype), K.swiglu(gate_up, dim=-2))  # [B, S, D]
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention with RoPE, no biases."""
+
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv_proj = CastedLinear(hidden, 3 * hidden)
+        self.o_proj = CastedLinear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(K.rope_attention(self.qkv_proj(h), cos, sin, self.num_heads))
+
+
+class Block(nn.Module):
+    """Post-norm block: h = rmsnorm(h + mix(h)); h = rmsnorm(h + SwiGLU(h))."""
+
+    def __init__(self, hidden: int, num_heads: int, expansion: float, seq_len: int, mlp_t: bool, eps: float):
+        super().__init__()
+        self.eps = eps
+        if mlp_t:
+            self.mlp_t = TokenMixer(seq_len, expansion)
+        else:
+            self.self_attn = Attention(hidden, num_heads)
+        self.mlp = SwiGLU(hidden, expansion)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        if hasattr(self, "mlp_t"):
+            h = K.add_rmsnorm(h, self.mlp_t(h), dim=-2, eps=self.eps)
+        else:
+            h = K.add_rmsnorm(h, self.self_attn(h, cos, sin), eps=self.eps)
+        return K.add_rmsnorm(h, self.mlp(h), eps=self.eps)
+
+
+class ReasoningNet(nn.Module):
+    """The tiny net TRM calls over and over: net(h, a, b) = blocks(h + (a + b)).
+
+    Reference: ``ReasoningModule`` (``L_level``).
+    """
+
+    def __init__(self, num_layers: int, **block_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(**block_kwargs) for _ in range(num_layers))
+
+    def forward(self, h, a, b=None, cos=None, sin=None) -> torch.Tensor:
+        h = K.inject(h, a, b)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return h
