@@ -10,12 +10,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types and fp32; float64 stays float64 (so gradcheck is exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor | None = None, dim: int = -1, eps: float = 1e-5
 ) -> torch.Tensor:
-    """rmsnorm(x + residual) over `dim`, computed in fp32, returned in x's dtype (no weight)."""
+    """rmsnorm(x + residual) over `dim`, computed in fp32 (or wider), returned in x's dtype (no weight)."""
     h = x if residual is None else x + residual
-    h32 = h.float()
+    h32 = h.to(_compute_dtype(h.dtype))
     h32 = h32 * torch.rsqrt(h32.square().mean(dim=dim, keepdim=True) + eps)
     return h32.to(x.dtype)
 
@@ -48,9 +53,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in fp32 on x [B, S, H, d]; cos/sin [S, d]."""
-    x32 = x.float()
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """RoPE in fp32 (or wider) on x [B, S, H, d]; cos/sin [S, d]."""
+    x32 = x.to(_compute_dtype(x.dtype))
+    cos, sin = cos[:, None, :].to(x32.dtype), sin[:, None, :].to(x32.dtype)
     return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
 
 
@@ -74,18 +79,18 @@ def _stablemax_s(x: torch.Tensor) -> torch.Tensor:
 def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-token -log(s(x_label) / sum_j s(x_j)) in float64, 0 where label == ignore_index.
 
-    Returns float32 of labels' shape.
+    Returns labels' shape, float32 (float64 for float64 logits).
     """
     s = _stablemax_s(logits.double())
     logp = torch.log(s / s.sum(dim=-1, keepdim=True))
     valid = labels != ignore_index
     picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, -picked, 0).float()
+    return torch.where(valid, -picked, 0).to(_compute_dtype(logits.dtype))
 
 
 def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token softmax cross-entropy in fp32, 0 where label == ignore_index."""
+    """Per-token softmax cross-entropy in fp32 (float64 for float64 logits), 0 where label == ignore_index."""
     flat = F.cross_entropy(
-        logits.float().flatten(0, -2), labels.long().flatten(), ignore_index=ignore_index, reduction="none"
+        logits.to(_compute_dtype(logits.dtype)).flatten(0, -2), labels.long().flatten(), ignore_index=ignore_index, reduction="none"
     )
     return flat.view(labels.shape)

@@ -1,0 +1,25 @@
+import os
+
+# The Triton interpreter must be chosen before any module defining kernels is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def sudoku4_data(tmp_path_factory):
+    """A small generated 4x4 Sudoku dataset (600 train with 1 augmentation each, 64 test)."""
+    from trm.config import DataConfig
+    from trm.data.dataset import build_sudoku
+
+    out = tmp_path_factory.mktemp("data") / "sudoku4"
+    return build_sudoku(DataConfig(size=4, num_train=300, num_test=64, augmentations=1, seed=1), out)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

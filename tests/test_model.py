@@ -1,0 +1,174 @@
+"""TRM structure and recursion semantics, against SPEC's numbers and hand-written loops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trm.config import ModelConfig, preset
+from trm.layers import TokenMixer, intermediate_size
+from trm.model import TRM
+
+
+@pytest.mark.parametrize(
+    "name, count", [("sudoku-mlp", 5_028_866), ("sudoku-att", 6_828_034), ("maze", 6_822_914), ("arc1", 6_829_058),
+                    ("arc2", 6_829_058)]
+)
+def test_parameter_counts_match_the_paper(name, count):
+    assert TRM(preset(name).model).num_parameters() == count
+
+
+def test_intermediate_sizes():
+    assert intermediate_size(512, 4) == 1536
+    assert intermediate_size(97, 4) == 512
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(vocab_size=7, seq_len=9, hidden_size=32, num_heads=4, puzzle_emb_len=2, T=2, n=2, n_sup=3,
+                num_puzzle_identifiers=3, forward_dtype="float64")
+    return ModelConfig(**{**base, **kw})
+
+
+def batch_of(cfg: ModelConfig, size: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "inputs": torch.randint(1, cfg.vocab_size, (size, cfg.seq_len), generator=g),
+        "labels": torch.randint(1, cfg.vocab_size, (size, cfg.seq_len), generator=g),
+        "puzzle_identifiers": torch.randint(0, cfg.num_puzzle_identifiers, (size,), generator=g),
+    }
+
+
+def test_token_mixer_equals_the_transposed_reference_formulation():
+    mixer = TokenMixer(9, 4.0).double()
+    h = torch.randn(3, 9, 16, dtype=torch.float64)
+    t = h.transpose(1, 2)  # [B, D, S]: the reference applies an ordinary SwiGLU over S
+    gate, up = F.linear(t, mixer.gate_up_proj.weight.double()).chunk(2, -1)
+    want = F.linear(F.silu(gate) * up, mixer.down_proj.weight.double()).transpose(1, 2)
+    torch.testing.assert_close(mixer(h), want)
+
+
+def test_embedding_layout_scale_and_prefix():
+    cfg = small()
+    model = TRM(cfg).double()
+    model.puzzle_emb.weights.normal_()
+    b = batch_of(cfg)
+    x = model.embed(b["inputs"], b["puzzle_identifiers"])
+    assert x.shape == (4, cfg.seq_len + cfg.puzzle_emb_len, cfg.hidden_size)
+    scale = cfg.hidden_size**0.5
+    torch.testing.assert_close(x[:, 0], model.puzzle_emb.weights[b["puzzle_identifiers"]].double() * scale)
+    assert torch.all(x[:, 1:cfg.puzzle_emb_len] == 0)
+    torch.testing.assert_close(x[:, cfg.puzzle_emb_len:], model.embed_tokens.embedding_weight.double()[b["inputs"]] * scale)
+
+
+@pytest.mark.parametrize("mlp_t", [False, True])
+def test_deep_recursion_equals_a_hand_written_loop_and_no_grad_cycles_match_grad_cycles(mlp_t):
+    cfg = small(mlp_t=mlp_t)
+    torch.manual_seed(0)
+    model = TRM(cfg)
+    b = batch_of(cfg)
+    x = model.embed(b["inputs"], b["puzzle_identifiers"])
+    y0, z0 = model.initial_y_z(4)
+    y, z, logits, q = model.deep_recursion(x, y0, z0)
+
+    cos, sin = (None, None) if mlp_t else (model.rope_cos, model.rope_sin)
+    hy, hz = y0, z0
+    for _ in range(cfg.T):  # every cycle with grad: the values must be the same
+        for _ in range(cfg.n):
+            hz = model.net(hz, hy, x, cos=cos, sin=sin)
+        hy = model.net(hy, hz, cos=cos, sin=sin)
+    torch.testing.assert_close(y, hy.detach())
+    torch.testing.assert_close(z, hz.detach())
+    torch.testing.assert_close(logits, model.lm_head(hy)[:, cfg.puzzle_emb_len:])
+    torch.testing.assert_close(q, model.q_head(hy[:, 0])[:, 0].float())
+    assert not y.requires_grad and logits.requires_grad
+
+
+def test_only_the_last_cycle_carries_gradient():
+    cfg = small()
+    model = TRM(cfg)
+    b = batch_of(cfg)
+    x = model.embed(b["inputs"], b["puzzle_identifiers"]).detach()
+    y0, z0 = (t.clone().requires_grad_() for t in model.initial_y_z(4))
+    _, _, logits, _ = model.deep_recursion(x, y0, z0)
+    logits.sum().backward()
+    # y0/z0 enter only through the no-grad cycles (T = 2): no gradient reaches them
+    assert y0.grad is None and z0.grad is None
+
+
+def test_blocks_are_post_norm():
+    cfg = small()
+    model = TRM(cfg)
+    h = torch.randn(2, cfg.seq_len + cfg.puzzle_emb_len, cfg.hidden_size, dtype=torch.float64)
+    out = model.net(h, torch.zeros_like(h), cos=model.rope_cos, sin=model.rope_sin)
+    torch.testing.assert_close(out.square().mean(-1), torch.ones(out.shape[:2], dtype=out.dtype), atol=1e-4, rtol=0)
+
+
+def test_q_head_starts_at_minus_five_and_y_z_init_are_buffers():
+    model = TRM(small())
+    assert torch.all(model.q_head.weight == 0) and torch.all(model.q_head.bias == -5)
+    names = dict(model.named_parameters())
+    assert "y_init" not in names and "z_init" not in names and "puzzle_emb.weights" not in names
+    assert {"y_init", "z_init", "puzzle_emb.weights"} <= set(model.state_dict())
+
+
+def test_carry_refill_by_mask():
+    cfg = small()
+    model = TRM(cfg).eval()
+    first, second = batch_of(cfg, seed=0), batch_of(cfg, seed=1)
+    carry, _ = model(model.initial_carry(first), first)
+    assert torch.equal(carry.data["inputs"], first["inputs"]) and torch.all(carry.steps == 1)
+    carry.halted = torch.tensor([True, False, True, False])
+    y_before = carry.y.clone()
+    new, _ = model(carry, second)
+    keep = ~carry.halted
+    assert torch.equal(new.data["inputs"][carry.halted], second["inputs"][carry.halted])
+    assert torch.equal(new.data["inputs"][keep], first["inputs"][keep])
+    assert new.steps.tolist() == [1, 2, 1, 2]
+    # a reset slot restarts from y_init: it equals a fresh run on the new example
+    fresh, _ = model(model.initial_carry(second), second)
+    torch.testing.assert_close(new.y[0], fresh.y[0])
+    assert not torch.allclose(new.y[1], fresh.y[1]) and not torch.equal(new.y[1], y_before[1])
+
+
+def test_evaluation_halts_exactly_at_n_sup():
+    cfg = small()
+    model = TRM(cfg).eval()
+    with torch.no_grad():
+        model.q_head.bias.fill_(10.0)  # would halt at once in training
+    b = batch_of(cfg)
+    carry = model.initial_carry(b)
+    for step in range(1, cfg.n_sup + 1):
+        carry, _ = model(carry, b)
+        assert carry.halted.tolist() == [step == cfg.n_sup] * 4
+
+
+def test_training_halts_on_q_and_exploration_imposes_a_minimum():
+    cfg = small(n_sup=5)
+    model = TRM(cfg).train()
+    with torch.no_grad():
+        model.q_head.bias.fill_(10.0)
+    b = batch_of(cfg, size=64)
+    cfg.halt_exploration_prob = 0.0
+    carry, _ = model(model.initial_carry(b), b)
+    assert carry.halted.all()
+    cfg.halt_exploration_prob = 1.0  # every slot draws a minimum in [2, n_sup]
+    torch.manual_seed(0)
+    carry, _ = model(model.initial_carry(b), b)
+    assert not carry.halted.any()
+    with torch.no_grad():
+        model.q_head.bias.fill_(-10.0)
+    carry.halted[:] = False
+    for _ in range(cfg.n_sup - 1):
+        carry, _ = model(carry, b)
+    assert carry.halted.all() and torch.all(carry.steps == cfg.n_sup)
+
+
+def test_solve_supports_more_steps_than_n_sup():
+    cfg = small()
+    model = TRM(cfg).eval()
+    b = batch_of(cfg)
+    outs = list(model.solve(b, steps=cfg.n_sup + 4))
+    assert len(outs) == cfg.n_sup + 4
+    carry = model.initial_carry(b)
+    for _ in range(cfg.n_sup):
+        carry, out = model(carry, b)
+    torch.testing.assert_close(outs[cfg.n_sup - 1][0], out["logits"])

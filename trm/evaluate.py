@@ -1,0 +1,84 @@
+"""Evaluation: every example runs a fixed number of supervision steps; exact and token accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data.dataset import Split
+from .losses import IGNORE_LABEL
+from .model import TRM
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def evaluate(model: TRM, split: Split, batch_size: int, steps: int | None = None) -> dict[str, float]:
+    """Exact accuracy (whole sequence right) and token accuracy of the last step's argmax.
+
+    `steps` defaults to the model's n_sup; more is test-time recursion. Under several
+    processes each evaluates a strided share and the counts are summed.
+    """
+    device = model.y_init.device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # examples, exact, correct tokens, tokens
+    index = np.arange(rank, len(split), world)
+    for start in range(0, len(index), batch_size):
+        batch = to_device(split.batch(index[start : start + batch_size]), device)
+        for logits, _ in model.solve(batch, steps):
+            pass
+        labels = batch["labels"]
+        mask = labels != IGNORE_LABEL
+        correct = mask & (logits.argmax(-1) == labels)
+        totals += torch.stack([
+            torch.tensor(float(len(labels)), device=device),
+            (correct.sum(-1) == mask.sum(-1)).sum().double(),
+            correct.sum().double(),
+            mask.sum().double(),
+        ])
+    if _distributed():
+        dist.all_reduce(totals)
+    model.train(was_training)
+    examples, exact, correct, tokens = totals.tolist()
+    return {"count": examples, "exact_accuracy": exact / max(examples, 1), "accuracy": correct / max(tokens, 1)}
+
+
+def model_from_checkpoint(path, device: torch.device, ema: bool = True) -> tuple[TRM, dict]:
+    """The model of a checkpoint, with its EMA weights when present and `ema` is set."""
+    from . import checkpoint
+    from .config import RunConfig
+
+    tensors, meta = checkpoint.load(path)
+    model = TRM(RunConfig.from_dict(meta["config"]).model)
+    state = checkpoint.section(tensors, "model")
+    averaged = checkpoint.section(tensors, "ema")
+    if ema and averaged:
+        state |= averaged
+    checkpoint.load_state_dict_strict(model, state, str(path))
+    return model.to(device).eval(), meta
+
+
+def write_model_checkpoint(state: dict[str, torch.Tensor], cfg, data_dir, target) -> str:
+    """A weights-only checkpoint (e.g. converted from the reference) that eval/solve can use."""
+    from . import checkpoint
+
+    if data_dir is not None:
+        from .train import configure_model
+
+        configure_model(cfg, data_dir)
+    if "puzzle_emb.weights" in state:
+        cfg.model.num_puzzle_identifiers = state["puzzle_emb.weights"].shape[0]
+    model = TRM(cfg.model)
+    checkpoint.load_state_dict_strict(model, state, "the reference checkpoint")
+    meta = {"config": cfg.to_dict(), "step": 0, "data_dir": str(data_dir or ""), "world_size": 1}
+    checkpoint.save(target, {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
+    return str(target)

@@ -1,0 +1,33 @@
+"""A loss/accuracy plot of a run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_metrics(jsonl: str | Path, png: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="LM loss")
+    ax_loss.plot([r["step"] for r in train], [r["halt_loss"] for r in train], label="halting loss")
+    ax_loss.set(xlabel="optimizer step", ylabel="loss per example", yscale="log", title="training loss")
+    ax_acc.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train token acc (halted)")
+    ax_acc.plot([r["step"] for r in train], [r["exact_accuracy"] for r in train], label="train exact acc (halted)")
+    if test:
+        ax_acc.plot([r["step"] for r in test], [r["exact_accuracy"] for r in test], "o-", label="test exact acc")
+    ax_acc.set(xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return Path(png)

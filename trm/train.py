@@ -1,0 +1,240 @@
+"""Training: one supervision step per optimizer step, the ACT carry kept across steps.
+
+Single process, or several under ``torchrun`` (DistributedDataParallel; NCCL on GPUs,
+gloo on CPU). A run directory holds ``config.json``, ``metrics.jsonl``,
+``checkpoint.safetensors`` and ``metrics.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint
+from .config import RunConfig
+from .data.dataset import BatchIterator, load_split, read_metadata
+from .evaluate import evaluate, to_device
+from .losses import act_loss
+from .model import TRM, Carry
+from .optim import EMA, AdamATan2, SparseSignSGD, warmup_lr
+
+CHECKPOINT = "checkpoint.safetensors"
+_CARRY_FIELDS = ("y", "z", "steps", "halted")
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment, or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def configure_model(cfg: RunConfig, data_dir: str | Path) -> None:
+    """Take vocabulary, sequence length and puzzle count from the dataset."""
+    meta = read_metadata(data_dir)
+    cfg.model.vocab_size = meta["vocab_size"]
+    cfg.model.seq_len = meta["seq_len"]
+    cfg.model.num_puzzle_identifiers = meta["num_puzzle_identifiers"]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, data_dir: str | Path, out_dir: str | Path,
+                 device: torch.device, rank: int = 0, world_size: int = 1):
+        configure_model(cfg, data_dir)
+        self.cfg, self.out_dir, self.data_dir, self.device = cfg, Path(out_dir), Path(data_dir), device
+        if rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world_size = rank, world_size
+        t = cfg.train
+        torch.manual_seed(t.seed)  # identical initial weights on every process
+        self.model = TRM(cfg.model).to(device)
+        self.module = (DistributedDataParallel(self.model, broadcast_buffers=False)
+                       if world_size > 1 else self.model)
+        self.optimizer = AdamATan2(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
+                                   weight_decay=t.weight_decay)
+        self.sparse = (SparseSignSGD(self.model.puzzle_emb, t.puzzle_emb_lr, t.puzzle_emb_weight_decay)
+                       if cfg.model.puzzle_emb_len > 0 else None)
+        self.ema = EMA(self.model, t.ema_rate) if t.ema_rate > 0 else None
+        self.train_split, self.test_split = load_split(data_dir, "train"), load_split(data_dir, "test")
+        self.batches = BatchIterator(self.train_split, t.global_batch_size, t.seed, rank, world_size)
+        self.step = 0
+        self.carry: Carry | None = None
+        torch.manual_seed(t.seed + 1 + rank)  # the halting-exploration stream, one per process
+
+    # one optimizer step -------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        t = self.cfg.train
+        batch = to_device(next(self.batches), self.device)
+        if self.carry is None:
+            self.carry = self.model.initial_carry(batch)
+        self.carry, outputs = self.module(self.carry, batch)
+        loss, metrics = act_loss(outputs, self.carry, t.loss)
+        # DDP averages gradients over processes; the loss is a sum over the global batch
+        (loss * (self.world_size / t.global_batch_size)).backward()
+        self.step += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = warmup_lr(t.lr, self.step, t.lr_warmup_steps)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse is not None:
+            self.sparse.lr = warmup_lr(t.puzzle_emb_lr, self.step, t.lr_warmup_steps)
+            self.sparse.step()
+            self.sparse.zero_grad()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return metrics
+
+    def evaluate(self, steps: int | None = None) -> dict[str, float]:
+        """Test-split accuracy with the EMA weights."""
+        steps = steps or self.cfg.train.eval_steps or None
+        if self.ema is None:
+            return evaluate(self.model, self.test_split, self.cfg.train.eval_batch_size, steps)
+        with self.ema.applied(self.model):
+            return evaluate(self.model, self.test_split, self.cfg.train.eval_batch_size, steps)
+
+    # checkpoints -----------------------------------------------------------------------------------
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue exactly. Collective under DDP: call on every process."""
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            out |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
+        for name, p in self.model.named_parameters():
+            out |= {f"optim.{name}.{k}": v for k, v in self.optimizer.state.get(p, {}).items()}
+        if self.carry is not None:
+            out |= {f"carry.{k}": self._gather(getattr(self.carry, k)) for k in _CARRY_FIELDS}
+            out |= {f"carry.data.{k}": self._gather(v) for k, v in self.carry.data.items()}
+        out["rng.cpu"] = self._gather(torch.get_rng_state()[None].to(self.device)).cpu()
+        if self.device.type == "cuda":
+            out["rng.cuda"] = self._gather(torch.cuda.get_rng_state(self.device)[None].to(self.device)).cpu()
+        return out
+
+    def save(self) -> Path:
+        tensors = self.state_tensors()
+        path = self.out_dir / CHECKPOINT
+        if self.rank == 0:
+            meta = {"config": self.cfg.to_dict(), "step": self.step, "data": self.batches.state(),
+                    "data_dir": str(self.data_dir), "world_size": self.world_size}
+            checkpoint.save(path, tensors, meta)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        tensors, meta = checkpoint.load(path)
+        if meta["world_size"] != self.world_size:
+            raise checkpoint.CheckpointError(
+                f"{path} was written by {meta['world_size']} process(es); resume with the same number "
+                f"(now {self.world_size}) to continue exactly")
+        checkpoint.load_state_dict_strict(self.model, checkpoint.section(tensors, "model"), str(path))
+        if self.ema is not None:
+            ema = checkpoint.section(tensors, "ema")
+            if set(ema) != set(self.ema.shadow):
+                raise checkpoint.CheckpointError(f"{path}: EMA weights do not match the model")
+            self.ema.shadow = {k: v.to(self.device) for k, v in ema.items()}
+        optim = checkpoint.section(tensors, "optim")
+        for name, p in self.model.named_parameters():
+            state = {k: optim[f"{name}.{k}"].to(self.device) for k in ("step", "exp_avg", "exp_avg_sq")
+                     if f"{name}.{k}" in optim}
+            if state:
+                self.optimizer.state[p] = state
+        self.step = int(meta["step"])
+        self.batches.load_state(meta["data"])
+        if "carry.y" in tensors:
+            local = self.cfg.train.global_batch_size // self.world_size
+            rows = slice(self.rank * local, (self.rank + 1) * local)
+            fields = {k: tensors[f"carry.{k}"][rows].to(self.device) for k in _CARRY_FIELDS}
+            data = {k: v[rows].to(self.device) for k, v in checkpoint.section(tensors, "carry.data").items()}
+            self.carry = Carry(**fields, data=data)
+        torch.set_rng_state(tensors["rng.cpu"][self.rank])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"][self.rank], self.device)
+
+
+def reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum over processes, then turn sums over halted slots into means (one host sync)."""
+    keys = list(metrics)
+    values = torch.stack([metrics[k].double() for k in keys])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    sums = dict(zip(keys, values.tolist()))
+    count = max(sums.pop("count"), 1.0)
+    out = {k: sums[k] / count for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
+    out["halted"] = count
+    out |= {k: sums[k] for k in ("lm_loss", "halt_loss")}
+    return out
+
+
+class MetricsLog:
+    """Append-only JSONL of training and evaluation records (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def fit(trainer: Trainer, show_progress: bool = True) -> dict[str, float]:
+    """Train to cfg.train.steps with a live progress bar; evaluate and checkpoint on schedule.
+
+    Returns the last evaluation. Metric sums stay on the device between log steps.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    t, main = trainer.cfg.train, trainer.rank == 0
+    log = MetricsLog(trainer.out_dir / "metrics.jsonl", main)
+    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+    last_eval: dict[str, float] = {}
+    pending: dict[str, torch.Tensor] | None = None
+    since_log = 0
+    with Progress(*columns, disable=not (show_progress and main)) as bar:
+        task = bar.add_task("train", total=t.steps, completed=trainer.step, stats="")
+        while trainer.step < t.steps:
+            metrics = trainer.train_step()
+            pending = metrics if pending is None else {k: pending[k] + metrics[k] for k in metrics}
+            since_log += 1
+            step, final = trainer.step, trainer.step == t.steps
+            if step % t.log_interval == 0 or final:
+                m = reduce_metrics(pending)
+                for k in ("lm_loss", "halt_loss"):
+                    m[k] /= since_log * t.global_batch_size
+                m["lr"] = trainer.optimizer.param_groups[0]["lr"]
+                log.write({"split": "train", "step": step, **m})
+                bar.update(task, completed=step, stats=(
+                    f"loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  "
+                    f"steps {m['steps']:.1f}"))
+                pending, since_log = None, 0
+            if step % t.eval_interval == 0 or final:
+                last_eval = trainer.evaluate()
+                log.write({"split": "test", "step": step, **last_eval})
+                if main:
+                    bar.console.print(f"step {step}: test exact accuracy {last_eval['exact_accuracy']:.4f}, "
+                                      f"token accuracy {last_eval['accuracy']:.4f} ({int(last_eval['count'])} puzzles)")
+            if step % t.checkpoint_interval == 0 or final:
+                trainer.save()
+    if main:
+        from .plot import plot_metrics
+
+        plot_metrics(trainer.out_dir / "metrics.jsonl", trainer.out_dir / "metrics.png")
+    return last_eval
