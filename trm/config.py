@@ -96,7 +96,7 @@ def _small_sudoku(size: int, hidden: int, steps: int) -> RunConfig:
     """Presets sized for a 2-core CPU: a few minutes to a clearly learned model."""
     return RunConfig(
         ModelConfig(
-            vocab_size=size + 2, seq_len=size * size, hidden_size=hidden, num_heads=4, mlp_t=False,
+            vocab_size=size + 2, seq_len=size * size, hidden_size=hidden, num_heads=4, mlp_t=True,
             puzzle_emb_len=1, T=2, n=2, n_sup=4,
         ),
         TrainConfig(
