@@ -124,8 +124,10 @@ def _check_ce(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected logits' shape without the last axis "
-                         f"{tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)}, expected logits' shape without the last axis "
+            f"{tuple(logits.shape[:-1])}"
+        )
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
 

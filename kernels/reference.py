@@ -89,8 +89,11 @@ def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_i
 
 
 def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token softmax cross-entropy in fp32 (float64 for float64 logits), 0 where label == ignore_index."""
+    """Per-token softmax cross-entropy in fp32 (float64 for float64 logits), 0 at ignore_index."""
     flat = F.cross_entropy(
-        logits.to(_compute_dtype(logits.dtype)).flatten(0, -2), labels.long().flatten(), ignore_index=ignore_index, reduction="none"
+        logits.to(_compute_dtype(logits.dtype)).flatten(0, -2),
+        labels.long().flatten(),
+        ignore_index=ignore_index,
+        reduction="none",
     )
     return flat.view(labels.shape)

@@ -14,7 +14,7 @@ def test_built_sudoku_is_valid_encoded_and_test_is_disjoint(sudoku4_data):
     assert meta["vocab_size"] == 6 and meta["seq_len"] == 16 and meta["splits"] == {"train": 600, "test": 64}
     train, test = dataset.load_split(sudoku4_data, "train"), dataset.load_split(sudoku4_data, "test")
     for split in (train, test):
-        for q, a in zip(split.inputs, split.labels):
+        for q, a in zip(split.inputs, split.labels, strict=False):
             assert sudoku.is_solution(a.reshape(4, 4) - 1, q.reshape(4, 4).astype(int) - 1)
     train_q = {q.tobytes() for q in train.inputs[:300]}
     assert not train_q & {q.tobytes() for q in test.inputs}

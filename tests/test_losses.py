@@ -11,8 +11,13 @@ from trm.model import Carry
 
 def make(logits, labels, q_halt, halted, steps):
     b, s = labels.shape
-    carry = Carry(y=torch.zeros(b, 1, 1), z=torch.zeros(b, 1, 1), steps=steps, halted=halted,
-                  data={"inputs": labels.clamp_min(0), "labels": labels, "puzzle_identifiers": torch.zeros(b)})
+    carry = Carry(
+        y=torch.zeros(b, 1, 1),
+        z=torch.zeros(b, 1, 1),
+        steps=steps,
+        halted=halted,
+        data={"inputs": labels.clamp_min(0), "labels": labels, "puzzle_identifiers": torch.zeros(b)},
+    )
     return {"logits": logits, "q_halt": q_halt}, carry
 
 

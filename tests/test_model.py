@@ -10,8 +10,14 @@ from trm.model import TRM
 
 
 @pytest.mark.parametrize(
-    "name, count", [("sudoku-mlp", 5_028_866), ("sudoku-att", 6_828_034), ("maze", 6_822_914), ("arc1", 6_829_058),
-                    ("arc2", 6_829_058)]
+    "name, count",
+    [
+        ("sudoku-mlp", 5_028_866),
+        ("sudoku-att", 6_828_034),
+        ("maze", 6_822_914),
+        ("arc1", 6_829_058),
+        ("arc2", 6_829_058),
+    ],
 )
 def test_parameter_counts_match_the_paper(name, count):
     assert TRM(preset(name).model).num_parameters() == count
@@ -23,8 +29,18 @@ def test_intermediate_sizes():
 
 
 def small(**kw) -> ModelConfig:
-    base = dict(vocab_size=7, seq_len=9, hidden_size=32, num_heads=4, puzzle_emb_len=2, T=2, n=2, n_sup=3,
-                num_puzzle_identifiers=3, forward_dtype="float64")
+    base = dict(
+        vocab_size=7,
+        seq_len=9,
+        hidden_size=32,
+        num_heads=4,
+        puzzle_emb_len=2,
+        T=2,
+        n=2,
+        n_sup=3,
+        num_puzzle_identifiers=3,
+        forward_dtype="float64",
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -55,8 +71,9 @@ def test_embedding_layout_scale_and_prefix():
     assert x.shape == (4, cfg.seq_len + cfg.puzzle_emb_len, cfg.hidden_size)
     scale = cfg.hidden_size**0.5
     torch.testing.assert_close(x[:, 0], model.puzzle_emb.weights[b["puzzle_identifiers"]].double() * scale)
-    assert torch.all(x[:, 1:cfg.puzzle_emb_len] == 0)
-    torch.testing.assert_close(x[:, cfg.puzzle_emb_len:], model.embed_tokens.embedding_weight.double()[b["inputs"]] * scale)
+    assert torch.all(x[:, 1 : cfg.puzzle_emb_len] == 0)
+    tokens = model.embed_tokens.embedding_weight.double()[b["inputs"]]
+    torch.testing.assert_close(x[:, cfg.puzzle_emb_len :], tokens * scale)
 
 
 @pytest.mark.parametrize("mlp_t", [False, True])
@@ -77,7 +94,7 @@ def test_deep_recursion_equals_a_hand_written_loop_and_no_grad_cycles_match_grad
         hy = model.net(hy, hz, cos=cos, sin=sin)
     torch.testing.assert_close(y, hy.detach())
     torch.testing.assert_close(z, hz.detach())
-    torch.testing.assert_close(logits, model.lm_head(hy)[:, cfg.puzzle_emb_len:])
+    torch.testing.assert_close(logits, model.lm_head(hy)[:, cfg.puzzle_emb_len :])
     torch.testing.assert_close(q, model.q_head(hy[:, 0])[:, 0].float())
     assert not y.requires_grad and logits.requires_grad
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 import trm_kernels as K
 from trm_kernels import reference as R
 
@@ -47,7 +46,7 @@ def test_rope_is_a_rotation_by_relative_position():
     k = torch.randn(1, 1, 1, d).expand(1, seq, 1, d).double()
     qr, kr = R.apply_rope(q, cos.double(), sin.double()), R.apply_rope(k, cos.double(), sin.double())
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
-    dots = (qr[0, :, 0] @ kr[0, :, 0].T)  # [i, j]
+    dots = qr[0, :, 0] @ kr[0, :, 0].T  # [i, j]
     lag3 = torch.diagonal(dots, -3)  # dots[i + 3, i]
     torch.testing.assert_close(lag3, torch.full_like(lag3, dots[3, 0].item()), atol=1e-5, rtol=1e-5)
 
@@ -142,8 +141,10 @@ def test_stablemax_op_gradient_equals_float64_gradient():
         (lambda: K.rope_attention(torch.randn(2, 3, 10), *K.rope_cos_sin(3, 4), 2), "not divisible"),
         (lambda: K.rope_attention(torch.randn(2, 3, 24), *K.rope_cos_sin(4, 4), 2), "cos must have shape"),
         (lambda: K.rope_attention(torch.randn(3, 24), *K.rope_cos_sin(3, 4), 2), "qkv must be"),
-        (lambda: K.stablemax_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long)),
-         "labels has shape"),
+        (
+            lambda: K.stablemax_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long)),
+            "labels has shape",
+        ),
         (lambda: K.stablemax_cross_entropy(torch.randn(2, 4), torch.zeros(2)), "labels must be an integer"),
     ],
 )

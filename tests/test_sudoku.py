@@ -66,8 +66,11 @@ def test_difficulty_controls(rng):
 def test_augmentation_keeps_puzzles_valid_and_consistent(size, seed):
     rng = np.random.default_rng(seed)
     grids = GRIDS_4 if size == 4 else None
-    solution = grids[rng.integers(len(grids))] if grids else sudoku.solve(
-        np.zeros((size, size), dtype=np.int64), limit=1, rng=rng).solutions[0]
+    solution = (
+        grids[rng.integers(len(grids))]
+        if grids
+        else sudoku.solve(np.zeros((size, size), dtype=np.int64), limit=1, rng=rng).solutions[0]
+    )
     puzzle = np.where(rng.random((size, size)) < 0.5, 0, solution)
     q, a = sudoku.augment(puzzle, solution, rng)
     assert sudoku.is_solution(a, q)
@@ -96,14 +99,17 @@ def test_csv_loader_reads_valid_rows(tmp_path):
 def test_csv_loader_reports_bad_rows_by_line(tmp_path):
     wrong = HARD_A[:-2] + HARD_A[-1] + HARD_A[-2]  # swap the last two digits: invalid grid
     contradicts = "9" + HARD_Q[1:]
-    path = write_csv(tmp_path / "bad.csv", [
-        f"x,{HARD_Q},{HARD_A},1",
-        f"x,{HARD_Q[:-1]},{HARD_A},1",
-        f"x,{HARD_Q[:-1]}x,{HARD_A},1",
-        f"x,{HARD_Q},{wrong},1",
-        f"x,{contradicts},{HARD_A},1",
-        "x,only-two",
-    ])
+    path = write_csv(
+        tmp_path / "bad.csv",
+        [
+            f"x,{HARD_Q},{HARD_A},1",
+            f"x,{HARD_Q[:-1]},{HARD_A},1",
+            f"x,{HARD_Q[:-1]}x,{HARD_A},1",
+            f"x,{HARD_Q},{wrong},1",
+            f"x,{contradicts},{HARD_A},1",
+            "x,only-two",
+        ],
+    )
     with pytest.raises(sudoku.SudokuFormatError) as e:
         sudoku.load_csv(path)
     msg = str(e.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +38,7 @@ def _build(cfg: RunConfig, out: Path) -> Path:
     if cfg.data.task != "sudoku":
         _fail(f"building {cfg.data.task!r} data is not supported yet (sudoku only)")
     with console.status(f"generating {cfg.data.size}x{cfg.data.size} Sudoku") as status:
+
         def progress(done: int, total: int) -> None:
             status.update(f"generating {cfg.data.size}x{cfg.data.size} Sudoku: {done}/{total} puzzles")
 
@@ -53,8 +55,13 @@ def _ensure_data(cfg: RunConfig, data: Path) -> None:
         _build(cfg, data)
         return
     meta = dataset.read_metadata(data)
-    want = {"task": cfg.data.task, "size": cfg.data.size, "seed": cfg.data.seed,
-            "augmentations": cfg.data.augmentations, "source": cfg.data.csv or "generator"}
+    want = {
+        "task": cfg.data.task,
+        "size": cfg.data.size,
+        "seed": cfg.data.seed,
+        "augmentations": cfg.data.augmentations,
+        "source": cfg.data.csv or "generator",
+    }
     diff = [f"{k}: data has {meta.get(k)!r}, config wants {v!r}" for k, v in want.items() if meta.get(k) != v]
     if diff:
         _fail(f"{data} was built with other settings ({'; '.join(diff)}); pass another --data")
@@ -82,15 +89,18 @@ def build(
 def train(
     preset_name: PresetOpt = "sudoku4",
     overrides: SetOpt = None,
-    data: Annotated[Path | None, typer.Option(help="dataset directory (default: data/<preset>, built if absent)")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default: runs/<preset>)")] = None,
+    data: Annotated[Path | None, typer.Option(help="dataset (default: data/<preset>, built if absent)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: runs/<preset>-<date>-<time>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
 ) -> None:
     """Train (and evaluate) a TRM; on several GPUs run it under torchrun."""
     from .train import CHECKPOINT, Trainer, fit, init_distributed
 
-    out = out or Path("runs") / preset_name
+    if out is None:
+        if resume:
+            _fail("--resume needs --out, the run directory to continue")
+        out = Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     ckpt = out / CHECKPOINT
     if resume:
         try:
@@ -117,13 +127,16 @@ def train(
     except (ValueError, checkpoint.CheckpointError) as e:
         _fail(str(e))
     if rank == 0:
-        console.print(f"TRM {trainer.model.num_parameters():,} parameters on {device}, "
-                      f"{world} process(es); run directory {out}")
+        console.print(
+            f"TRM {trainer.model.num_parameters():,} parameters on {device}, {world} process(es); run directory {out}"
+        )
     result = fit(trainer, show_progress=progress)
     if rank == 0:
-        console.print(f"[bold green]test exact accuracy {result['exact_accuracy']:.4f}[/] "
-                      f"(token accuracy {result['accuracy']:.4f}, {int(result['count'])} held-out puzzles); "
-                      f"metrics in {out / 'metrics.jsonl'}, plot {out / 'metrics.png'}")
+        console.print(
+            f"[bold green]test exact accuracy {result['exact_accuracy']:.4f}[/] "
+            f"(token accuracy {result['accuracy']:.4f}, {int(result['count'])} held-out puzzles); "
+            f"metrics in {out / 'metrics.jsonl'}, plot {out / 'metrics.png'}"
+        )
 
 
 def _load(run: Path, device: torch.device, ema: bool):
@@ -154,8 +167,10 @@ def evaluate_cmd(
     except (ValueError, OSError) as e:
         _fail(str(e))
     result = evaluate(model, split, batch_size, steps or None)
-    console.print(f"exact accuracy {result['exact_accuracy']:.4f}, token accuracy {result['accuracy']:.4f} "
-                  f"on {int(result['count'])} puzzles ({steps or model.cfg.n_sup} supervision steps)")
+    console.print(
+        f"exact accuracy {result['exact_accuracy']:.4f}, token accuracy {result['accuracy']:.4f} "
+        f"on {int(result['count'])} puzzles ({steps or model.cfg.n_sup} supervision steps)"
+    )
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,17 +36,18 @@ def evaluate(model: TRM, split: Split, batch_size: int, steps: int | None = None
     index = np.arange(rank, len(split), world)
     for start in range(0, len(index), batch_size):
         batch = to_device(split.batch(index[start : start + batch_size]), device)
-        for logits, _ in model.solve(batch, steps):
-            pass
+        logits, _ = deque(model.solve(batch, steps), maxlen=1).pop()  # the last step's answer
         labels = batch["labels"]
         mask = labels != IGNORE_LABEL
         correct = mask & (logits.argmax(-1) == labels)
-        totals += torch.stack([
-            torch.tensor(float(len(labels)), device=device),
-            (correct.sum(-1) == mask.sum(-1)).sum().double(),
-            correct.sum().double(),
-            mask.sum().double(),
-        ])
+        totals += torch.stack(
+            [
+                torch.tensor(float(len(labels)), device=device),
+                (correct.sum(-1) == mask.sum(-1)).sum().double(),
+                correct.sum().double(),
+                mask.sum().double(),
+            ]
+        )
     if _distributed():
         dist.all_reduce(totals)
     model.train(was_training)

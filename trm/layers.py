@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 import trm_kernels as K
+from torch import nn
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 import trm_kernels as K
+from torch import nn
 
 from .config import ModelConfig
 from .layers import CastedLinear, ReasoningNet, trunc_normal_
@@ -66,8 +65,13 @@ class TRM(nn.Module):
         if cfg.puzzle_emb_len > 0:
             self.puzzle_emb = PuzzleEmbedding(cfg.num_puzzle_identifiers, d)
         self.net = ReasoningNet(  # reference: L_level
-            cfg.num_layers, hidden=d, num_heads=cfg.num_heads, expansion=cfg.expansion,
-            seq_len=self.seq_total, mlp_t=cfg.mlp_t, eps=cfg.rms_norm_eps,
+            cfg.num_layers,
+            hidden=d,
+            num_heads=cfg.num_heads,
+            expansion=cfg.expansion,
+            seq_len=self.seq_total,
+            mlp_t=cfg.mlp_t,
+            eps=cfg.rms_norm_eps,
         )
         self.lm_head = CastedLinear(d, cfg.vocab_size)
         self.q_head = CastedLinear(d, 2, bias=True)  # logit 0: q_halt; 1: q_continue (unused by TRM)
@@ -134,7 +138,8 @@ class TRM(nn.Module):
         y, z = self.initial_y_z(size)
         device = batch["inputs"].device
         return Carry(
-            y=torch.zeros_like(y), z=torch.zeros_like(z),
+            y=torch.zeros_like(y),
+            z=torch.zeros_like(z),
             steps=torch.zeros(size, dtype=torch.int32, device=device),
             halted=torch.ones(size, dtype=torch.bool, device=device),
             data={k: torch.zeros_like(v) for k, v in batch.items()},

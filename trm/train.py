@@ -7,6 +7,7 @@ gloo on CPU). A run directory holds ``config.json``, ``metrics.jsonl``,
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -42,6 +43,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def _data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
+    """DDP without per-forward buffer broadcasts: the puzzle-embedding table is updated
+    identically on every process by the sparse optimizer, never by rank 0 alone."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, forward_sync_buffers=False)
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
 def configure_model(cfg: RunConfig, data_dir: str | Path) -> None:
     """Take vocabulary, sequence length and puzzle count from the dataset."""
     meta = read_metadata(data_dir)
@@ -51,8 +60,15 @@ def configure_model(cfg: RunConfig, data_dir: str | Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, data_dir: str | Path, out_dir: str | Path,
-                 device: torch.device, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data_dir: str | Path,
+        out_dir: str | Path,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         configure_model(cfg, data_dir)
         self.cfg, self.out_dir, self.data_dir, self.device = cfg, Path(out_dir), Path(data_dir), device
         if rank == 0:
@@ -61,12 +77,15 @@ class Trainer:
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every process
         self.model = TRM(cfg.model).to(device)
-        self.module = (DistributedDataParallel(self.model, broadcast_buffers=False)
-                       if world_size > 1 else self.model)
-        self.optimizer = AdamATan2(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                   weight_decay=t.weight_decay)
-        self.sparse = (SparseSignSGD(self.model.puzzle_emb, t.puzzle_emb_lr, t.puzzle_emb_weight_decay)
-                       if cfg.model.puzzle_emb_len > 0 else None)
+        self.module = _data_parallel(self.model) if world_size > 1 else self.model
+        self.optimizer = AdamATan2(
+            self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+        )
+        self.sparse = (
+            SparseSignSGD(self.model.puzzle_emb, t.puzzle_emb_lr, t.puzzle_emb_weight_decay)
+            if cfg.model.puzzle_emb_len > 0
+            else None
+        )
         self.ema = EMA(self.model, t.ema_rate) if t.ema_rate > 0 else None
         self.train_split, self.test_split = load_split(data_dir, "train"), load_split(data_dir, "test")
         self.batches = BatchIterator(self.train_split, t.global_batch_size, t.seed, rank, world_size)
@@ -132,8 +151,13 @@ class Trainer:
         tensors = self.state_tensors()
         path = self.out_dir / CHECKPOINT
         if self.rank == 0:
-            meta = {"config": self.cfg.to_dict(), "step": self.step, "data": self.batches.state(),
-                    "data_dir": str(self.data_dir), "world_size": self.world_size}
+            meta = {
+                "config": self.cfg.to_dict(),
+                "step": self.step,
+                "data": self.batches.state(),
+                "data_dir": str(self.data_dir),
+                "world_size": self.world_size,
+            }
             checkpoint.save(path, tensors, meta)
         return path
 
@@ -142,7 +166,8 @@ class Trainer:
         if meta["world_size"] != self.world_size:
             raise checkpoint.CheckpointError(
                 f"{path} was written by {meta['world_size']} process(es); resume with the same number "
-                f"(now {self.world_size}) to continue exactly")
+                f"(now {self.world_size}) to continue exactly"
+            )
         checkpoint.load_state_dict_strict(self.model, checkpoint.section(tensors, "model"), str(path))
         if self.ema is not None:
             ema = checkpoint.section(tensors, "ema")
@@ -151,8 +176,11 @@ class Trainer:
             self.ema.shadow = {k: v.to(self.device) for k, v in ema.items()}
         optim = checkpoint.section(tensors, "optim")
         for name, p in self.model.named_parameters():
-            state = {k: optim[f"{name}.{k}"].to(self.device) for k in ("step", "exp_avg", "exp_avg_sq")
-                     if f"{name}.{k}" in optim}
+            state = {
+                k: optim[f"{name}.{k}"].to(self.device)
+                for k in ("step", "exp_avg", "exp_avg_sq")
+                if f"{name}.{k}" in optim
+            }
             if state:
                 self.optimizer.state[p] = state
         self.step = int(meta["step"])
@@ -174,7 +202,7 @@ def reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     values = torch.stack([metrics[k].double() for k in keys])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
-    sums = dict(zip(keys, values.tolist()))
+    sums = dict(zip(keys, values.tolist(), strict=False))
     count = max(sums.pop("count"), 1.0)
     out = {k: sums[k] / count for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
     out["halted"] = count
@@ -199,12 +227,25 @@ def fit(trainer: Trainer, show_progress: bool = True) -> dict[str, float]:
 
     Returns the last evaluation. Metric sums stay on the device between log steps.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     t, main = trainer.cfg.train, trainer.rank == 0
     log = MetricsLog(trainer.out_dir / "metrics.jsonl", main)
-    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
+    )
     last_eval: dict[str, float] = {}
     pending: dict[str, torch.Tensor] | None = None
     since_log = 0
@@ -221,16 +262,23 @@ def fit(trainer: Trainer, show_progress: bool = True) -> dict[str, float]:
                     m[k] /= since_log * t.global_batch_size
                 m["lr"] = trainer.optimizer.param_groups[0]["lr"]
                 log.write({"split": "train", "step": step, **m})
-                bar.update(task, completed=step, stats=(
-                    f"loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  "
-                    f"steps {m['steps']:.1f}"))
+                bar.update(
+                    task,
+                    completed=step,
+                    stats=(
+                        f"loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  "
+                        f"steps {m['steps']:.1f}"
+                    ),
+                )
                 pending, since_log = None, 0
             if step % t.eval_interval == 0 or final:
                 last_eval = trainer.evaluate()
                 log.write({"split": "test", "step": step, **last_eval})
                 if main:
-                    bar.console.print(f"step {step}: test exact accuracy {last_eval['exact_accuracy']:.4f}, "
-                                      f"token accuracy {last_eval['accuracy']:.4f} ({int(last_eval['count'])} puzzles)")
+                    bar.console.print(
+                        f"step {step}: test exact accuracy {last_eval['exact_accuracy']:.4f}, "
+                        f"token accuracy {last_eval['accuracy']:.4f} ({int(last_eval['count'])} puzzles)"
+                    )
             if step % t.checkpoint_interval == 0 or final:
                 trainer.save()
     if main:
