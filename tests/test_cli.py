@@ -54,9 +54,11 @@ def test_eval_and_test_time_recursion(trained):
 def test_solve_prints_every_step(trained):
     code, out = run("solve", trained / "run", "1...", "--steps", "3")
     assert code == 2 and "puzzle has 4 characters, expected 16" in out
-    code, out = run("solve", trained / "run", "1.3..4.12..3.1..")
+    code, out = run("solve", trained / "run", ".......43...1..2")
     assert code == 0, out
     assert "step 1:" in out and "step 2:" in out and "P(halt)" in out
+    code, out = run("solve", trained / "run", "1.3..4.12..3.1..")  # column 2 can hold neither 1 nor 4
+    assert code == 2 and "has no solution" in out
 
 
 def test_existing_run_is_not_overwritten_and_resume_continues(trained):

@@ -188,6 +188,11 @@ def solve(
         grid = sudoku._parse_grid(puzzle.strip(), size, blanks=True)
     except ValueError as e:
         _fail(f"puzzle {e} (this model solves {size}x{size} Sudoku)")
+    solutions = len(sudoku.solve(grid, limit=2).solutions)
+    if solutions == 0:
+        _fail("this puzzle has no solution (its givens cannot all be kept)")
+    if solutions > 1:
+        console.print("[yellow]warning:[/] this puzzle has more than one solution")
     tokens = torch.from_numpy(grid.reshape(1, -1) + 1).to(device)
     batch = {"inputs": tokens, "puzzle_identifiers": torch.zeros(1, dtype=torch.long, device=device)}
     previous = None
