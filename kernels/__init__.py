@@ -40,6 +40,22 @@ rope_cos_sin = reference.rope_cos_sin
 for _name in ("add_rmsnorm", "inject", "swiglu", "rope_attention", "stablemax_cross_entropy", "softmax_cross_entropy"):
     register(_name, "reference", getattr(reference, _name))
 
+try:  # the fused backends register themselves where their toolchain is importable
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import cross_entropy as _ce
+    from . import inject as _inject
+    from . import rmsnorm as _rmsnorm
+    from . import swiglu as _swiglu
+
+    register("add_rmsnorm", "triton", _rmsnorm.add_rmsnorm)
+    register("inject", "triton", _inject.inject)
+    register("swiglu", "triton", _swiglu.swiglu)
+    register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy)
+    register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy)
+
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

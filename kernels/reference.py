@@ -73,7 +73,9 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
 
 
 def _stablemax_s(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x >= 0, x + 1, 1 / (1 - x))
+    # the negative branch sees min(x, 0): at x = 1 an unguarded 1 / (1 - x) is inf, and its
+    # gradient, though masked by `where`, turns into NaN (inf * 0)
+    return torch.where(x >= 0, x + 1, 1 / (1 - x.clamp(max=0)))
 
 
 def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

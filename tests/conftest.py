@@ -1,11 +1,13 @@
 import os
 
-# The Triton interpreter must be chosen before any module defining kernels is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import numpy as np
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run in the interpreter on CPU tensors. It must be chosen
+# before any module defining kernels is imported, i.e. here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

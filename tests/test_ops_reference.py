@@ -167,3 +167,10 @@ def test_backend_switch(monkeypatch):
     if "cuda" not in K.available("add_rmsnorm"):
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
             K.add_rmsnorm(x, backend="cuda")
+
+
+def test_stablemax_gradient_is_finite_at_logit_one():
+    """1 / (1 - x) is only the x < 0 branch; at x = 1 it must not poison the gradient."""
+    x = torch.tensor([[1.0, -2.0, 0.5]], requires_grad=True)
+    K.stablemax_cross_entropy(x, torch.tensor([2])).sum().backward()
+    assert torch.isfinite(x.grad).all()

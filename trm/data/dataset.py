@@ -182,12 +182,22 @@ def build_sudoku(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
 
     def encode(q: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
         n = len(q)
-        return {"inputs": q.reshape(n, -1) + 1, "labels": a.reshape(n, -1) + 1,
-                "puzzle_identifiers": np.zeros(n, dtype=np.int32)}
+        return {
+            "inputs": q.reshape(n, -1) + 1,
+            "labels": a.reshape(n, -1) + 1,
+            "puzzle_identifiers": np.zeros(n, dtype=np.int32),
+        }
 
-    meta = {"task": "sudoku", "size": cfg.size, "vocab_size": cfg.size + 2, "seq_len": cfg.size**2,
-            "num_puzzle_identifiers": 1, "source": cfg.csv or "generator", "seed": cfg.seed,
-            "augmentations": cfg.augmentations}
+    meta = {
+        "task": "sudoku",
+        "size": cfg.size,
+        "vocab_size": cfg.size + 2,
+        "seq_len": cfg.size**2,
+        "num_puzzle_identifiers": 1,
+        "source": cfg.csv or "generator",
+        "seed": cfg.seed,
+        "augmentations": cfg.augmentations,
+    }
     return write(out_dir, meta, {"train": encode(train_q, train_a), "test": encode(test_q, test_a)})
 
 

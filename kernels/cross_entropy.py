@@ -1,0 +1,103 @@
+"""Stablemax and softmax cross-entropy with ignore-label (Triton), one pass over the logits.
+
+The forward computes, per token, the loss and the gradient of the loss w.r.t. the logits
+(stored in the logits' dtype). The backward scales that gradient by the upstream
+per-token gradient, so the logits are read once in total. Everything is computed in
+fp32. The reference computes stablemax in float64, and the two agree to fp32 precision.
+
+stablemax: s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0); loss = log(sum_j s_j) - log(s_y);
+d loss / d x_j = s'(x_j) / sum s - [j = y] s'(x_y) / s_y.
+An out-of-range label (neither ignore_index nor in [0, V)) gives a NaN loss rather than a
+silent wrong value: checking it on the host would cost a device synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import check_input, next_pow2
+
+
+@triton.jit
+def _ce_fwd(
+    LOGITS, LABELS, LOSS, DLOGITS, n_rows, V, ignore_index,
+    STABLEMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    v = tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (v[None, :] < V)
+    offs = rows[:, None] * V + v[None, :]
+    x = tl.load(LOGITS + offs, mask=mask, other=0.0).to(tl.float32)
+    label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    valid = label != ignore_index
+    in_range = (label >= 0) & (label < V)
+    onehot = (v[None, :] == label[:, None]) & mask
+    if STABLEMAX:
+        neg = x < 0
+        inv = 1.0 / (1.0 - tl.minimum(x, 0.0))
+        s = tl.where(mask, tl.where(neg, inv, x + 1.0), 0.0)
+        ds = tl.where(mask, tl.where(neg, inv * inv, 1.0), 0.0)
+        total = tl.where(row_ok, tl.sum(s, axis=1), 1.0)  # padding rows: avoid 0 / 0
+        s_y = tl.sum(tl.where(onehot, s, 0.0), axis=1)
+        s_y = tl.where(valid & in_range, s_y, 1.0)  # ignored rows: a harmless stand-in, masked below
+        ds_y = tl.sum(tl.where(onehot, ds, 0.0), axis=1)
+        loss = tl.log(total) - tl.log(s_y)
+        grad = ds / total[:, None] - tl.where(onehot, (ds_y / s_y)[:, None], 0.0)
+    else:
+        m = tl.where(row_ok, tl.max(tl.where(mask, x, float("-inf")), axis=1), 0.0)
+        e = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
+        total = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
+        x_y = tl.sum(tl.where(onehot, x, 0.0), axis=1)
+        loss = tl.log(total) + m - x_y
+        grad = e / total[:, None] - tl.where(onehot, 1.0, 0.0)
+    loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
+    grad = tl.where(valid[:, None], grad, 0.0)
+    tl.store(LOSS + rows, loss, mask=row_ok)
+    tl.store(DLOGITS + offs, grad.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("trm::cross_entropy", mutates_args=())
+def cross_entropy_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, stablemax: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, labels = logits.contiguous(), labels.contiguous()
+    vocab = logits.shape[-1]
+    loss = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    dlogits = torch.empty_like(logits)
+    n_rows = labels.numel()
+    block_v = next_pow2(vocab)
+    block_r = max(1, min(64, 4096 // block_v))
+    _ce_fwd[(triton.cdiv(n_rows, block_r),)](logits, labels, loss, dlogits, n_rows, vocab, ignore_index,
+                                              STABLEMAX=stablemax, BLOCK_R=block_r, BLOCK_V=block_v)  # fmt: skip
+    return loss, dlogits
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, labels, ignore_index, stablemax):
+    loss = logits.new_empty(labels.shape, dtype=torch.float32)
+    return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, dloss, _ddlogits):
+    (dlogits,) = ctx.saved_tensors
+    return (dlogits * dloss.unsqueeze(-1)).to(dlogits.dtype), None, None, None
+
+
+cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    check_input("logits", logits)
+    return cross_entropy_fwd(logits, labels, ignore_index, True)[0]
+
+
+def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    check_input("logits", logits)
+    return cross_entropy_fwd(logits, labels, ignore_index, False)[0]

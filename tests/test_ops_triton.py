@@ -1,0 +1,195 @@
+"""Triton kernels (under the interpreter on CPU) against the reference and float64.
+
+Tolerance rule (as in flash-attention's tests): the fused result's error against a
+float64 oracle may be at most 2x the error the reference op makes in the same dtype,
+plus one unit of rounding of the output dtype.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trm_kernels as K
+from trm_kernels import reference as R
+
+pytestmark = pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 only on a GPU: the interpreter's bf16 conversions truncate instead of rounding
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+torch.set_default_device(DEVICE)
+
+
+def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
+    oracle = oracle.double()
+    err_fused = (fused.double() - oracle).abs().max().item()
+    err_ref = (ref.double() - oracle).abs().max().item()
+    ulp = torch.finfo(fused.dtype).eps * max(oracle.abs().max().item(), 1.0)
+    assert err_fused <= 2 * err_ref + ulp, f"{what}: fused error {err_fused:.3g} vs reference {err_ref:.3g}"
+
+
+def run_op(fn, inputs, grad_seed=0):
+    """Output and input gradients of sum(out * g) for a fixed random g."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(grad_seed), device=out.device)
+    g = g.to(out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
+
+
+def compare(op_triton, op_ref, inputs, what):
+    out_f, grads_f = run_op(op_triton, inputs)
+    out_r, grads_r = run_op(op_ref, inputs)
+    out_o, grads_o = run_op(op_ref, [t.double() if t.is_floating_point() else t for t in inputs])
+    check(out_f, out_r, out_o, f"{what} forward")
+    for i, (f, r, o) in enumerate(zip(grads_f, grads_r, grads_o, strict=True)):
+        check(f, r, o, f"{what} grad {i}")
+
+
+RMS_SHAPES = [((1, 512), -1), ((3, 97, 48), -1), ((3, 97, 48), -2), ((2, 5, 37), -1), ((2, 5, 37), 1), ((7, 3), -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, dim", RMS_SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_rmsnorm(dtype, shape, dim, residual):
+    x, r = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    if residual:
+        compare(
+            lambda a, b: K.add_rmsnorm(a, b, dim, backend="triton"),
+            lambda a, b: R.add_rmsnorm(a, b, dim),
+            [x, r],
+            f"add_rmsnorm{shape}",
+        )
+    else:
+        compare(
+            lambda a: K.add_rmsnorm(a, dim=dim, backend="triton"),
+            lambda a: R.add_rmsnorm(a, dim=dim),
+            [x],
+            f"rmsnorm{shape}",
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rmsnorm_on_a_length_one_axis(dtype):
+    """y = h / sqrt(h^2 + eps): the gradient is a difference of two terms of size |dy * rstd|
+    that nearly cancel, so both implementations are only accurate relative to that size."""
+    x, r = torch.randn(64, 1).to(dtype), torch.randn(64, 1).to(dtype)
+    (y, (gx, _)), g = run_op(lambda a, b: K.add_rmsnorm(a, b, backend="triton"), [x, r]), torch.randn(64, 1)
+    (y64, (gx64, _)) = run_op(R.add_rmsnorm, [x.double(), r.double()])
+    h = (x + r).double()
+    terms = (g.double() / (h.square() + 1e-5).sqrt()).abs().max().item()
+    assert (y.double() - y64).abs().max().item() <= 2 * torch.finfo(dtype).eps
+    assert (gx.double() - gx64).abs().max().item() <= 8 * torch.finfo(dtype).eps * terms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, dim", [((1, 2), -1), ((3, 17, 2 * 77), -1), ((2, 2 * 13, 24), -2), ((6, 5, 4), 0)])
+def test_swiglu(dtype, shape, dim):
+    gu = (torch.randn(shape) * 3).to(dtype)
+    compare(lambda t: K.swiglu(t, dim, backend="triton"), lambda t: R.swiglu(t, dim), [gu], f"swiglu{shape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inject_is_bitwise_the_reference(dtype):
+    h, a, b = (torch.randn(3, 33, 5).to(dtype) * 10 for _ in range(3))
+    assert torch.equal(K.inject(h, a, b, backend="triton"), R.inject(h, a, b))
+    assert torch.equal(K.inject(h, a, a, backend="triton"), R.inject(h, a, a))
+    assert torch.equal(K.inject(h, a, backend="triton"), R.inject(h, a))
+    _, grads = run_op(lambda x, y, z: K.inject(x, y, z, backend="triton"), [h, a, b])
+    _, want = run_op(R.inject, [h, a, b])
+    for g, w in zip(grads, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["stablemax", "softmax"])
+@pytest.mark.parametrize("shape, vocab", [((1, 1), 2), ((4, 81), 11), ((3, 7), 6), ((2, 33), 130)])
+def test_cross_entropy(dtype, kind, shape, vocab):
+    logits = (torch.randn(*shape, vocab) * 4).to(dtype)
+    labels = torch.randint(0, vocab, shape)
+    labels.view(-1)[::3] = -100
+    name = f"{kind}_cross_entropy"
+    compare(
+        lambda t: getattr(K, name)(t, labels, backend="triton"),
+        lambda t: getattr(R, name)(t, labels),
+        [logits],
+        f"{name}{shape}x{vocab}",
+    )
+
+
+def test_cross_entropy_out_of_range_label_is_loud():
+    loss = K.stablemax_cross_entropy(torch.randn(2, 5), torch.tensor([1, 7]), backend="triton")
+    assert loss[0].isfinite() and loss[1].isnan()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    n=st.integers(1, 300),
+    inner=st.integers(1, 5),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31),
+)
+def test_random_shapes(rows, n, inner, dtype, seed):
+    torch.manual_seed(seed)
+    x, r = torch.randn(rows, n, inner).to(dtype), torch.randn(rows, n, inner).to(dtype)
+    compare(lambda a, b: K.add_rmsnorm(a, b, 1, backend="triton"), lambda a, b: R.add_rmsnorm(a, b, 1), [x, r], "norm")
+    gu = torch.randn(rows, 2 * n, inner).to(dtype)
+    compare(lambda t: K.swiglu(t, 1, backend="triton"), lambda t: R.swiglu(t, 1), [gu], "swiglu")
+    logits, labels = torch.randn(rows, n + 1).to(dtype), torch.randint(-1, n + 1, (rows,))
+    compare(
+        lambda t: K.stablemax_cross_entropy(t, labels, -1, backend="triton"),
+        lambda t: R.stablemax_cross_entropy(t, labels, -1),
+        [logits],
+        "stablemax",
+    )
+
+
+def test_non_contiguous_inputs():
+    x = torch.randn(6, 40)[:, ::2]
+    torch.testing.assert_close(K.add_rmsnorm(x, backend="triton"), R.add_rmsnorm(x))
+    gu = torch.randn(8, 6).t()
+    torch.testing.assert_close(K.swiglu(gu, backend="triton"), R.swiglu(gu))
+
+
+def test_triton_backend_refuses_float64_by_name():
+    with pytest.raises(TypeError, match="x is torch.float64: the triton backend"):
+        K.add_rmsnorm(torch.randn(2, 4, dtype=torch.float64), backend="triton")
+    with pytest.raises(TypeError, match="gate_up is torch.float64"):
+        K.swiglu(torch.randn(2, 4, dtype=torch.float64), backend="triton")
+
+
+def _opcheck_cases():
+    x, r = torch.randn(3, 5, 8, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
+    logits, labels = torch.randn(4, 6, requires_grad=True), torch.tensor([0, 5, -100, 2])
+    return [
+        (torch.ops.trm.add_rmsnorm, (x, r, 2, 1e-5)),
+        (torch.ops.trm.add_rmsnorm, (x, None, 1, 1e-5)),
+        (torch.ops.trm.add_rmsnorm_backward, (torch.randn(3, 5, 8), x.detach(), r.detach(), torch.rand(3, 5), 2)),
+        (torch.ops.trm.add_rmsnorm_backward, (torch.randn(3, 5, 8), x.detach(), None, torch.rand(3, 8), 1)),
+        (torch.ops.trm.swiglu, (torch.randn(4, 10, requires_grad=True), 1)),
+        (torch.ops.trm.swiglu_backward, (torch.randn(4, 5), torch.randn(4, 10), 1)),
+        (torch.ops.trm.inject, (x, r, torch.randn(3, 5, 8, requires_grad=True))),
+        (torch.ops.trm.inject, (x, r, None)),
+        (torch.ops.trm.cross_entropy, (logits, labels, -100, True)),
+        (torch.ops.trm.cross_entropy, (logits, labels, -100, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_ops_compile_without_graph_breaks():
+    def block(h, a, gu):
+        h = K.inject(h, a, backend="triton")
+        return K.add_rmsnorm(h, K.swiglu(gu, backend="triton"), backend="triton")
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    h, a, gu = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 16)
+    torch.testing.assert_close(compiled(h, a, gu), R.add_rmsnorm(R.inject(h, a), R.swiglu(gu)))
