@@ -7,10 +7,9 @@ plus one unit of rounding of the output dtype.
 
 import pytest
 import torch
+import trm_kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import trm_kernels as K
 from trm_kernels import reference as R
 
 pytestmark = pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed")

@@ -175,7 +175,7 @@ def build_sudoku(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
 
     aug_q, aug_a = [train_q], [train_a]
     for _ in range(cfg.augmentations):
-        pairs = [sudoku.augment(q, a, rng) for q, a in zip(train_q, train_a)]
+        pairs = [sudoku.augment(q, a, rng) for q, a in zip(train_q, train_a, strict=False)]
         aug_q.append(np.stack([p[0] for p in pairs]))
         aug_a.append(np.stack([p[1] for p in pairs]))
     train_q, train_a = np.concatenate(aug_q), np.concatenate(aug_a)
