@@ -45,12 +45,14 @@ try:  # the fused backends register themselves where their toolchain is importab
 except ImportError:
     pass
 else:
+    from . import attention as _attention
     from . import cross_entropy as _ce
     from . import inject as _inject
     from . import rmsnorm as _rmsnorm
     from . import swiglu as _swiglu
 
     register("add_rmsnorm", "triton", _rmsnorm.add_rmsnorm)
+    register("rope_attention", "triton", _attention.rope_attention)
     register("inject", "triton", _inject.inject)
     register("swiglu", "triton", _swiglu.swiglu)
     register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy)

@@ -119,6 +119,27 @@ def test_cross_entropy(dtype, kind, shape, vocab):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, seq, heads, head_dim", [(1, 1, 1, 32), (2, 70, 2, 64), (1, 97, 1, 32), (1, 130, 2, 128)]
+)
+def test_rope_attention(dtype, batch, seq, heads, head_dim):
+    qkv = torch.randn(batch, seq, 3 * heads * head_dim).to(dtype)
+    cos, sin = (t.to(DEVICE) for t in K.rope_cos_sin(seq, head_dim))
+
+    def ref(t):
+        return R.rope_attention(t, cos.to(t.dtype) if t.dtype == torch.float64 else cos,
+                                sin.to(t.dtype) if t.dtype == torch.float64 else sin, heads)  # fmt: skip
+
+    compare(lambda t: K.rope_attention(t, cos, sin, heads, backend="triton"), ref, [qkv], f"attention S={seq}")
+
+
+def test_rope_attention_rejects_unsupported_head_dim():
+    cos, sin = (t.to(DEVICE) for t in K.rope_cos_sin(4, 24))
+    with pytest.raises(ValueError, match="head_dim 24 is not supported by the triton backend"):
+        K.rope_attention(torch.randn(1, 4, 72), cos, sin, 1, backend="triton")
+
+
 def test_cross_entropy_out_of_range_label_is_loud():
     loss = K.stablemax_cross_entropy(torch.randn(2, 5), torch.tensor([1, 7]), backend="triton")
     assert loss[0].isfinite() and loss[1].isnan()
@@ -173,6 +194,7 @@ def _opcheck_cases():
         (torch.ops.trm.swiglu_backward, (torch.randn(4, 5), torch.randn(4, 10), 1)),
         (torch.ops.trm.inject, (x, r, torch.randn(3, 5, 8, requires_grad=True))),
         (torch.ops.trm.inject, (x, r, None)),
+        (torch.ops.trm.rope_attention, (torch.randn(2, 9, 96, requires_grad=True), *K.rope_cos_sin(9, 32), 1)),
         (torch.ops.trm.cross_entropy, (logits, labels, -100, True)),
         (torch.ops.trm.cross_entropy, (logits, labels, -100, False)),
     ]
