@@ -21,7 +21,8 @@ def cuda_extensions():
     ext = CUDAExtension(
         "trm_kernels._C",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+        # as kernels/cuda_ext.py's NVCC_FLAGS; torch adds the target GPUs (TORCH_CUDA_ARCH_LIST)
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

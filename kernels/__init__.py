@@ -52,6 +52,8 @@ else:
     from . import swiglu as _swiglu
 
     register("add_rmsnorm", "triton", _rmsnorm.add_rmsnorm)
+    if torch.version.cuda is not None:  # a CUDA build of torch: the extension can be built or loaded
+        register("add_rmsnorm", "cuda", _rmsnorm.add_rmsnorm_cuda)
     register("rope_attention", "triton", _attention.rope_attention)
     register("inject", "triton", _inject.inject)
     register("swiglu", "triton", _swiglu.swiglu)

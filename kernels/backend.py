@@ -20,8 +20,10 @@ _CHOICES = ("auto", *BACKENDS)
 
 # op name -> backend name -> implementation
 _REGISTRY: dict[str, dict[str, Callable]] = {}
-# per-device order in which `auto` tries backends; benchmarks decide this order.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+# Per-device order in which `auto` tries backends. Benchmarks decide it; until a GPU run
+# has measured the CUDA extension against Triton, Triton (verified under the interpreter)
+# comes first and `cuda` is chosen explicitly.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)}
 _override: str | None = None
 
 

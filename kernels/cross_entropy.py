@@ -5,7 +5,8 @@ The forward computes, per token, the loss and the gradient of the loss w.r.t. th
 per-token gradient, so the logits are read once in total. Everything is computed in
 fp32. The reference computes stablemax in float64, and the two agree to fp32 precision.
 
-stablemax: s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0); loss = log(sum_j s_j) - log(s_y);
+stablemax: s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0); loss = log(sum_j s_j / s_y), computed as
+log1p(sum_{j != y} s_j / s_y) so that small losses keep their relative precision;
 d loss / d x_j = s'(x_j) / sum s - [j = y] s'(x_y) / s_y.
 An out-of-range label (neither ignore_index nor in [0, V)) gives a NaN loss rather than a
 silent wrong value: checking it on the host would cost a device synchronisation.
@@ -18,6 +19,14 @@ import triton
 import triton.language as tl
 
 from ._triton import check_input, next_pow2
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) accurate for small u (Goldberg's trick; libdevice is not in the interpreter)."""
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -43,16 +52,20 @@ def _ce_fwd(
         total = tl.where(row_ok, tl.sum(s, axis=1), 1.0)  # padding rows: avoid 0 / 0
         s_y = tl.sum(tl.where(onehot, s, 0.0), axis=1)
         s_y = tl.where(valid & in_range, s_y, 1.0)  # ignored rows: a harmless stand-in, masked below
+        others = tl.sum(tl.where(onehot, 0.0, s), axis=1)
         ds_y = tl.sum(tl.where(onehot, ds, 0.0), axis=1)
-        loss = tl.log(total) - tl.log(s_y)
-        grad = ds / total[:, None] - tl.where(onehot, (ds_y / s_y)[:, None], 0.0)
+        loss = _log1p(others / s_y)  # = log(total / s_y) without cancelling when the loss is small
+        # at the label, ds_y / total - ds_y / s_y written without the cancellation
+        grad = tl.where(onehot, (-ds_y * others / (total * s_y))[:, None], ds / total[:, None])
     else:
         m = tl.where(row_ok, tl.max(tl.where(mask, x, float("-inf")), axis=1), 0.0)
         e = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
         total = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
         x_y = tl.sum(tl.where(onehot, x, 0.0), axis=1)
-        loss = tl.log(total) + m - x_y
-        grad = e / total[:, None] - tl.where(onehot, 1.0, 0.0)
+        others = tl.sum(tl.where(onehot, 0.0, e), axis=1)
+        # label at the maximum: loss = log(1 + others) exactly, which may be tiny
+        loss = tl.where(x_y == m, _log1p(others), tl.log(total) + m - x_y)
+        grad = tl.where(onehot, (-others / total)[:, None], e / total[:, None])  # e_y / total - 1, uncancelled
     loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
     grad = tl.where(valid[:, None], grad, 0.0)
     tl.store(LOSS + rows, loss, mask=row_ok)
