@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .backend import available, get_backend, register, resolve, set_backend, use_backend
+from .backend import available, call, get_backend, register, set_backend, use_backend
 
 __all__ = [
     "add_rmsnorm",
@@ -50,15 +50,16 @@ else:
     from . import inject as _inject
     from . import rmsnorm as _rmsnorm
     from . import swiglu as _swiglu
+    from ._triton import takes
 
-    register("add_rmsnorm", "triton", _rmsnorm.add_rmsnorm)
+    register("add_rmsnorm", "triton", _rmsnorm.add_rmsnorm, _rmsnorm.supports)
     if torch.version.cuda is not None:  # a CUDA build of torch: the extension can be built or loaded
-        register("add_rmsnorm", "cuda", _rmsnorm.add_rmsnorm_cuda)
-    register("rope_attention", "triton", _attention.rope_attention)
-    register("inject", "triton", _inject.inject)
-    register("swiglu", "triton", _swiglu.swiglu)
-    register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy)
-    register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy)
+        register("add_rmsnorm", "cuda", _rmsnorm.add_rmsnorm_cuda, _rmsnorm.supports)
+    register("rope_attention", "triton", _attention.rope_attention, _attention.supports)
+    register("inject", "triton", _inject.inject, takes)
+    register("swiglu", "triton", _swiglu.swiglu, takes)
+    register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy, takes)
+    register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy, takes)
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -99,7 +100,7 @@ def add_rmsnorm(
     _check_dim("x", x, dim)
     if residual is not None:
         _check_same("residual", residual, "x", x)
-    return resolve("add_rmsnorm", x.device, backend)(x, residual, dim, eps)
+    return call("add_rmsnorm", x.device, backend, x, residual, dim, eps)
 
 
 def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
@@ -108,7 +109,7 @@ def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, back
     _check_same("a", a, "h", h)
     if b is not None:
         _check_same("b", b, "h", h)
-    return resolve("inject", h.device, backend)(h, a, b)
+    return call("inject", h.device, backend, h, a, b)
 
 
 def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> torch.Tensor:
@@ -117,7 +118,7 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> 
     _check_dim("gate_up", gate_up, dim)
     if gate_up.shape[dim] % 2:
         raise ValueError(f"gate_up must have an even size along dim={dim}, got {gate_up.shape[dim]}")
-    return resolve("swiglu", gate_up.device, backend)(gate_up, dim)
+    return call("swiglu", gate_up.device, backend, gate_up, dim)
 
 
 def rope_attention(
@@ -136,7 +137,7 @@ def rope_attention(
             raise ValueError(f"{name} must have shape {(qkv.shape[1], head_dim)}, got {tuple(t.shape)}")
         if t.device != qkv.device:
             raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
-    return resolve("rope_attention", qkv.device, backend)(qkv, cos, sin, num_heads)
+    return call("rope_attention", qkv.device, backend, qkv, cos, sin, num_heads)
 
 
 def _check_ce(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -157,7 +158,7 @@ def stablemax_cross_entropy(
 ) -> torch.Tensor:
     """Per-token stablemax cross-entropy (fp32 out, float64-exact), 0 at ignored labels."""
     _check_ce(logits, labels)
-    return resolve("stablemax_cross_entropy", logits.device, backend)(logits, labels, ignore_index)
+    return call("stablemax_cross_entropy", logits.device, backend, logits, labels, ignore_index)
 
 
 def softmax_cross_entropy(
@@ -165,4 +166,4 @@ def softmax_cross_entropy(
 ) -> torch.Tensor:
     """Per-token softmax cross-entropy (fp32 out), 0 at ignored labels."""
     _check_ce(logits, labels)
-    return resolve("softmax_cross_entropy", logits.device, backend)(logits, labels, ignore_index)
+    return call("softmax_cross_entropy", logits.device, backend, logits, labels, ignore_index)

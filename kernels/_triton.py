@@ -17,9 +17,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def takes(t: torch.Tensor, *_args) -> bool:
+    """Whether a Triton kernel can run on `t` here: a supported dtype, on a device it runs on."""
+    return t.dtype in FUSED_DTYPES and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
+
+
 def check_input(name: str, t: torch.Tensor) -> None:
     """Triton kernels take fp32/fp16/bf16 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if t.dtype not in FUSED_DTYPES:
         raise TypeError(
             f"{name} is {t.dtype}: the triton backend takes float32/float16/bfloat16; "
             "use backend='reference' for float64"

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_input
+from ._triton import check_input, takes
 
 HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -206,6 +206,10 @@ BLOCK_M, BLOCK_N = 64, 64
 def _precision(t: torch.Tensor) -> str:
     """fp32 inputs get IEEE products, as PyTorch's fp32 attention does (Triton would use tf32)."""
     return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def supports(qkv: torch.Tensor, cos, sin, num_heads: int) -> bool:
+    return takes(qkv) and qkv.shape[-1] // (3 * num_heads) in HEAD_DIMS
 
 
 def _head_dim(qkv: torch.Tensor, num_heads: int) -> int:

@@ -4,7 +4,8 @@ Backends: ``reference`` (plain PyTorch, every device), ``triton`` and ``cuda`` (
 kernels, registered by their own modules when importable). The choice, in order of
 precedence: the ``backend=`` argument of an op call, :func:`set_backend` /
 :func:`use_backend`, the ``TRM_BACKEND`` environment variable, then ``auto``: the fastest
-registered backend for the tensor's device, which on CPU is always ``reference``.
+registered backend for the tensor's device that supports the call (dtype, shape), which on
+CPU is always ``reference``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 _CHOICES = ("auto", *BACKENDS)
 
-# op name -> backend name -> implementation
-_REGISTRY: dict[str, dict[str, Callable]] = {}
+# op name -> backend name -> (implementation, supports(*args) -> bool or None for "always")
+_REGISTRY: dict[str, dict[str, tuple[Callable, Callable | None]]] = {}
 # Per-device order in which `auto` tries backends. Benchmarks decide it; until a GPU run
 # has measured the CUDA extension against Triton, Triton (verified under the interpreter)
 # comes first and `cuda` is chosen explicitly.
@@ -33,10 +34,12 @@ def _validate(name: str) -> str:
     return name
 
 
-def register(op: str, backend: str, fn: Callable) -> None:
+def register(op: str, backend: str, fn: Callable, supports: Callable[..., bool] | None = None) -> None:
+    """Add an implementation. `supports(*args)` says whether it takes a call (dtype, shape);
+    `auto` skips a backend that does not, an explicitly chosen one raises its own error."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} for op {op!r}")
-    _REGISTRY.setdefault(op, {})[backend] = fn
+    _REGISTRY.setdefault(op, {})[backend] = (fn, supports)
 
 
 def get_backend() -> str:
@@ -65,15 +68,17 @@ def available(op: str) -> tuple[str, ...]:
     return tuple(_REGISTRY.get(op, {}))
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> Callable:
-    """The implementation of `op` to run for a tensor on `device`."""
+def call(op: str, device: torch.device, backend: str | None, *args):
+    """Run `op` on `args` with the chosen backend (see the module docstring)."""
     name = _validate(backend) if backend is not None else get_backend()
     impls = _REGISTRY[op]
     if name != "auto":
         if name not in impls:
             raise RuntimeError(f"backend {name!r} is not available for op {op!r} (available: {', '.join(impls)})")
-        return impls[name]
+        return impls[name][0](*args)
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         if candidate in impls:
-            return impls[candidate]
-    return impls["reference"]
+            fn, supports = impls[candidate]
+            if supports is None or supports(*args):
+                return fn(*args)
+    return impls["reference"][0](*args)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_input, next_pow2, split_at
+from ._triton import check_input, next_pow2, split_at, takes
 
 MAX_N = 32768  # the normalised axis is held whole in one tile
 
@@ -67,6 +67,10 @@ def _add_rmsnorm_bwd(
     # element in the projection term, which the subtraction can amplify
     c = tl.sum(dy * h, axis=1) * (rstd * rstd * rstd) / N
     tl.store(DH + offs, (dy * rstd[:, None] - h * c[:, None]).to(DH.dtype.element_ty), mask=mask)
+
+
+def supports(x: torch.Tensor, residual, dim: int, eps: float) -> bool:
+    return takes(x) and x.shape[dim] <= MAX_N
 
 
 def _launch(kernel, shape: torch.Size, dim: int, *args, **meta) -> None:

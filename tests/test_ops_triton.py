@@ -223,3 +223,21 @@ def test_ops_compile_without_graph_breaks():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     h, a, gu = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 16)
     torch.testing.assert_close(compiled(h, a, gu), R.add_rmsnorm(R.inject(h, a), R.swiglu(gu)))
+
+
+def test_auto_skips_a_backend_that_does_not_take_the_call(monkeypatch):
+    """auto picks the first backend that supports the call; an explicit choice raises."""
+    from trm_kernels import backend
+
+    monkeypatch.setitem(backend.AUTO_ORDER, DEVICE, ("triton", "reference"))
+    qkv = torch.randn(1, 4, 3 * 2 * 16)  # head_dim 16: not a triton head size
+    cos, sin = (t.to(DEVICE) for t in K.rope_cos_sin(4, 16))
+    torch.testing.assert_close(K.rope_attention(qkv, cos, sin, 2), R.rope_attention(qkv, cos, sin, 2))
+    with pytest.raises(ValueError, match="head_dim 16"):
+        K.rope_attention(qkv, cos, sin, 2, backend="triton")
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(K.add_rmsnorm(x), R.add_rmsnorm(x))  # float64: the reference
+    calls = []
+    monkeypatch.setitem(backend._REGISTRY["swiglu"], "triton", (lambda *a: calls.append(a) or R.swiglu(*a), None))
+    K.swiglu(torch.randn(2, 4))
+    assert len(calls) == 1  # a supported call does go to triton

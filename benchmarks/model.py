@@ -1,0 +1,154 @@
+"""Model-level benchmarks: a training step and a full evaluation solve, per provider.
+
+Providers: ``eager`` (the reference ops), ``torch.compile`` and
+``torch.compile reduce-overhead`` (both of the reference ops), and ``fused`` (the
+trm_kernels backend picked automatically). Figures: step time, tokens/s (one
+supervision step of the batch), MFU from an analytic FLOP count, peak memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import trm_kernels as K
+
+from trm.config import ModelConfig, preset
+from trm.layers import intermediate_size
+from trm.losses import act_loss
+from trm.model import TRM
+from trm.optim import AdamATan2
+
+from .common import Row, bench
+from .ops import fused_runs_on
+
+
+def step_flops(cfg: ModelConfig, batch: int, train: bool) -> float:
+    """Matrix FLOPs of one supervision step: every net call forward, the grad cycle's backward."""
+    s, d = cfg.seq_len + cfg.puzzle_emb_len, cfg.hidden_size
+    tokens = batch * s
+    mlp = 2 * tokens * 3 * d * intermediate_size(d, cfg.expansion)
+    if cfg.mlp_t:
+        mixer = 2 * batch * d * 3 * s * intermediate_size(s, cfg.expansion)
+    else:
+        mixer = 2 * tokens * 4 * d * d + 4 * batch * s * s * d
+    per_call = cfg.num_layers * (mlp + mixer)
+    calls, grad_calls = cfg.T * (cfg.n + 1), cfg.n + 1
+    head = 2 * batch * cfg.seq_len * d * cfg.vocab_size
+    return per_call * calls + head + (2 * (per_call * grad_calls + head) if train else 0)
+
+
+def _batch(cfg: ModelConfig, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    shape = (size, cfg.seq_len)
+    return {
+        "inputs": torch.randint(1, cfg.vocab_size, shape, device=device),
+        "labels": torch.randint(1, cfg.vocab_size, shape, device=device),
+        "puzzle_identifiers": torch.zeros(size, dtype=torch.long, device=device),
+    }
+
+
+def _providers(device: torch.device, compile_ok: bool) -> list[tuple[str, str, dict | None]]:
+    """(name, backend, torch.compile kwargs or None)."""
+    out = [("eager", "reference", None)]
+    if compile_ok:
+        out += [("torch.compile", "reference", {}), ("torch.compile reduce-overhead", "reference",
+                                                     {"mode": "reduce-overhead"})]  # fmt: skip
+    if "triton" in K.available("add_rmsnorm") and fused_runs_on(device):
+        out.append(("fused", "auto" if device.type == "cuda" else "triton", None))
+    return out
+
+
+def _train_case(name, cfg, batch, device, backend, compile_kwargs, gemm_tflops) -> Row:
+    torch.manual_seed(0)
+    model = TRM(cfg).to(device).train()
+    opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1)
+    data = _batch(cfg, batch, device)
+    forward = torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
+    state = {"carry": model.initial_carry(data)}
+
+    def step():
+        with K.use_backend(backend):
+            carry, outputs = forward(state["carry"], data)
+            loss, _ = act_loss(outputs, carry)
+            (loss / batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["carry"] = carry
+
+    for _ in range(3):  # compile, autotune, allocate
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = bench(step, device, reps=20)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    flops = step_flops(cfg, batch, train=True)
+    tflops = flops / ms / 1e9
+    return Row("training step", f"{name} B={batch}", backend_label(backend, compile_kwargs), ms, tflops=tflops,
+               extra={"tokens_per_s": batch * cfg.seq_len / ms * 1e3, "mfu": tflops / gemm_tflops,
+                      "peak_gib": peak})  # fmt: skip
+
+
+def _eval_case(name, cfg, batch, device, backend, compile_kwargs) -> Row:
+    torch.manual_seed(0)
+    model = TRM(cfg).to(device).eval()
+    data = _batch(cfg, batch, device)
+    solve_step = torch.compile(model.deep_recursion, **compile_kwargs) if compile_kwargs is not None else None
+
+    @torch.no_grad()
+    def solve():
+        with K.use_backend(backend):
+            if solve_step is None:
+                for _ in model.solve(data):
+                    pass
+                return
+            x = model.embed(data["inputs"], data["puzzle_identifiers"])
+            y, z = model.initial_y_z(batch)
+            for _ in range(cfg.n_sup):
+                y, z, _, _ = solve_step(x, y, z)
+                y, z = y.clone(), z.clone()  # graph outputs are overwritten by the next replay
+
+    solve()
+    ms = bench(solve, device, reps=10)
+    return Row("evaluation (full solve)", f"{name} B={batch}", backend_label(backend, compile_kwargs), ms,
+               extra={"puzzles_per_s": batch / ms * 1e3})  # fmt: skip
+
+
+def backend_label(backend: str, compile_kwargs: dict | None) -> str:
+    if compile_kwargs is None:
+        return "eager" if backend == "reference" else "fused"
+    return "torch.compile" + (f" {compile_kwargs['mode']}" if "mode" in compile_kwargs else "")
+
+
+def configs(quick: bool) -> list[tuple[str, ModelConfig, list[int], list[int]]]:
+    """(name, config, training batches, evaluation batches)."""
+    dtype = "auto"
+    if quick:
+        tiny = dict(hidden_size=64, num_heads=2, T=2, n=1, n_sup=2, puzzle_emb_len=1, forward_dtype=dtype)
+        return [("sudoku4-mlp", ModelConfig(vocab_size=6, seq_len=16, mlp_t=True, **tiny), [4], [1, 4]),
+                ("sudoku4-att", ModelConfig(vocab_size=6, seq_len=16, mlp_t=False, **tiny), [4], [1])]  # fmt: skip
+    out = []
+    for name in ("sudoku-mlp", "sudoku-att", "maze"):
+        cfg = preset(name).model
+        cfg.forward_dtype = dtype
+        out.append((name, cfg, [768], [1, 768]))
+    return out
+
+
+def run(device: torch.device, quick: bool, compile_ok: bool, gemm_tflops: float) -> list[Row]:
+    rows = []
+    for name, cfg, train_batches, eval_batches in configs(quick):
+        for label, backend, compile_kwargs in _providers(device, compile_ok):
+            cases = [lambda b=b: _train_case(name, cfg, b, device, backend, compile_kwargs, gemm_tflops)
+                     for b in train_batches]  # fmt: skip
+            cases += [lambda b=b: _eval_case(name, cfg, b, device, backend, compile_kwargs) for b in eval_batches]
+            for case in cases:
+                try:
+                    row = case()
+                except torch.OutOfMemoryError:
+                    print(f"out of memory: {name} {label}")
+                    continue
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                print(f"{row.group:26s} {row.case:24s} {row.provider:32s} {row.ms:10.3f} ms {row.extra}", flush=True)
+                rows.append(row)
+    return rows

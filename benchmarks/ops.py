@@ -1,0 +1,150 @@
+"""Op-level benchmarks: every fused op against eager PyTorch, torch.compile and SDPA.
+
+Shapes are TRM's (KERNELS.md): rows = B*S with B = 768, S = 97 and 916, hidden 512;
+attention with B*H = 768*8, d = 64. ``quick`` shrinks everything for a CPU smoke run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+import trm_kernels as K
+from trm_kernels import reference as R
+from trm_kernels._triton import interpreting
+
+from .common import Row, bench
+
+Provider = tuple[str, Callable]
+
+
+def fused_runs_on(device: torch.device) -> bool:
+    """Fused kernels run on a GPU, or on the CPU under the Triton interpreter."""
+    return device.type == "cuda" or interpreting()
+
+
+def _providers(op: str, ref: Callable, compile_ok: bool, device: torch.device) -> list[Provider]:
+    out: list[Provider] = [("eager", ref)]
+    if compile_ok:
+        out.append(("torch.compile", torch.compile(ref)))
+    for backend in ("triton", "cuda"):
+        if backend in K.available(op) and fused_runs_on(device):
+            out.append((backend, lambda *a, _b=backend, **k: getattr(K, op)(*a, backend=_b, **k)))
+    return out
+
+
+def _fwd_bwd(fn: Callable, inputs: list[torch.Tensor]) -> tuple[Callable, Callable]:
+    """Callables timing the forward, and the backward alone (the graph is built once)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grad = torch.randn_like(out)
+
+    def backward():
+        torch.autograd.grad(out, leaves, grad, retain_graph=True)
+
+    return (lambda: fn(*inputs)), backward
+
+
+def _norm_cases(rows_list, hidden, dtype, device, compile_ok) -> Iterator[Row]:
+    for batch, seq in rows_list:
+        for dim, label in ((-1, "hidden"), (-2, "sequence")):
+            x, r = (torch.randn(batch, seq, hidden, device=device, dtype=dtype) for _ in range(2))
+            nbytes = x.numel() * x.element_size()
+            case = f"add_rmsnorm {label} {batch}x{seq}x{hidden}"
+            for name, fn in _providers("add_rmsnorm", lambda a, b, _d=dim: R.add_rmsnorm(a, b, _d), compile_ok, device):
+                op = (lambda a, b, _f=fn, _d=dim: _f(a, b, dim=_d)) if name in ("triton", "cuda") else fn
+                fwd, bwd = _fwd_bwd(op, [x, r])
+                ms = bench(fwd, device)
+                yield Row("add+rmsnorm forward", case, name, ms, gbps=3 * nbytes / ms / 1e6)
+                ms = bench(bwd, device)
+                yield Row("add+rmsnorm backward", case, name, ms, gbps=4 * nbytes / ms / 1e6)
+
+
+def _swiglu_cases(rows_list, inter, dtype, device, compile_ok) -> Iterator[Row]:
+    for batch, seq in rows_list:
+        gu = torch.randn(batch * seq, 2 * inter, device=device, dtype=dtype)
+        half = gu.numel() // 2 * gu.element_size()
+        case = f"swiglu {batch * seq}x{2 * inter}"
+        for name, fn in _providers("swiglu", R.swiglu, compile_ok, device):
+            fwd, bwd = _fwd_bwd(fn, [gu])
+            ms = bench(fwd, device)
+            yield Row("swiglu forward", case, name, ms, gbps=3 * half / ms / 1e6)
+            ms = bench(bwd, device)
+            yield Row("swiglu backward", case, name, ms, gbps=5 * half / ms / 1e6)
+
+
+def _inject_cases(rows_list, hidden, dtype, device, compile_ok) -> Iterator[Row]:
+    for batch, seq in rows_list:
+        h, a, b = (torch.randn(batch, seq, hidden, device=device, dtype=dtype) for _ in range(3))
+        nbytes = h.numel() * h.element_size()
+        for name, fn in _providers("inject", R.inject, compile_ok, device):
+            ms = bench(lambda _f=fn: _f(h, a, b), device)
+            yield Row("injection add", f"inject {batch}x{seq}x{hidden}", name, ms, gbps=4 * nbytes / ms / 1e6)
+
+
+def _ce_cases(rows_list, vocab, dtype, device, compile_ok) -> Iterator[Row]:
+    for batch, seq in rows_list:
+        logits = torch.randn(batch, seq, vocab, device=device, dtype=dtype)
+        labels = torch.randint(0, vocab, (batch, seq), device=device)
+        nbytes = 2 * logits.numel() * logits.element_size() + labels.numel() * (8 + 4)
+        for name, fn in _providers("stablemax_cross_entropy", R.stablemax_cross_entropy, compile_ok, device):
+            fwd, bwd = _fwd_bwd(lambda t, _f=fn: _f(t, labels), [logits])
+            ms = bench(lambda _fw=fwd, _bw=bwd: (_fw(), _bw()), device)
+            yield Row("stablemax CE forward+backward", f"CE {batch}x{seq}x{vocab}", name, ms, gbps=nbytes / ms / 1e6)
+
+
+def _sdpa(backend) -> Callable:
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(qkv, cos, sin, heads):  # SDPA alone on pre-split q, k, v: no RoPE, the target to beat
+        b, s, w = qkv.shape
+        q, k, v = qkv.view(b, s, 3, heads, w // (3 * heads)).permute(2, 0, 3, 1, 4)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return fn
+
+
+def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
+    from torch.nn.attention import SDPBackend
+
+    for batch, seq, heads, head_dim in shapes:
+        qkv = torch.randn(batch, seq, 3 * heads * head_dim, device=device, dtype=dtype)
+        cos, sin = (t.to(device) for t in K.rope_cos_sin(seq, head_dim))
+        flops = 4 * batch * heads * seq * seq * head_dim
+        case = f"attention B={batch} H={heads} S={seq} d={head_dim}"
+        providers = _providers("rope_attention", R.rope_attention, compile_ok, device)
+        if device.type == "cuda":
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+                providers.append((f"sdpa-{backend.name.lower()} (no rope)", _sdpa(backend)))
+        for name, fn in providers:
+            try:
+                fwd, bwd = _fwd_bwd(lambda t, _f=fn: _f(t, cos, sin, heads), [qkv])
+                ms_f = bench(fwd, device)
+                ms_b = bench(bwd, device)
+            except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype
+                print(f"skipped {name} on {case}: {str(e).splitlines()[0]}")
+                continue
+            yield Row("attention forward", case, name, ms_f, tflops=flops / ms_f / 1e9)
+            yield Row("attention forward+backward", case, name, ms_f + ms_b, tflops=3.5 * flops / (ms_f + ms_b) / 1e9)
+
+
+def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if quick:
+        rows_list, hidden, inter, attn = [(2, 17)], 64, 96, [(2, 17, 2, 32)]
+    else:
+        rows_list, hidden, inter, attn = [(768, 97), (768, 916)], 512, 1536, [(768, 97, 8, 64), (96, 916, 8, 64)]
+    out: list[Row] = []
+    for cases in (
+        _norm_cases(rows_list, hidden, dtype, device, compile_ok),
+        _swiglu_cases(rows_list, inter, dtype, device, compile_ok),
+        _inject_cases(rows_list, hidden, dtype, device, compile_ok),
+        _ce_cases([(768, 81)] if not quick else [(2, 16)], 11, dtype, device, compile_ok),
+        _attention_cases(attn, dtype, device, compile_ok),
+    ):
+        for row in cases:
+            print(f"{row.group:32s} {row.case:40s} {row.provider:28s} {row.ms:9.4f} ms", flush=True)
+            out.append(row)
+    return out
