@@ -6,6 +6,7 @@ attention with B*H = 768*8, d = 64. ``quick`` shrinks everything for a CPU smoke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -79,7 +80,7 @@ def _inject_cases(rows_list, hidden, dtype, device, compile_ok) -> Iterator[Row]
         h, a, b = (torch.randn(batch, seq, hidden, device=device, dtype=dtype) for _ in range(3))
         nbytes = h.numel() * h.element_size()
         for name, fn in _providers("inject", R.inject, compile_ok, device):
-            ms = bench(lambda _f=fn: _f(h, a, b), device)
+            ms = bench(functools.partial(fn, h, a, b), device)
             yield Row("injection add", f"inject {batch}x{seq}x{hidden}", name, ms, gbps=4 * nbytes / ms / 1e6)
 
 
@@ -89,7 +90,7 @@ def _ce_cases(rows_list, vocab, dtype, device, compile_ok) -> Iterator[Row]:
         labels = torch.randint(0, vocab, (batch, seq), device=device)
         nbytes = 2 * logits.numel() * logits.element_size() + labels.numel() * (8 + 4)
         for name, fn in _providers("stablemax_cross_entropy", R.stablemax_cross_entropy, compile_ok, device):
-            fwd, bwd = _fwd_bwd(lambda t, _f=fn: _f(t, labels), [logits])
+            fwd, bwd = _fwd_bwd(lambda t, _f=fn, _y=labels: _f(t, _y), [logits])
             ms = bench(lambda _fw=fwd, _bw=bwd: (_fw(), _bw()), device)
             yield Row("stablemax CE forward+backward", f"CE {batch}x{seq}x{vocab}", name, ms, gbps=nbytes / ms / 1e6)
 
@@ -120,7 +121,7 @@ def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
                 providers.append((f"sdpa-{backend.name.lower()} (no rope)", _sdpa(backend)))
         for name, fn in providers:
             try:
-                fwd, bwd = _fwd_bwd(lambda t, _f=fn: _f(t, cos, sin, heads), [qkv])
+                fwd, bwd = _fwd_bwd(lambda t, _f=fn, _c=cos, _s=sin, _h=heads: _f(t, _c, _s, _h), [qkv])
                 ms_f = bench(fwd, device)
                 ms_b = bench(bwd, device)
             except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype

@@ -1,19 +1,11 @@
-"""Triton kernels (under the interpreter on CPU) against the reference and float64.
-
-Tolerance rule (as in flash-attention's tests): the fused result's error against a
-float64 oracle may be at most 2x the error the reference op makes in the same dtype,
-plus two units of rounding of the output dtype: a kernel's handful of roundings per
-element (exp, divide, multiply) is ~1-2 ulps, while on a tiny tensor the reference can
-happen to land far closer. Error is the relative norm
-||out - oracle|| / ||oracle||: at the ulp level a max-abs error mostly measures which
-element got unlucky in a reduction order, the norm what the op computes.
-"""
+"""Triton kernels (under the interpreter on CPU) against the reference and float64 (see oracle.py)."""
 
 import pytest
 import torch
 import trm_kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import compare, run_op
 from trm_kernels import reference as R
 
 pytestmark = pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed")
@@ -22,35 +14,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 only on a GPU: the interpreter's bf16 conversions truncate instead of rounding
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 torch.set_default_device(DEVICE)
-
-
-def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
-    oracle = oracle.double()
-    scale = oracle.norm().item() or 1.0
-    err_fused = (fused.double() - oracle).norm().item() / scale
-    err_ref = (ref.double() - oracle).norm().item() / scale
-    assert torch.isfinite(fused).all(), f"{what}: non-finite values"
-    bound = 2 * err_ref + 2 * torch.finfo(fused.dtype).eps
-    assert err_fused <= bound, f"{what}: fused relative error {err_fused:.3g} vs reference {err_ref:.3g}"
-
-
-def run_op(fn, inputs, grad_seed=0):
-    """Output and input gradients of sum(out * g) for a fixed random g."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    out = fn(*leaves)
-    g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(grad_seed), device=out.device)
-    g = g.to(out.dtype)
-    (out * g).sum().backward()
-    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
-
-
-def compare(op_triton, op_ref, inputs, what):
-    out_f, grads_f = run_op(op_triton, inputs)
-    out_r, grads_r = run_op(op_ref, inputs)
-    out_o, grads_o = run_op(op_ref, [t.double() if t.is_floating_point() else t for t in inputs])
-    check(out_f, out_r, out_o, f"{what} forward")
-    for i, (f, r, o) in enumerate(zip(grads_f, grads_r, grads_o, strict=True)):
-        check(f, r, o, f"{what} grad {i}")
 
 
 RMS_SHAPES = [((1, 512), -1), ((3, 97, 48), -1), ((3, 97, 48), -2), ((2, 5, 37), -1), ((2, 5, 37), 1), ((7, 3), -1)]

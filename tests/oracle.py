@@ -1,0 +1,40 @@
+"""The tolerance rule of the kernel tests, in one place.
+
+The fused result's error against a float64 oracle may be at most 2x the error the
+reference op makes in the same dtype, plus two units of rounding of the output dtype: a
+kernel's handful of roundings per element (exp, divide, multiply) is ~1-2 ulps, while on
+a tiny tensor the reference can happen to land far closer. Error is the relative norm
+||out - oracle|| / ||oracle||: at the ulp level a max-abs error mostly measures which
+element got unlucky in a reduction order, the norm what the op computes.
+"""
+
+import torch
+
+
+def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
+    oracle = oracle.double()
+    scale = oracle.norm().item() or 1.0
+    err_fused = (fused.double() - oracle).norm().item() / scale
+    err_ref = (ref.double() - oracle).norm().item() / scale
+    assert torch.isfinite(fused).all(), f"{what}: non-finite values"
+    bound = 2 * err_ref + 2 * torch.finfo(fused.dtype).eps
+    assert err_fused <= bound, f"{what}: fused relative error {err_fused:.3g} vs reference {err_ref:.3g}"
+
+
+def run_op(fn, inputs, grad_seed=0):
+    """Output and input gradients of sum(out * g) for a fixed random g."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(grad_seed), device=out.device)
+    g = g.to(out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
+
+
+def compare(op_triton, op_ref, inputs, what):
+    out_f, grads_f = run_op(op_triton, inputs)
+    out_r, grads_r = run_op(op_ref, inputs)
+    out_o, grads_o = run_op(op_ref, [t.double() if t.is_floating_point() else t for t in inputs])
+    check(out_f, out_r, out_o, f"{what} forward")
+    for i, (f, r, o) in enumerate(zip(grads_f, grads_r, grads_o, strict=True)):
+        check(f, r, o, f"{what} grad {i}")
