@@ -1,12 +1,16 @@
 """Model-level benchmarks: a training step and a full evaluation solve, per provider.
 
 Providers: ``eager`` (the reference ops), ``torch.compile`` and
-``torch.compile reduce-overhead`` (both of the reference ops), and ``fused`` (the
-trm_kernels backend picked automatically). Figures: step time, tokens/s (one
-supervision step of the batch), MFU from an analytic FLOP count, peak memory.
+``torch.compile reduce-overhead`` (both of the reference ops), ``fused`` (the trm_kernels
+backend picked automatically) and ``fused + CUDA graphs`` (the no-grad recursion replayed).
+Figures: step time, tokens/s (one supervision step of the batch), MFU from an analytic
+FLOP count, peak memory.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import trm_kernels as K
@@ -45,27 +49,43 @@ def _batch(cfg: ModelConfig, size: int, device: torch.device) -> dict[str, torch
     }
 
 
-def _providers(device: torch.device, compile_ok: bool) -> list[tuple[str, str, dict | None]]:
-    """(name, backend, torch.compile kwargs or None)."""
-    out = [("eager", "reference", None)]
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    backend: str  # trm_kernels backend
+    compile_kwargs: dict | None = None  # torch.compile arguments, None: not compiled
+    graphs: bool = False  # our CUDA graphs of the no-grad recursion
+
+
+def _providers(device: torch.device, compile_ok: bool) -> list[Provider]:
+    out = [Provider("eager", "reference")]
     if compile_ok:
-        out += [("torch.compile", "reference", {}), ("torch.compile reduce-overhead", "reference",
-                                                     {"mode": "reduce-overhead"})]  # fmt: skip
+        out += [Provider("torch.compile", "reference", {}),
+                Provider("torch.compile reduce-overhead", "reference", {"mode": "reduce-overhead"})]  # fmt: skip
     if "triton" in K.available("add_rmsnorm") and fused_runs_on(device):
-        out.append(("fused", "auto" if device.type == "cuda" else "triton", None))
+        fused = "auto" if device.type == "cuda" else "triton"
+        out.append(Provider("fused", fused))
+        if device.type == "cuda":
+            out.append(Provider("fused + CUDA graphs", fused, graphs=True))
     return out
 
 
-def _train_case(name, cfg, batch, device, backend, compile_kwargs, gemm_tflops) -> Row:
+def _model(cfg: ModelConfig, provider: Provider, device: torch.device, train: bool) -> TRM:
     torch.manual_seed(0)
-    model = TRM(cfg).to(device).train()
+    cfg = dataclasses.replace(cfg, cuda_graphs=provider.graphs)
+    return TRM(cfg).to(device).train(train)
+
+
+def _train_case(name, cfg, batch, device, provider: Provider, gemm_tflops) -> Row:
+    model = _model(cfg, provider, device, train=True)
     opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1)
     data = _batch(cfg, batch, device)
+    compile_kwargs = provider.compile_kwargs
     forward = torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
     state = {"carry": model.initial_carry(data)}
 
     def step():
-        with K.use_backend(backend):
+        with K.use_backend(provider.backend):
             carry, outputs = forward(state["carry"], data)
             loss, _ = act_loss(outputs, carry)
             (loss / batch).backward()
@@ -82,20 +102,20 @@ def _train_case(name, cfg, batch, device, backend, compile_kwargs, gemm_tflops) 
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     flops = step_flops(cfg, batch, train=True)
     tflops = flops / ms / 1e9
-    return Row("training step", f"{name} B={batch}", backend_label(backend, compile_kwargs), ms, tflops=tflops,
+    return Row("training step", f"{name} B={batch}", provider.name, ms, tflops=tflops,
                extra={"tokens_per_s": batch * cfg.seq_len / ms * 1e3, "mfu": tflops / gemm_tflops,
                       "peak_gib": peak})  # fmt: skip
 
 
-def _eval_case(name, cfg, batch, device, backend, compile_kwargs) -> Row:
-    torch.manual_seed(0)
-    model = TRM(cfg).to(device).eval()
+def _eval_case(name, cfg, batch, device, provider: Provider) -> Row:
+    model = _model(cfg, provider, device, train=False)
     data = _batch(cfg, batch, device)
+    compile_kwargs = provider.compile_kwargs
     solve_step = torch.compile(model.deep_recursion, **compile_kwargs) if compile_kwargs is not None else None
 
     @torch.no_grad()
     def solve():
-        with K.use_backend(backend):
+        with K.use_backend(provider.backend):
             if solve_step is None:
                 for _ in model.solve(data):
                     pass
@@ -108,14 +128,8 @@ def _eval_case(name, cfg, batch, device, backend, compile_kwargs) -> Row:
 
     solve()
     ms = bench(solve, device, reps=10)
-    return Row("evaluation (full solve)", f"{name} B={batch}", backend_label(backend, compile_kwargs), ms,
+    return Row("evaluation (full solve)", f"{name} B={batch}", provider.name, ms,
                extra={"puzzles_per_s": batch / ms * 1e3})  # fmt: skip
-
-
-def backend_label(backend: str, compile_kwargs: dict | None) -> str:
-    if compile_kwargs is None:
-        return "eager" if backend == "reference" else "fused"
-    return "torch.compile" + (f" {compile_kwargs['mode']}" if "mode" in compile_kwargs else "")
 
 
 def configs(quick: bool) -> list[tuple[str, ModelConfig, list[int], list[int]]]:
@@ -137,14 +151,14 @@ def configs(quick: bool) -> list[tuple[str, ModelConfig, list[int], list[int]]]:
 def run(device: torch.device, quick: bool, compile_ok: bool, gemm_tflops: float) -> list[Row]:
     rows = []
     for name, cfg, train_batches, eval_batches in configs(quick):
-        for label, backend, compile_kwargs in _providers(device, compile_ok):
-            jobs = [(_train_case, (name, cfg, b, device, backend, compile_kwargs, gemm_tflops)) for b in train_batches]
-            jobs += [(_eval_case, (name, cfg, b, device, backend, compile_kwargs)) for b in eval_batches]
+        for provider in _providers(device, compile_ok):
+            jobs = [(_train_case, (name, cfg, b, device, provider, gemm_tflops)) for b in train_batches]
+            jobs += [(_eval_case, (name, cfg, b, device, provider)) for b in eval_batches]
             for case, args in jobs:
                 try:
                     row = case(*args)
                 except torch.OutOfMemoryError:
-                    print(f"out of memory: {name} {label}")
+                    print(f"out of memory: {name} {provider.name} {args[2]}")
                     continue
                 finally:
                     if device.type == "cuda":

@@ -26,6 +26,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     forward_dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
+    cuda_graphs: bool = True  # replay the no-grad recursion as CUDA graphs (GPU only)
 
 
 @dataclass

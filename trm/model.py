@@ -16,6 +16,7 @@ import trm_kernels as K
 from torch import nn
 
 from .config import ModelConfig
+from .graphs import StaticGraph
 from .layers import CastedLinear, ReasoningNet, trunc_normal_
 
 Batch = dict[str, torch.Tensor]  # inputs [B, L] int, labels [B, L] int (-100 = ignore), puzzle_identifiers [B]
@@ -84,6 +85,11 @@ class TRM(nn.Module):
             cos, sin = K.rope_cos_sin(self.seq_total, d // cfg.num_heads, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        # captured per (batch, sequence) shape on first use; see trm/graphs.py
+        self.graphs = {
+            "cycles": StaticGraph(lambda x, y, z: self._recursion(x, y, z, cfg.T - 1)),
+            "eval_step": StaticGraph(self._eval_step),
+        }
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,18 +121,37 @@ class TRM(nn.Module):
         y = self.net(y, z, cos=cos, sin=sin)
         return y, z
 
+    def _recursion(self, x, y, z, cycles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(cycles):
+            y, z = self.latent_recursion(x, y, z)
+        return y, z
+
+    def _heads(self, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, L, V] (prefix dropped) and q_halt [B] in fp32."""
+        return self.lm_head(y)[:, self.cfg.puzzle_emb_len :], self.q_head(y[:, 0]).float()[:, 0]
+
+    def _graphed(self, x: torch.Tensor) -> bool:
+        return self.cfg.cuda_graphs and x.is_cuda
+
     def deep_recursion(self, x, y, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One supervision step: T-1 latent recursions without grad, one with.
 
         Returns detached (y, z), the logits [B, L, V] and q_halt [B] (fp32).
         """
-        with torch.no_grad():
-            for _ in range(self.cfg.T - 1):
-                y, z = self.latent_recursion(x, y, z)
+        if self.cfg.T > 1:
+            if self._graphed(x):
+                y, z = self.graphs["cycles"](x, y, z)
+            else:
+                with torch.no_grad():
+                    y, z = self._recursion(x, y, z, self.cfg.T - 1)
         y, z = self.latent_recursion(x, y, z)
-        logits = self.lm_head(y)[:, self.cfg.puzzle_emb_len :]
-        q_halt = self.q_head(y[:, 0]).float()[:, 0]
-        return y.detach(), z.detach(), logits, q_halt
+        return (y.detach(), z.detach(), *self._heads(y))
+
+    @torch.no_grad()
+    def _eval_step(self, x, y, z):
+        """A whole supervision step without grad (what evaluation replays)."""
+        y, z = self._recursion(x, y, z, self.cfg.T)
+        return (y, z, *self._heads(y))
 
     def initial_y_z(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (batch_size, self.seq_total, self.cfg.hidden_size)
@@ -173,9 +198,11 @@ class TRM(nn.Module):
     def solve(self, batch: Batch, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Evaluation: every example runs exactly `steps` supervision steps (default n_sup),
         no early halting. Yields (logits, q_halt) after each step; the last is the answer.
+        On a GPU the step is a CUDA graph: each yielded pair is overwritten by the next step.
         """
         x = self.embed(batch["inputs"], batch["puzzle_identifiers"])
         y, z = self.initial_y_z(x.shape[0])
+        step = self.graphs["eval_step"] if self._graphed(x) else self._eval_step
         for _ in range(steps or self.cfg.n_sup):
-            y, z, logits, q_halt = self.deep_recursion(x, y, z)
+            y, z, logits, q_halt = step(x, y, z)
             yield logits, q_halt
