@@ -18,7 +18,7 @@ import trm_kernels as K
 from trm.config import ModelConfig, preset
 from trm.layers import intermediate_size
 from trm.losses import act_loss
-from trm.model import TRM
+from trm.model import RecursiveReasoningModel, build_model
 from trm.optim import AdamATan2
 
 from .common import Row, bench
@@ -70,10 +70,10 @@ def _providers(device: torch.device, compile_ok: bool) -> list[Provider]:
     return out
 
 
-def _model(cfg: ModelConfig, provider: Provider, device: torch.device, train: bool) -> TRM:
+def _model(cfg: ModelConfig, provider: Provider, device: torch.device, train: bool) -> RecursiveReasoningModel:
     torch.manual_seed(0)
     cfg = dataclasses.replace(cfg, cuda_graphs=provider.graphs)
-    return TRM(cfg).to(device).train(train)
+    return build_model(cfg).to(device).train(train)
 
 
 def _train_case(name, cfg, batch, device, provider: Provider, gemm_tflops) -> Row:

@@ -10,13 +10,14 @@ from typing import Any
 
 @dataclass
 class ModelConfig:
+    arch: str = "trm"  # or "hrm" (the baseline: two stacks, T = H_cycles, n = L_cycles)
     vocab_size: int = 11
     seq_len: int = 81
     num_puzzle_identifiers: int = 1
     hidden_size: int = 512
     num_heads: int = 8
     expansion: float = 4.0
-    num_layers: int = 2  # reference: L_layers
+    num_layers: int = 2  # reference: L_layers (HRM: layers of each of its two stacks)
     mlp_t: bool = False  # attention-free token-mixing variant
     puzzle_emb_len: int = 16  # prefix positions; 0 disables the puzzle embedding
     T: int = 3  # reference: H_cycles
@@ -125,12 +126,20 @@ def _small_sudoku(size: int, hidden: int, steps: int) -> RunConfig:
     )
 
 
+def _hrm_sudoku() -> RunConfig:
+    """HRM's Sudoku configuration: two 4-layer stacks, H_cycles = L_cycles = 2, a 1-token prefix."""
+    cfg = _sudoku(mlp_t=False)
+    cfg.model = ModelConfig(arch="hrm", num_layers=4, puzzle_emb_len=1, T=2, n=2)
+    return cfg
+
+
 PRESETS = {
     "sudoku-mlp": lambda: _sudoku(mlp_t=True),
     "sudoku-att": lambda: _sudoku(mlp_t=False),
     "maze": lambda: _grid_task("maze", vocab=6, wd=1.0, emb_lr=1e-4),
     "arc1": lambda: _grid_task("arc1", vocab=12, wd=0.1, emb_lr=1e-2),
     "arc2": lambda: _grid_task("arc2", vocab=12, wd=0.1, emb_lr=1e-2),
+    "hrm-sudoku": _hrm_sudoku,
     "sudoku4": lambda: _small_sudoku(4, hidden=64, steps=600),
     "sudoku6": lambda: _small_sudoku(6, hidden=128, steps=2000),
 }

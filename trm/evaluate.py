@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from .data.dataset import Split
 from .losses import IGNORE_LABEL
-from .model import TRM
+from .model import RecursiveReasoningModel, build_model
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -22,7 +22,9 @@ def _distributed() -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: TRM, split: Split, batch_size: int, steps: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: RecursiveReasoningModel, split: Split, batch_size: int, steps: int | None = None
+) -> dict[str, float]:
     """Exact accuracy (whole sequence right) and token accuracy of the last step's argmax.
 
     `steps` defaults to the model's n_sup; more is test-time recursion. Under several
@@ -55,13 +57,13 @@ def evaluate(model: TRM, split: Split, batch_size: int, steps: int | None = None
     return {"count": examples, "exact_accuracy": exact / max(examples, 1), "accuracy": correct / max(tokens, 1)}
 
 
-def model_from_checkpoint(path, device: torch.device, ema: bool = True) -> tuple[TRM, dict]:
+def model_from_checkpoint(path, device: torch.device, ema: bool = True) -> tuple[RecursiveReasoningModel, dict]:
     """The model of a checkpoint, with its EMA weights when present and `ema` is set."""
     from . import checkpoint
     from .config import RunConfig
 
     tensors, meta = checkpoint.load(path)
-    model = TRM(RunConfig.from_dict(meta["config"]).model)
+    model = build_model(RunConfig.from_dict(meta["config"]).model)
     state = checkpoint.section(tensors, "model")
     averaged = checkpoint.section(tensors, "ema")
     if ema and averaged:
@@ -80,7 +82,7 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg, data_dir, target
         configure_model(cfg, data_dir)
     if "puzzle_emb.weights" in state:
         cfg.model.num_puzzle_identifiers = state["puzzle_emb.weights"].shape[0]
-    model = TRM(cfg.model)
+    model = build_model(cfg.model)
     checkpoint.load_state_dict_strict(model, state, "the reference checkpoint")
     meta = {"config": cfg.to_dict(), "step": 0, "data_dir": str(data_dir or ""), "world_size": 1}
     checkpoint.save(target, {f"model.{k}": v for k, v in model.state_dict().items()}, meta)

@@ -19,7 +19,8 @@ def act_loss(
 
     lm_loss: per sequence, the CE summed over valid tokens / number of valid tokens,
     summed over the batch. halt_loss: BCE(q_halt, the current argmax is exactly right),
-    summed. Total = lm_loss + 0.5 * halt_loss; the caller divides by the global batch.
+    summed. Total = lm_loss + 0.5 * halt_loss (HRM adds its q_continue BCE to the latter);
+    the caller divides by the global batch.
     Metrics count halted slots only and stay on the device (no host sync).
     """
     if loss not in _CE:
@@ -43,4 +44,8 @@ def act_loss(
     halt_loss = F.binary_cross_entropy_with_logits(q_halt, seq_correct.to(q_halt.dtype), reduction="sum")
     metrics["lm_loss"] = lm_loss.detach()
     metrics["halt_loss"] = halt_loss.detach()
+    if "target_q_continue" in outputs:  # HRM: Q-learning of the continue value
+        halt_loss = halt_loss + F.binary_cross_entropy_with_logits(
+            outputs["q_continue"], outputs["target_q_continue"], reduction="sum"
+        )
     return lm_loss + 0.5 * halt_loss, metrics

@@ -54,28 +54,29 @@ class PuzzleEmbedding(nn.Module):
         return rows
 
 
-class TRM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class RecursiveReasoningModel(nn.Module):
+    """What TRM and HRM share: input embedding with the puzzle prefix, output heads, the
+    initial y/z, deep supervision with ACT, evaluation, and the CUDA graphs.
+
+    A subclass defines its nets and one supervision step, split into the part without
+    gradient (``no_grad_part``, replayed as a CUDA graph) and the part with it (``grad_part``).
+    """
+
+    halt_on_q_continue = False  # halting rule: q_halt > 0 (TRM) or q_halt > q_continue (HRM)
+
+    def __init__(self, cfg: ModelConfig, puzzle_emb_len: int):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        self.seq_total = cfg.seq_len + cfg.puzzle_emb_len  # S
+        self.prefix = puzzle_emb_len
+        self.seq_total = cfg.seq_len + puzzle_emb_len  # S
         self.embed_scale = math.sqrt(d)
         self.embed_tokens = nn.Module()
         self.embed_tokens.embedding_weight = nn.Parameter(trunc_normal_(torch.empty(cfg.vocab_size, d), std=d**-0.5))
-        if cfg.puzzle_emb_len > 0:
+        if puzzle_emb_len > 0:
             self.puzzle_emb = PuzzleEmbedding(cfg.num_puzzle_identifiers, d)
-        self.net = ReasoningNet(  # reference: L_level
-            cfg.num_layers,
-            hidden=d,
-            num_heads=cfg.num_heads,
-            expansion=cfg.expansion,
-            seq_len=self.seq_total,
-            mlp_t=cfg.mlp_t,
-            eps=cfg.rms_norm_eps,
-        )
         self.lm_head = CastedLinear(d, cfg.vocab_size)
-        self.q_head = CastedLinear(d, 2, bias=True)  # logit 0: q_halt; 1: q_continue (unused by TRM)
+        self.q_head = CastedLinear(d, 2, bias=True)  # logit 0: q_halt; 1: q_continue (HRM only)
         with torch.no_grad():
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5.0)
@@ -86,10 +87,12 @@ class TRM(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         # captured per (batch, sequence) shape on first use; see trm/graphs.py
-        self.graphs = {
-            "cycles": StaticGraph(lambda x, y, z: self._recursion(x, y, z, cfg.T - 1)),
-            "eval_step": StaticGraph(self._eval_step),
-        }
+        self.graphs = {"no_grad_part": StaticGraph(self.no_grad_part), "eval_step": StaticGraph(self._eval_step)}
+
+    def block_kwargs(self) -> dict:
+        cfg = self.cfg
+        return dict(hidden=cfg.hidden_size, num_heads=cfg.num_heads, expansion=cfg.expansion,
+                    seq_len=self.seq_total, mlp_t=cfg.mlp_t, eps=cfg.rms_norm_eps)  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,52 +108,41 @@ class TRM(nn.Module):
     def embed(self, inputs: torch.Tensor, puzzle_ids: torch.Tensor) -> torch.Tensor:
         """x: token embeddings with the puzzle prefix, times sqrt(D). [B, S, D]"""
         x = F.embedding(inputs.long(), self.embed_tokens.embedding_weight.to(self.dtype))
-        if self.cfg.puzzle_emb_len > 0:
+        if self.prefix > 0:
             puzzle = self.puzzle_emb(puzzle_ids).to(self.dtype)[:, None, :]
-            x = torch.cat((F.pad(puzzle, (0, 0, 0, self.cfg.puzzle_emb_len - 1)), x), dim=1)
+            x = torch.cat((F.pad(puzzle, (0, 0, 0, self.prefix - 1)), x), dim=1)
         return x * self.embed_scale
 
-    def _rope(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def rope(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (None, None) if self.cfg.mlp_t else (self.rope_cos, self.rope_sin)
 
-    def latent_recursion(self, x, y, z) -> tuple[torch.Tensor, torch.Tensor]:
-        """n updates of z from (y, x), then one update of y from z."""
-        cos, sin = self._rope()
-        for _ in range(self.cfg.n):
-            z = self.net(z, y, x, cos=cos, sin=sin)
-        y = self.net(y, z, cos=cos, sin=sin)
-        return y, z
+    def no_grad_part(self, x, y, z) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
-    def _recursion(self, x, y, z, cycles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        for _ in range(cycles):
-            y, z = self.latent_recursion(x, y, z)
-        return y, z
+    def grad_part(self, x, y, z) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def _heads(self, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, L, V] (prefix dropped) and q_halt [B] in fp32."""
-        return self.lm_head(y)[:, self.cfg.puzzle_emb_len :], self.q_head(y[:, 0]).float()[:, 0]
+        """logits [B, L, V] (prefix dropped) and the q logits [B, 2] (halt, continue) in fp32."""
+        return self.lm_head(y)[:, self.prefix :], self.q_head(y[:, 0]).float()
 
     def _graphed(self, x: torch.Tensor) -> bool:
         return self.cfg.cuda_graphs and x.is_cuda
 
     def deep_recursion(self, x, y, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One supervision step: T-1 latent recursions without grad, one with.
-
-        Returns detached (y, z), the logits [B, L, V] and q_halt [B] (fp32).
-        """
-        if self.cfg.T > 1:
-            if self._graphed(x):
-                y, z = self.graphs["cycles"](x, y, z)
-            else:
-                with torch.no_grad():
-                    y, z = self._recursion(x, y, z, self.cfg.T - 1)
-        y, z = self.latent_recursion(x, y, z)
+        """One supervision step. Returns detached (y, z), the logits and the q logits [B, 2]."""
+        if self._graphed(x):
+            y, z = self.graphs["no_grad_part"](x, y, z)
+        else:
+            with torch.no_grad():
+                y, z = self.no_grad_part(x, y, z)
+        y, z = self.grad_part(x, y, z)
         return (y.detach(), z.detach(), *self._heads(y))
 
     @torch.no_grad()
     def _eval_step(self, x, y, z):
         """A whole supervision step without grad (what evaluation replays)."""
-        y, z = self._recursion(x, y, z, self.cfg.T)
+        y, z = self.grad_part(x, *self.no_grad_part(x, y, z))
         return (y, z, *self._heads(y))
 
     def initial_y_z(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,17 +174,29 @@ class TRM(nn.Module):
         steps = torch.where(reset, 0, carry.steps)
         data = {k: torch.where(reset.view(-1, *[1] * (v.dim() - 1)), batch[k], v) for k, v in carry.data.items()}
 
-        y, z, logits, q_halt = self.deep_recursion(self.embed(data["inputs"], data["puzzle_identifiers"]), y, z)
+        x = self.embed(data["inputs"], data["puzzle_identifiers"])
+        y, z, logits, q = self.deep_recursion(x, y, z)
+        outputs = {"logits": logits, "q_halt": q[:, 0]}
 
         with torch.no_grad():
             steps = steps + 1
-            halted = steps >= self.cfg.n_sup
+            last = steps >= self.cfg.n_sup
+            halted = last
             if self.training and self.cfg.n_sup > 1:
-                halted = halted | (q_halt > 0)
-                explore = torch.rand(q_halt.shape, device=q_halt.device) < self.cfg.halt_exploration_prob
+                halted = halted | (q[:, 0] > (q[:, 1] if self.halt_on_q_continue else 0))
+                explore = torch.rand(q.shape[:1], device=q.device) < self.cfg.halt_exploration_prob
                 min_steps = explore * torch.randint(2, self.cfg.n_sup + 1, steps.shape, device=steps.device)
                 halted = halted & (steps >= min_steps)
-        return Carry(y, z, steps, halted, data), {"logits": logits, "q_halt": q_halt}
+                if self.halt_on_q_continue:
+                    outputs["q_continue"] = q[:, 1]
+                    outputs["target_q_continue"] = self._q_target(x, y, z, last)
+        return Carry(y, z, steps, halted, data), outputs
+
+    def _q_target(self, x, y, z, last) -> torch.Tensor:
+        """HRM's Q-learning target for q_continue: the next step's halting value."""
+        step = self.graphs["eval_step"] if self._graphed(x) else self._eval_step
+        next_q = step(x.detach(), y, z)[3]
+        return torch.sigmoid(torch.where(last, next_q[:, 0], next_q.max(dim=-1).values))
 
     @torch.no_grad()
     def solve(self, batch: Batch, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -204,5 +208,40 @@ class TRM(nn.Module):
         y, z = self.initial_y_z(x.shape[0])
         step = self.graphs["eval_step"] if self._graphed(x) else self._eval_step
         for _ in range(steps or self.cfg.n_sup):
-            y, z, logits, q_halt = step(x, y, z)
-            yield logits, q_halt
+            y, z, logits, q = step(x, y, z)
+            yield logits, q[:, 0]
+
+
+class TRM(RecursiveReasoningModel):
+    """One tiny net; T-1 latent recursions without gradient, then one with."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.puzzle_emb_len)
+        self.net = ReasoningNet(cfg.num_layers, **self.block_kwargs())  # reference: L_level
+
+    def latent_recursion(self, x, y, z) -> tuple[torch.Tensor, torch.Tensor]:
+        """n updates of z from (y, x), then one update of y from z."""
+        cos, sin = self.rope()
+        for _ in range(self.cfg.n):
+            z = self.net(z, y, x, cos=cos, sin=sin)
+        y = self.net(y, z, cos=cos, sin=sin)
+        return y, z
+
+    def no_grad_part(self, x, y, z):
+        for _ in range(self.cfg.T - 1):
+            y, z = self.latent_recursion(x, y, z)
+        return y, z
+
+    def grad_part(self, x, y, z):
+        return self.latent_recursion(x, y, z)
+
+
+def build_model(cfg: ModelConfig) -> RecursiveReasoningModel:
+    """The model a config names (``cfg.arch``)."""
+    if cfg.arch == "hrm":
+        from .hrm import HRM
+
+        return HRM(cfg)
+    if cfg.arch != "trm":
+        raise ValueError(f"unknown model arch {cfg.arch!r}; choose trm or hrm")
+    return TRM(cfg)

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .data.dataset import BatchIterator, load_split, read_metadata
 from .evaluate import evaluate, to_device
 from .losses import act_loss
-from .model import TRM, Carry
+from .model import Carry, build_model
 from .optim import EMA, AdamATan2, SparseSignSGD, warmup_lr
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -76,7 +76,7 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every process
-        self.model = TRM(cfg.model).to(device)
+        self.model = build_model(cfg.model).to(device)
         self.module = _data_parallel(self.model) if world_size > 1 else self.model
         self.optimizer = AdamATan2(
             self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
