@@ -16,10 +16,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def sudoku4_data(tmp_path_factory):
     """A small generated 4x4 Sudoku dataset (600 train with 1 augmentation each, 64 test)."""
     from trm.config import DataConfig
-    from trm.data.dataset import build_sudoku
+    from trm.data.dataset import build
 
     out = tmp_path_factory.mktemp("data") / "sudoku4"
-    return build_sudoku(DataConfig(size=4, num_train=300, num_test=64, augmentations=1, seed=1), out)
+    return build(DataConfig(size=4, num_train=300, num_test=64, augmentations=1, seed=1), out)
 
 
 @pytest.fixture

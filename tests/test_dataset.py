@@ -22,12 +22,12 @@ def test_built_sudoku_is_valid_encoded_and_test_is_disjoint(sudoku4_data):
 
 def test_build_is_seeded_and_refuses_to_overwrite(tmp_path):
     cfg = DataConfig(size=4, num_train=20, num_test=5, augmentations=2, seed=7)
-    a, b = dataset.build_sudoku(cfg, tmp_path / "a"), dataset.build_sudoku(cfg, tmp_path / "b")
+    a, b = dataset.build(cfg, tmp_path / "a"), dataset.build(cfg, tmp_path / "b")
     for key in ("inputs", "labels"):
         assert np.array_equal(np.load(a / "train" / f"{key}.npy"), np.load(b / "train" / f"{key}.npy"))
     before = (a / "train" / "inputs.npy").read_bytes()
     with pytest.raises(FileExistsError):
-        dataset.build_sudoku(cfg, a)
+        dataset.build(cfg, a)
     assert (a / "train" / "inputs.npy").read_bytes() == before
 
 

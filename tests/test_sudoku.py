@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trm.data import sudoku
+from trm.data.csvio import PuzzleFormatError
 
 
 def all_4x4_grids() -> list[np.ndarray]:
@@ -47,7 +48,7 @@ def test_generated_larger_puzzles_are_unique_and_consistent(size, rng):
 
 
 def test_solver_on_a_published_hard_puzzle():
-    q = sudoku._parse_grid(HARD_Q, 9, blanks=True)
+    q = sudoku.parse(HARD_Q, 9, blanks=True)
     result = sudoku.solve(q, limit=2)
     assert len(result.solutions) == 1
     assert "".join(map(str, result.solutions[0].ravel())) == HARD_A
@@ -110,7 +111,7 @@ def test_csv_loader_reports_bad_rows_by_line(tmp_path):
             "x,only-two",
         ],
     )
-    with pytest.raises(sudoku.SudokuFormatError) as e:
+    with pytest.raises(PuzzleFormatError) as e:
         sudoku.load_csv(path)
     msg = str(e.value)
     assert "5 bad row(s)" in msg
@@ -124,7 +125,7 @@ def test_csv_loader_reports_bad_rows_by_line(tmp_path):
 def test_csv_loader_rejects_missing_header_and_file(tmp_path):
     path = tmp_path / "nohdr.csv"
     path.write_text(f"x,{HARD_Q},{HARD_A},1\n")
-    with pytest.raises(sudoku.SudokuFormatError, match="line 1 must be the header"):
+    with pytest.raises(PuzzleFormatError, match="line 1 must be the header"):
         sudoku.load_csv(path)
     with pytest.raises(FileNotFoundError):
         sudoku.load_csv(tmp_path / "missing.csv")

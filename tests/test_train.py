@@ -89,11 +89,11 @@ def test_ddp_two_processes_take_the_same_steps_as_one(sudoku4_data, tmp_path):
 def test_tiny_trm_learns_4x4_sudoku(tmp_path):
     """SPEC's recipe at toy scale: held-out exact accuracy >= 80% (about 80 s on a 2-core CPU;
     time is a benchmark's business, not asserted here)."""
-    from trm.data.dataset import build_sudoku
+    from trm.data.dataset import build
 
     cfg = preset("sudoku4")
     cfg.train.steps = int(os.environ.get("TRM_LEARN_STEPS", cfg.train.steps))
-    build_sudoku(cfg.data, tmp_path / "data")
+    build(cfg.data, tmp_path / "data")
     trainer = Trainer(cfg, tmp_path / "data", tmp_path / "run", torch.device("cpu"))
     result = fit(trainer, show_progress=False)
     assert result["count"] == cfg.data.num_test

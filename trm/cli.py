@@ -11,9 +11,9 @@ import torch
 import typer
 from rich.console import Console
 
-from . import checkpoint
+from . import checkpoint, render
 from .config import PRESETS, RunConfig, apply_overrides, preset
-from .data import dataset, sudoku
+from .data import dataset, maze, sudoku
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -35,15 +35,14 @@ def _config(preset_name: str, overrides: list[str] | None) -> RunConfig:
 
 
 def _build(cfg: RunConfig, out: Path) -> Path:
-    if cfg.data.task != "sudoku":
-        _fail(f"building {cfg.data.task!r} data is not supported yet (sudoku only)")
-    with console.status(f"generating {cfg.data.size}x{cfg.data.size} Sudoku") as status:
+    what = f"{cfg.data.size}x{cfg.data.size} {cfg.data.task}"
+    with console.status(f"building {what} data") as status:
 
         def progress(done: int, total: int) -> None:
-            status.update(f"generating {cfg.data.size}x{cfg.data.size} Sudoku: {done}/{total} puzzles")
+            status.update(f"generating {what}: {done}/{total} puzzles")
 
         try:
-            return dataset.build_sudoku(cfg.data, out, progress)
+            return dataset.build(cfg.data, out, progress)
         except (ValueError, OSError) as e:
             _fail(str(e))
 
@@ -59,6 +58,7 @@ def _ensure_data(cfg: RunConfig, data: Path) -> None:
         "task": cfg.data.task,
         "size": cfg.data.size,
         "seed": cfg.data.seed,
+        "dihedral": cfg.data.dihedral,
         "augmentations": cfg.data.augmentations,
         "source": cfg.data.csv or "generator",
     }
@@ -156,6 +156,8 @@ def evaluate_cmd(
     steps: Annotated[int, typer.Option(help="supervision steps (default n_sup; more = test-time recursion)")] = 0,
     batch_size: Annotated[int, typer.Option(help="evaluation batch size")] = 256,
     ema: Annotated[bool, typer.Option(help="use the EMA weights")] = True,
+    png: Annotated[Path | None, typer.Option(help="draw the first test puzzles, targets and answers here")] = None,
+    show: Annotated[int, typer.Option(help="how many puzzles --png draws")] = 4,
 ) -> None:
     """Exact and token accuracy on a dataset's test split."""
     from .evaluate import evaluate
@@ -167,57 +169,81 @@ def evaluate_cmd(
     except (ValueError, OSError) as e:
         _fail(str(e))
     result = evaluate(model, split, batch_size, steps or None)
+    if png is not None:
+        _draw_attempts(model, split, min(show, len(split)), steps, meta["config"]["data"]["task"], png)
     console.print(
         f"exact accuracy {result['exact_accuracy']:.4f}, token accuracy {result['accuracy']:.4f} "
         f"on {int(result['count'])} puzzles ({steps or model.cfg.n_sup} supervision steps)"
     )
 
 
+def _draw_attempts(model, split: dataset.Split, count: int, steps: int, task: str, png: Path) -> None:
+    from .evaluate import to_device
+
+    batch = to_device(split.batch(np.arange(count)), model.y_init.device)
+    *_, (logits, _) = model.solve(batch, steps or None)
+    size = int(round(model.cfg.seq_len**0.5))
+
+    def codes(tokens: torch.Tensor) -> np.ndarray:
+        return (tokens.cpu().numpy() - 1).clip(0).reshape(size, size)
+
+    rows = [[("puzzle", codes(batch["inputs"][i])), ("target", codes(batch["labels"][i].clamp_min(1))),
+             ("model", codes(logits[i].argmax(-1)))] for i in range(count)]  # fmt: skip
+    console.print(f"wrote {render.save_png(png, rows, task)}")
+
+
+def _parse_puzzle(task: str, text: str, size: int) -> np.ndarray:
+    """A puzzle given on the command line, as codes; exits with a message if it is malformed."""
+    try:
+        if task == "maze":
+            return maze.parse(text, size, labels=False)
+        return sudoku.parse(text, size, blanks=True)
+    except ValueError as e:
+        _fail(f"puzzle {e} (this model solves {size}x{size} {task})")
+
+
+def _answer_ok(task: str, answer: np.ndarray, question: np.ndarray) -> bool:
+    if task == "sudoku":
+        return sudoku.is_solution(answer, question)
+    try:
+        maze.check_pair(question, answer)
+        return True
+    except ValueError:
+        return False
+
+
 @app.command()
 def solve(
     run: Annotated[Path, typer.Argument(help="run directory or checkpoint file")],
-    puzzle: Annotated[str, typer.Argument(help="the grid row by row, '.' or '0' for blanks")],
+    puzzle: Annotated[str, typer.Argument(help="the grid row by row: Sudoku with '.' or '0' blanks; maze in '# SG'")],
     steps: Annotated[int, typer.Option(help="supervision steps (default n_sup)")] = 0,
     ema: Annotated[bool, typer.Option(help="use the EMA weights")] = True,
+    png: Annotated[Path | None, typer.Option(help="also draw the puzzle and every step's answer here")] = None,
 ) -> None:
-    """Solve one Sudoku, printing the answer after every supervision step."""
+    """Solve one puzzle (Sudoku or maze), printing the answer after every supervision step."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = _load(run, device, ema)
+    model, meta = _load(run, device, ema)
+    task = meta["config"]["data"]["task"]
     size = int(round(model.cfg.seq_len**0.5))
-    try:
-        grid = sudoku._parse_grid(puzzle.strip(), size, blanks=True)
-    except ValueError as e:
-        _fail(f"puzzle {e} (this model solves {size}x{size} Sudoku)")
-    solutions = len(sudoku.solve(grid, limit=2).solutions)
-    if solutions == 0:
-        _fail("this puzzle has no solution (its givens cannot all be kept)")
-    if solutions > 1:
-        console.print("[yellow]warning:[/] this puzzle has more than one solution")
+    grid = _parse_puzzle(task, puzzle.strip(), size)
+    if task == "sudoku":
+        solutions = len(sudoku.solve(grid, limit=2).solutions)
+        if solutions == 0:
+            _fail("this puzzle has no solution (its givens cannot all be kept)")
+        if solutions > 1:
+            console.print("[yellow]warning:[/] this puzzle has more than one solution")
     tokens = torch.from_numpy(grid.reshape(1, -1) + 1).to(device)
     batch = {"inputs": tokens, "puzzle_identifiers": torch.zeros(1, dtype=torch.long, device=device)}
-    previous = None
+    previous, panels = None, [("puzzle", grid)]
     for step, (logits, q_halt) in enumerate(model.solve(batch, steps or None), 1):
         answer = (logits.argmax(-1)[0].cpu().numpy() - 1).clip(0).reshape(size, size)
-        status = "[green]valid[/]" if sudoku.is_solution(answer, grid) else "[yellow]not yet valid[/]"
+        status = "[green]valid[/]" if _answer_ok(task, answer, grid) else "[yellow]not yet valid[/]"
         console.print(f"step {step}: P(halt) {torch.sigmoid(q_halt[0]).item():.3f}, {status}")
-        console.print(_render(answer, grid, previous))
+        console.print(render.text(answer, task, grid if task == "sudoku" else None, previous))
         previous = answer
-
-
-def _render(answer: np.ndarray, givens: np.ndarray, previous: np.ndarray | None) -> str:
-    """Givens dim, cells changed since the last step highlighted."""
-    lines = []
-    for r, row in enumerate(answer):
-        cells = []
-        for c, d in enumerate(row):
-            if givens[r, c]:
-                cells.append(f"[dim]{d}[/]")
-            elif previous is not None and previous[r, c] != d:
-                cells.append(f"[bold yellow]{d}[/]")
-            else:
-                cells.append(str(d))
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+        panels.append((f"step {step}", answer))
+    if png is not None:
+        console.print(f"wrote {render.save_png(png, [panels], task)}")
 
 
 @app.command("import-reference")

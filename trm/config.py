@@ -54,14 +54,16 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     task: str = "sudoku"
-    size: int = 9  # Sudoku side: 4, 6 or 9
-    csv: str = ""  # Sudoku-Extreme style CSV for training; empty = built-in generator
+    size: int = 9  # grid side: Sudoku 4, 6 or 9; maze 30 (any >= 5 when generated)
+    csv: str = ""  # Sudoku-Extreme / Maze-Hard style CSV for training; empty = built-in generator
     test_csv: str = ""
     num_train: int = 1000
     num_test: int = 1000
     augmentations: int = 1000  # augmented copies per training puzzle
-    min_blanks: int = 0
-    min_backtracks: int = 0
+    min_blanks: int = 0  # Sudoku difficulty
+    min_backtracks: int = 0  # Sudoku difficulty
+    min_path_length: int = 0  # maze difficulty
+    dihedral: bool = False  # maze: add the 7 other dihedral images of every training maze
     seed: int = 0
 
 
@@ -90,8 +92,17 @@ def _grid_task(task: str, vocab: int, wd: float, emb_lr: float) -> RunConfig:
     return RunConfig(
         ModelConfig(vocab_size=vocab, seq_len=900, n=4),
         TrainConfig(weight_decay=wd, puzzle_emb_lr=emb_lr, puzzle_emb_weight_decay=wd),
-        DataConfig(task=task),
+        DataConfig(task=task, size=30, min_path_length=110 if task == "maze" else 0),
     )
+
+
+def _small_maze() -> RunConfig:
+    """Generated 11x11 mazes for a CPU: attention (MLP mixing fails on mazes, per the paper)."""
+    cfg = _small_sudoku(4, hidden=64, steps=300)
+    cfg.model = ModelConfig(vocab_size=6, seq_len=121, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=2, n=2,
+                            n_sup=4)  # fmt: skip
+    cfg.data = DataConfig(task="maze", size=11, num_train=512, num_test=64, min_path_length=8, dihedral=True)
+    return cfg
 
 
 def _small_sudoku(size: int, hidden: int, steps: int) -> RunConfig:
@@ -142,6 +153,7 @@ PRESETS = {
     "hrm-sudoku": _hrm_sudoku,
     "sudoku4": lambda: _small_sudoku(4, hidden=64, steps=600),
     "sudoku6": lambda: _small_sudoku(6, hidden=128, steps=2000),
+    "maze11": _small_maze,
 }
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..config import DataConfig
-from . import sudoku
+from . import maze, sudoku
 
 FORMAT = "trm-dataset/1"
 ARRAYS = {"inputs": np.uint8, "labels": np.uint8, "puzzle_identifiers": np.int32}
@@ -154,59 +155,90 @@ class BatchIterator:
         return self.split.batch(index[self.rank * local : (self.rank + 1) * local])
 
 
-def build_sudoku(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
-    """Build a Sudoku dataset from a CSV (cfg.csv) or the built-in generator.
+@dataclass(frozen=True)
+class GridTask:
+    """What building a dataset needs to know about a grid task. Grids hold codes; token = code + 1."""
 
-    Training puzzles get `cfg.augmentations` augmented copies each; test puzzles none.
+    vocab_size: int
+    load_csv: Callable[[str, int], tuple[np.ndarray, np.ndarray]]
+    generate: Callable[[DataConfig, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+    variants: Callable[[np.ndarray, np.ndarray, DataConfig, np.random.Generator], list[tuple[np.ndarray, np.ndarray]]]
+
+
+def _sudoku_variants(q, a, cfg, rng):
+    return [sudoku.augment(q, a, rng) for _ in range(cfg.augmentations)]
+
+
+def _maze_variants(q, a, cfg, rng):
+    return [(maze.dihedral(q, k), maze.dihedral(a, k)) for k in range(1, 8)] if cfg.dihedral else []
+
+
+TASKS = {
+    "sudoku": GridTask(
+        vocab_size=0,  # size + 2: set per dataset
+        load_csv=sudoku.load_csv,
+        generate=lambda cfg, rng: sudoku.generate(cfg.size, rng, cfg.min_blanks, cfg.min_backtracks),
+        variants=_sudoku_variants,
+    ),
+    "maze": GridTask(
+        vocab_size=len(maze.CHARS) + 1,
+        load_csv=maze.load_csv,
+        generate=lambda cfg, rng: maze.generate(cfg.size, rng, cfg.min_path_length),
+        variants=_maze_variants,
+    ),
+}
+
+
+def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
+    """Build a dataset for a grid task (cfg.task) from CSVs (cfg.csv, cfg.test_csv) or its generator.
+
+    Training puzzles get their augmented variants (Sudoku: cfg.augmentations random
+    transforms; maze: the 7 other dihedral images if cfg.dihedral); test puzzles none.
     Generated test puzzles never repeat a training puzzle. Everything is seeded by cfg.seed.
     """
+    if cfg.task not in TASKS:
+        raise ValueError(f"cannot build {cfg.task!r} data; tasks: {', '.join(TASKS)}")
+    task = TASKS[cfg.task]
     rng = np.random.default_rng(cfg.seed)
     if cfg.csv:
-        train_q, train_a = sudoku.load_csv(cfg.csv, cfg.size)
-        if cfg.num_train and cfg.num_train < len(train_q):  # seeded subsample (the reference's is not)
-            keep = np.sort(rng.choice(len(train_q), cfg.num_train, replace=False))
-            train_q, train_a = train_q[keep], train_a[keep]
-        test_q, test_a = sudoku.load_csv(cfg.test_csv, cfg.size) if cfg.test_csv else (train_q[:0], train_a[:0])
-        if cfg.num_test and cfg.num_test < len(test_q):
-            keep = np.sort(rng.choice(len(test_q), cfg.num_test, replace=False))
-            test_q, test_a = test_q[keep], test_a[keep]
+        train_q, train_a = _subsample(*task.load_csv(cfg.csv, cfg.size), cfg.num_train, rng)
+        if cfg.test_csv:
+            test_q, test_a = _subsample(*task.load_csv(cfg.test_csv, cfg.size), cfg.num_test, rng)
+        else:
+            test_q, test_a = train_q[:0], train_a[:0]
     else:
-        train_q, train_a, test_q, test_a = _generate_disjoint(cfg, rng, progress)
+        train_q, train_a, test_q, test_a = _generate_disjoint(task, cfg, rng, progress)
 
-    aug_q, aug_a = [train_q], [train_a]
-    for _ in range(cfg.augmentations):
-        pairs = [sudoku.augment(q, a, rng) for q, a in zip(train_q, train_a, strict=False)]
-        aug_q.append(np.stack([p[0] for p in pairs]))
-        aug_a.append(np.stack([p[1] for p in pairs]))
-    train_q, train_a = np.concatenate(aug_q), np.concatenate(aug_a)
+    pairs = [(q, a) for q0, a0 in zip(train_q, train_a, strict=True) for q, a in task.variants(q0, a0, cfg, rng)]
+    if pairs:
+        train_q = np.concatenate([train_q, np.stack([p[0] for p in pairs])])
+        train_a = np.concatenate([train_a, np.stack([p[1] for p in pairs])])
 
     def encode(q: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
         n = len(q)
-        return {
-            "inputs": q.reshape(n, -1) + 1,
-            "labels": a.reshape(n, -1) + 1,
-            "puzzle_identifiers": np.zeros(n, dtype=np.int32),
-        }
+        return {"inputs": q.reshape(n, -1) + 1, "labels": a.reshape(n, -1) + 1,
+                "puzzle_identifiers": np.zeros(n, dtype=np.int32)}  # fmt: skip
 
-    meta = {
-        "task": "sudoku",
-        "size": cfg.size,
-        "vocab_size": cfg.size + 2,
-        "seq_len": cfg.size**2,
-        "num_puzzle_identifiers": 1,
-        "source": cfg.csv or "generator",
-        "seed": cfg.seed,
-        "augmentations": cfg.augmentations,
-    }
+    meta = {"task": cfg.task, "size": cfg.size, "vocab_size": task.vocab_size or cfg.size + 2,
+            "seq_len": cfg.size**2, "num_puzzle_identifiers": 1, "source": cfg.csv or "generator",
+            "seed": cfg.seed, "augmentations": cfg.augmentations, "dihedral": cfg.dihedral}  # fmt: skip
     return write(out_dir, meta, {"train": encode(train_q, train_a), "test": encode(test_q, test_a)})
 
 
-def _generate_disjoint(cfg: DataConfig, rng: np.random.Generator, progress=None):
+def _subsample(q: np.ndarray, a: np.ndarray, count: int, rng: np.random.Generator):
+    """A seeded subsample of `count` rows (all when count is 0 or larger); the reference's is unseeded."""
+    if not count or count >= len(q):
+        return q, a
+    keep = np.sort(rng.choice(len(q), count, replace=False))
+    return q[keep], a[keep]
+
+
+def _generate_disjoint(task: GridTask, cfg: DataConfig, rng: np.random.Generator, progress=None):
     seen: set[bytes] = set()
     grids: list[tuple[np.ndarray, np.ndarray]] = []
     total = cfg.num_train + cfg.num_test
     while len(grids) < total:
-        q, a = sudoku.generate(cfg.size, rng, cfg.min_blanks, cfg.min_backtracks)
+        q, a = task.generate(cfg, rng)
         if q.tobytes() in seen:
             continue
         seen.add(q.tobytes())

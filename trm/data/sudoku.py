@@ -6,11 +6,12 @@ model sees) are 0 pad, 1 blank, 2..n+1 the digits: ``tokens = grid + 1``.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .csvio import labelled, read_pairs
 
 BOX = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # side -> (box rows, box cols)
 
@@ -151,11 +152,7 @@ def augment(puzzle: np.ndarray, solution: np.ndarray, rng: np.random.Generator) 
     return apply(puzzle), apply(solution)
 
 
-class SudokuFormatError(ValueError):
-    """A Sudoku CSV with malformed rows; the message lists them by line number."""
-
-
-def _parse_grid(text: str, size: int, blanks: bool) -> np.ndarray:
+def parse(text: str, size: int, blanks: bool) -> np.ndarray:
     if len(text) != size * size:
         raise ValueError(f"has {len(text)} characters, expected {size * size}")
     allowed = set("123456789"[:size]) | (set(".0") if blanks else set())
@@ -165,48 +162,21 @@ def _parse_grid(text: str, size: int, blanks: bool) -> np.ndarray:
     return np.array([0 if ch in ".0" else int(ch) for ch in text], dtype=np.int64).reshape(size, size)
 
 
-def load_csv(path: str | Path, size: int = 9, max_errors: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def load_csv(path: str | Path, size: int = 9) -> tuple[np.ndarray, np.ndarray]:
     """Read a Sudoku-Extreme style CSV (``source,question,answer,rating``).
 
     Every row is checked: grid lengths and characters, the answer is a valid grid, and
     it keeps the question's givens. Returns (puzzles, solutions) as [N, size, size].
-    Raises SudokuFormatError listing bad rows by line number.
+    Raises PuzzleFormatError listing bad rows by line number.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Sudoku CSV not found: {path}")
-    puzzles, solutions, errors = [], [], []
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:3]] != ["source", "question", "answer"]:
-            raise SudokuFormatError(f"{path}: line 1 must be the header source,question,answer,rating; got {header}")
-        for row in reader:
-            line = reader.line_num
-            try:
-                if len(row) < 3:
-                    raise ValueError(f"has {len(row)} columns, expected 4 (source,question,answer,rating)")
-                try:
-                    question = _parse_grid(row[1].strip(), size, blanks=True)
-                except ValueError as e:
-                    raise ValueError(f"question {e}") from None
-                try:
-                    answer = _parse_grid(row[2].strip(), size, blanks=False)
-                except ValueError as e:
-                    raise ValueError(f"answer {e}") from None
-                if not is_solution(answer):
-                    raise ValueError("answer is not a valid Sudoku grid")
-                if not is_solution(answer, question):
-                    raise ValueError("answer contradicts a given digit of the question")
-            except ValueError as e:
-                errors.append(f"line {line}: {e}")
-                continue
-            puzzles.append(question)
-            solutions.append(answer)
-    if errors:
-        shown = "\n  ".join(errors[:max_errors])
-        more = f"\n  ... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
-        raise SudokuFormatError(f"{path}: {len(errors)} bad row(s):\n  {shown}{more}")
-    if not puzzles:
-        raise SudokuFormatError(f"{path}: no puzzles")
-    return np.stack(puzzles), np.stack(solutions)
+
+    def parse_row(question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+        q = labelled("question", lambda: parse(question, size, blanks=True))
+        a = labelled("answer", lambda: parse(answer, size, blanks=False))
+        if not is_solution(a):
+            raise ValueError("answer is not a valid Sudoku grid")
+        if not is_solution(a, q):
+            raise ValueError("answer contradicts a given digit of the question")
+        return q, a
+
+    return read_pairs(path, parse_row, "Sudoku")
