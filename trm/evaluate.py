@@ -87,3 +87,27 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg, data_dir, target
     meta = {"config": cfg.to_dict(), "step": 0, "data_dir": str(data_dir or ""), "world_size": 1}
     checkpoint.save(target, {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
     return str(target)
+
+
+@torch.no_grad()
+def evaluate_arc(model: RecursiveReasoningModel, data_dir, batch_size: int, steps: int | None = None):
+    """ARC evaluation with de-augmentation and voting: (pass@1, pass@2, and the Votes)."""
+    import json
+    from pathlib import Path
+
+    from .data import arc
+    from .data.dataset import load_split
+
+    split = load_split(data_dir, "test")
+    identifiers = json.loads((Path(data_dir) / "identifiers.json").read_text())
+    votes = arc.Votes(identifiers, json.loads((Path(data_dir) / "test_targets.json").read_text()))
+    device = model.y_init.device
+    model.eval()
+    for start in range(0, len(split), batch_size):
+        index = np.arange(start, min(start + batch_size, len(split)))
+        batch = to_device(split.batch(index), device)
+        logits, q_halt = deque(model.solve(batch, steps), maxlen=1).pop()
+        tokens, q = logits.argmax(-1).cpu().numpy(), q_halt.float().cpu().numpy()
+        for row, i in enumerate(index):
+            votes.add(tokens[row], int(split.puzzle_identifiers[i]), int(split.groups[i]), float(q[row]))
+    return {"pass@1": votes.pass_at(1), "pass@2": votes.pass_at(2), "count": len(votes.targets)}, votes

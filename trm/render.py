@@ -1,6 +1,6 @@
 """Showing grids: rich text for the terminal, PNG panels for a task and the model's attempts.
 
-Grids hold codes (Sudoku: 0 blank, 1..n digits; maze: ``# SGo`` as 0..4), not tokens.
+Grids hold codes (Sudoku: 0 blank, 1..n digits; maze: ``# SGo`` as 0..4; ARC: colours 0..9), not tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import numpy as np
 from .data import maze
 
 MAZE_COLOURS = ["#202020", "#f4f4f4", "#2e7d32", "#c62828", "#f9a825"]  # wall, open, S, G, path
+ARC_COLOURS = ["#000000", "#0074d9", "#ff4136", "#2ecc40", "#ffdc00", "#aaaaaa", "#f012be", "#ff851b", "#7fdbff",
+               "#870c25"]  # fmt: skip
 
 
 def text(grid: np.ndarray, task: str, givens: np.ndarray | None = None, previous: np.ndarray | None = None) -> str:
@@ -45,8 +47,9 @@ def save_png(path: str | Path, rows: list[list[tuple[str, np.ndarray]]], task: s
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.6 * ncols, 2.6 * len(rows)), squeeze=False)
     for ax_row, panels in zip(axes, rows, strict=True):
         for ax, (title, grid) in zip(ax_row, panels, strict=False):
-            if task == "maze":
-                ax.imshow(grid, cmap=ListedColormap(MAZE_COLOURS), vmin=0, vmax=len(MAZE_COLOURS) - 1)
+            if task == "maze" or task.startswith("arc"):
+                colours = MAZE_COLOURS if task == "maze" else ARC_COLOURS
+                ax.imshow(grid, cmap=ListedColormap(colours), vmin=0, vmax=len(colours) - 1)
             else:
                 ax.imshow(np.zeros_like(grid), cmap="Greys", vmin=0, vmax=1)
                 for (r, c), v in np.ndenumerate(grid):

@@ -8,6 +8,9 @@ Format (one directory)::
     <split>/inputs.npy                 uint8 [N, seq_len]   token ids
     <split>/labels.npy                 uint8 [N, seq_len]   token ids; ignore_label_id = no loss
     <split>/puzzle_identifiers.npy     int32 [N]            row of the puzzle-embedding table
+    <split>/groups.npy                 int32 [N], optional  the original puzzle a row is a variant of
+
+ARC datasets also hold identifiers.json and test_targets.json (see trm/data/arc.py).
 
 Arrays are plain ``.npy`` files opened memory-mapped, so a split larger than memory is fine.
 """
@@ -23,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from . import maze, sudoku
+from . import arc, maze, sudoku
+from .grids import dihedral
 
 FORMAT = "trm-dataset/1"
 ARRAYS = {"inputs": np.uint8, "labels": np.uint8, "puzzle_identifiers": np.int32}
@@ -38,6 +42,7 @@ class Split:
     inputs: np.ndarray
     labels: np.ndarray
     puzzle_identifiers: np.ndarray
+    groups: np.ndarray | None = None  # optional int32 [N]: which original puzzle a row is a variant of
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -62,6 +67,8 @@ def write(out_dir: str | Path, metadata: dict, splits: dict[str, dict[str, np.nd
         (out / name).mkdir(parents=True, exist_ok=True)
         for key, dtype in ARRAYS.items():
             np.save(out / name / f"{key}.npy", np.ascontiguousarray(arrays[key], dtype=dtype))
+        if "groups" in arrays:
+            np.save(out / name / "groups.npy", np.ascontiguousarray(arrays["groups"], dtype=np.int32))
     meta = {"format": FORMAT, "pad_id": 0, "ignore_label_id": 0, **metadata}
     meta["splits"] = {name: int(len(arrays["inputs"])) for name, arrays in splits.items()}
     tmp = out / "metadata.json.tmp"
@@ -111,6 +118,11 @@ def load_split(data_dir: str | Path, split: str) -> Split:
         raise DatasetError(f"{data_dir}/{split}/puzzle_identifiers.npy has shape {ids.shape}, expected {(n,)}")
     if n and not 0 <= int(ids.min()) <= int(ids.max()) < meta["num_puzzle_identifiers"]:
         raise DatasetError(f"{data_dir}/{split}/puzzle_identifiers.npy is outside [0, num_puzzle_identifiers)")
+    groups_path = Path(data_dir) / split / "groups.npy"
+    if groups_path.exists():
+        arrays["groups"] = np.load(groups_path, mmap_mode="r")
+        if arrays["groups"].shape != (n,):
+            raise DatasetError(f"{groups_path} has shape {arrays['groups'].shape}, expected {(n,)}")
     return Split(**arrays)
 
 
@@ -170,7 +182,7 @@ def _sudoku_variants(q, a, cfg, rng):
 
 
 def _maze_variants(q, a, cfg, rng):
-    return [(maze.dihedral(q, k), maze.dihedral(a, k)) for k in range(1, 8)] if cfg.dihedral else []
+    return [(dihedral(q, k), dihedral(a, k)) for k in range(1, 8)] if cfg.dihedral else []
 
 
 TASKS = {
@@ -196,8 +208,10 @@ def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
     transforms; maze: the 7 other dihedral images if cfg.dihedral); test puzzles none.
     Generated test puzzles never repeat a training puzzle. Everything is seeded by cfg.seed.
     """
+    if cfg.task in arc.SOURCES:
+        return arc.build(cfg, out_dir)
     if cfg.task not in TASKS:
-        raise ValueError(f"cannot build {cfg.task!r} data; tasks: {', '.join(TASKS)}")
+        raise ValueError(f"cannot build {cfg.task!r} data; tasks: {', '.join([*TASKS, *arc.SOURCES])}")
     task = TASKS[cfg.task]
     rng = np.random.default_rng(cfg.seed)
     if cfg.csv:

@@ -113,12 +113,6 @@ def generate(
     raise RuntimeError(f"no {size}x{size} maze with a unique shortest path >= {min_path_length} in {max_tries} tries")
 
 
-def dihedral(grid: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of the 8 symmetries of the square (k = 0 is the identity)."""
-    grid = np.rot90(grid, k % 4)
-    return np.ascontiguousarray(grid.T if k >= 4 else grid)
-
-
 def to_text(grid: np.ndarray) -> str:
     return "".join(CHARS[v] for v in grid.ravel())
 

