@@ -140,7 +140,7 @@ def configs(quick: bool) -> list[tuple[str, ModelConfig, list[int], list[int]]]:
         return [("sudoku4-mlp", ModelConfig(vocab_size=6, seq_len=16, mlp_t=True, **tiny), [4], [1, 4]),
                 ("sudoku4-att", ModelConfig(vocab_size=6, seq_len=16, mlp_t=False, **tiny), [4], [1])]  # fmt: skip
     out = []
-    for name in ("sudoku-mlp", "sudoku-att", "maze"):
+    for name in ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku"):  # HRM: the baseline, same ops
         cfg = preset(name).model
         cfg.forward_dtype = dtype
         # 768 at S = 916 may not fit one GPU (the reference splits it over 4): then 192 does
