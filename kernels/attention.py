@@ -28,8 +28,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _rows(base, rows, row_stride, valid, D: tl.constexpr):
+    """Rows of one head as stored, [rows, D]."""
+    d = tl.arange(0, D)
+    return tl.load(base + rows[:, None].to(tl.int64) * row_stride + d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
 def _rotated(base, rows, row_stride, COS, SIN, valid, HALF: tl.constexpr):
-    """Rows of one head, rotated by RoPE in fp32: (r1, r2), each [rows, HALF]."""
+    """Rows of one head rotated by RoPE in fp32, then rounded to the storage dtype as the
+    reference rounds q and k: (r1, r2), each [rows, HALF]."""
     c = tl.arange(0, HALF)
     ptr = base + rows[:, None].to(tl.int64) * row_stride + c[None, :]
     x1 = tl.load(ptr, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -37,7 +45,8 @@ def _rotated(base, rows, row_stride, COS, SIN, valid, HALF: tl.constexpr):
     trig = rows[:, None] * (2 * HALF) + c[None, :]
     cos = tl.load(COS + trig, mask=valid[:, None], other=0.0)
     sin = tl.load(SIN + trig, mask=valid[:, None], other=0.0)
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    dtype = base.dtype.element_ty
+    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
 
 
 @triton.jit
@@ -68,7 +77,6 @@ def _attn_fwd(
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = rows < S
     q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF)
-    q1, q2 = q1.to(dtype), q2.to(dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -78,15 +86,13 @@ def _attn_fwd(
         cols = start + tl.arange(0, BLOCK_N)
         k_ok = cols < S
         k1, k2 = _rotated(k_base, cols, row_stride, COS, SIN, k_ok, HALF)
-        qk = tl.dot(q1, tl.trans(k1.to(dtype)), input_precision=PREC) + tl.dot(
-            q2, tl.trans(k2.to(dtype)), input_precision=PREC
-        )
+        qk = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
         qk = tl.where(k_ok[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * row_stride + d[None, :], mask=k_ok[:, None], other=0.0)
+        v = _rows(v_base, cols, row_stride, k_ok, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PREC)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -132,10 +138,7 @@ def _attn_bwd_dkdv(
     k_ok = cols < S
     d = tl.arange(0, D)
     k1, k2 = _rotated(q_base + H * D, cols, row_stride, COS, SIN, k_ok, HALF)
-    k1, k2 = k1.to(dtype), k2.to(dtype)
-    v = tl.load(
-        q_base + 2 * H * D + cols[:, None].to(tl.int64) * row_stride + d[None, :], mask=k_ok[:, None], other=0.0
-    )
+    v = _rows(q_base + 2 * H * D, cols, row_stride, k_ok, D)
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -144,11 +147,9 @@ def _attn_bwd_dkdv(
         rows = start + tl.arange(0, BLOCK_M)
         q_ok = rows < S
         q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF)
-        q1, q2 = q1.to(dtype), q2.to(dtype)
         lse = tl.load(LSE + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-        o_offs = (b.to(tl.int64) * S + rows[:, None]) * (H * D) + h * D + d[None, :]
-        do = tl.load(DOUT + o_offs, mask=q_ok[:, None], other=0.0)
+        do = _rows(DOUT + b.to(tl.int64) * S * (H * D) + h * D, rows, H * D, q_ok, D)
         p = _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC)
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -174,13 +175,10 @@ def _attn_bwd_dq(
     q_base = QKV + b.to(tl.int64) * S * row_stride + h * D
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = rows < S
-    d = tl.arange(0, D)
     q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF)
-    q1, q2 = q1.to(dtype), q2.to(dtype)
     lse = tl.load(LSE + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-    do = tl.load(DOUT + (b.to(tl.int64) * S + rows[:, None]) * (H * D) + h * D + d[None, :], mask=q_ok[:, None],
-                 other=0.0)  # fmt: skip
+    do = _rows(DOUT + b.to(tl.int64) * S * (H * D) + h * D, rows, H * D, q_ok, D)
     dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -188,9 +186,7 @@ def _attn_bwd_dq(
         cols = start + tl.arange(0, BLOCK_N)
         k_ok = cols < S
         k1, k2 = _rotated(q_base + H * D, cols, row_stride, COS, SIN, k_ok, HALF)
-        k1, k2 = k1.to(dtype), k2.to(dtype)
-        v = tl.load(q_base + 2 * H * D + cols[:, None].to(tl.int64) * row_stride + d[None, :], mask=k_ok[:, None],
-                    other=0.0)  # fmt: skip
+        v = _rows(q_base + 2 * H * D, cols, row_stride, k_ok, D)
         p = _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None]) * scale).to(dtype)
