@@ -9,8 +9,8 @@ path runs eagerly, which is how its semantics are tested on CPU.
 
 Before capture, fn runs three times on a side stream: Triton JIT compilation, autotuning
 and the CUDA extension's build happen there, never inside a capture. Parameters are read
-by address, so in-place optimizer and EMA updates are seen by later replays; replacing a
-parameter tensor needs ``reset()``.
+by address: the optimizer, the EMA swap and load_state_dict all update them in place, so
+later replays see the new values.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ class StaticGraph:
         self.fn, self.capture, self.warmup = fn, capture, warmup
         self._entries: dict[Signature, _Entry] = {}
         self._pool = None
-
-    def reset(self) -> None:
-        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
