@@ -102,6 +102,8 @@ def markdown(env: dict, ceilings: dict, rows: list[Row]) -> str:
         f"Ceilings measured in the same run: copy {ceilings['copy_gbps']:.0f} GB/s, "
         f"GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s.",
     ]
+    if "cuda" not in env:
+        lines += ["", "**A CPU smoke run, not performance**: small shapes, fused kernels in the Triton interpreter."]
     for group in dict.fromkeys(r.group for r in rows):
         sub = [r for r in rows if r.group == group]
         lines += ["", f"## {group}", "", "| case | provider | ms | GB/s | % copy | TFLOP/s | % GEMM | vs eager |",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import trm_kernels as K
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import compare, run_op
 from trm_kernels import reference as R
@@ -13,7 +13,13 @@ pytestmark = pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reas
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 only on a GPU: the interpreter's bf16 conversions truncate instead of rounding
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-torch.set_default_device(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """New tensors in this module's tests go to DEVICE (and only in this module)."""
+    with torch.device(DEVICE):
+        yield
 
 
 RMS_SHAPES = [((1, 512), -1), ((3, 97, 48), -1), ((3, 97, 48), -2), ((2, 5, 37), -1), ((2, 5, 37), 1), ((7, 3), -1)]
@@ -114,7 +120,7 @@ def test_cross_entropy_out_of_range_label_is_loud():
     assert loss[0].isfinite() and loss[1].isnan()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.integers(1, 9),
     n=st.integers(1, 300),
