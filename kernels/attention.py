@@ -28,6 +28,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _head(QKV, bh, S, H, D: tl.constexpr):
+    """Batch b and head h of program axis `bh`, where head h's q starts in batch b's first row
+    (its k and v follow at +H*D and +2*H*D), and the stride between rows of qkv."""
+    b, h = bh // H, bh % H
+    row_stride = 3 * H * D
+    return b, h, QKV + b.to(tl.int64) * S * row_stride + h * D, row_stride
+
+
+@triton.jit
 def _rows(base, rows, row_stride, valid, D: tl.constexpr):
     """Rows of one head as stored, [rows, D]."""
     d = tl.arange(0, D)
@@ -67,11 +76,9 @@ def _attn_fwd(
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     m_block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
     D: tl.constexpr = 2 * HALF
     dtype = OUT.dtype.element_ty
-    row_stride = 3 * H * D
-    q_base = QKV + b.to(tl.int64) * S * row_stride + h * D
+    b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
     k_base = q_base + H * D
     v_base = q_base + 2 * H * D
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,11 +136,9 @@ def _attn_bwd_dkdv(
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     n_block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
     D: tl.constexpr = 2 * HALF
     dtype = DQKV.dtype.element_ty
-    row_stride = 3 * H * D
-    q_base = QKV + b.to(tl.int64) * S * row_stride + h * D
+    b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = cols < S
     d = tl.arange(0, D)
@@ -168,11 +173,9 @@ def _attn_bwd_dq(
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     m_block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
     D: tl.constexpr = 2 * HALF
     dtype = DQKV.dtype.element_ty
-    row_stride = 3 * H * D
-    q_base = QKV + b.to(tl.int64) * S * row_stride + h * D
+    b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = rows < S
     q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF)

@@ -35,19 +35,28 @@ def _load_sum(X, R, offs, mask, HAS_R: tl.constexpr):
 
 
 @triton.jit
-def _add_rmsnorm_fwd(
-    X, R, Y, RSTD, N, n_cols, stride_outer, stride_col, stride_n, eps,
-    HAS_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+def _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: element offsets and mask [BLOCK_C, BLOCK_N], and the offset of
+    each column's rstd (-1 past the last column)."""
     outer, cblock = tl.program_id(0), tl.program_id(1)
     cols = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
     mask = (cols[:, None] < n_cols) & (n[None, :] < N)
     offs = outer.to(tl.int64) * stride_outer + cols[:, None].to(tl.int64) * stride_col + n[None, :] * stride_n
+    stats = tl.where(cols < n_cols, outer.to(tl.int64) * n_cols + cols, -1)
+    return offs, mask, stats
+
+
+@triton.jit
+def _add_rmsnorm_fwd(
+    X, R, Y, RSTD, N, n_cols, stride_outer, stride_col, stride_n, eps,
+    HAS_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    offs, mask, stats = _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N, BLOCK_C)
     h = _load_sum(X, R, offs, mask, HAS_R)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=1) / N + eps))  # correctly rounded, unlike rsqrt
     tl.store(Y + offs, (h * rstd[:, None]).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + outer.to(tl.int64) * n_cols + cols, rstd, mask=cols < n_cols)
+    tl.store(RSTD + stats, rstd, mask=stats >= 0)
 
 
 @triton.jit
@@ -55,13 +64,9 @@ def _add_rmsnorm_bwd(
     DY, X, R, RSTD, DH, N, n_cols, stride_outer, stride_col, stride_n,
     HAS_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    outer, cblock = tl.program_id(0), tl.program_id(1)
-    cols = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.arange(0, BLOCK_N)
-    mask = (cols[:, None] < n_cols) & (n[None, :] < N)
-    offs = outer.to(tl.int64) * stride_outer + cols[:, None].to(tl.int64) * stride_col + n[None, :] * stride_n
+    offs, mask, stats = _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N, BLOCK_C)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + outer.to(tl.int64) * n_cols + cols, mask=cols < n_cols, other=0.0)
+    rstd = tl.load(RSTD + stats, mask=stats >= 0, other=0.0)
     h = _load_sum(X, R, offs, mask, HAS_R)
     # rstd * (dy - y * mean(dy * y)) written with h, not y = h * rstd: one rounding fewer per
     # element in the projection term, which the subtraction can amplify
