@@ -165,7 +165,6 @@ PRESETS = {
     "arc2": lambda: _grid_task("arc2", vocab=12, wd=0.1, emb_lr=1e-2),
     "hrm-sudoku": _hrm_sudoku,
     "sudoku4": lambda: _small_sudoku(4, hidden=64, steps=600),
-    "sudoku6": lambda: _small_sudoku(6, hidden=128, steps=2000),
     "maze11": _small_maze,
     "arc-small": _small_arc,
 }
