@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Annotated
@@ -131,6 +132,11 @@ def train(
             f"TRM {trainer.model.num_parameters():,} parameters on {device}, {world} process(es); run directory {out}"
         )
     result = fit(trainer, show_progress=progress)
+    if world > 1:  # every process finishes (rank 0 writes the last checkpoint) before teardown
+        torch.distributed.barrier()
+        del trainer  # DDP's reducer goes before its process group, not at interpreter exit
+        gc.collect()
+        torch.distributed.destroy_process_group()
     if rank == 0:
         console.print(
             f"[bold green]test exact accuracy {result['exact_accuracy']:.4f}[/] "

@@ -95,6 +95,12 @@ class Trainer:
 
     # one optimizer step -------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
+        metrics = self.forward_backward()
+        self.optimizer_step()
+        return metrics
+
+    def forward_backward(self) -> dict[str, torch.Tensor]:
+        """One supervision step on the next batch, gradients accumulated (under DDP, averaged)."""
         t = self.cfg.train
         batch = to_device(next(self.batches), self.device)
         if self.carry is None:
@@ -103,6 +109,10 @@ class Trainer:
         loss, metrics = act_loss(outputs, self.carry, t.loss)
         # DDP averages gradients over processes; the loss is a sum over the global batch
         (loss * (self.world_size / t.global_batch_size)).backward()
+        return metrics
+
+    def optimizer_step(self) -> None:
+        t = self.cfg.train
         self.step += 1
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(t.lr, self.step, t.lr_warmup_steps)
@@ -114,7 +124,6 @@ class Trainer:
             self.sparse.zero_grad()
         if self.ema is not None:
             self.ema.update(self.model)
-        return metrics
 
     def evaluate(self, steps: int | None = None) -> dict[str, float]:
         """Test-split accuracy with the EMA weights."""
