@@ -116,6 +116,9 @@ def test_arc_trains_evaluates_and_writes_a_submission(tmp_path):
             "--set", "data.augmentations=1", "--no-progress"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    args[args.index("--out") + 1] = str(tmp_path / "again")  # a second run reuses the built data
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "building dataset" not in result.output, result.output
     result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--png", str(tmp_path / "arc.png")])
     assert result.exit_code == 0, result.output
     assert "ARC pass@1" in result.output

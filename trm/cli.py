@@ -61,7 +61,7 @@ def _ensure_data(cfg: RunConfig, data: Path) -> None:
         "seed": cfg.data.seed,
         "dihedral": cfg.data.dihedral,
         "augmentations": cfg.data.augmentations,
-        "source": cfg.data.csv or "generator",
+        "source": dataset.source_of(cfg.data),
     }
     diff = [f"{k}: data has {meta.get(k)!r}, config wants {v!r}" for k, v in want.items() if meta.get(k) != v]
     if diff:

@@ -164,7 +164,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     (per puzzle id: task, dihedral k, colour map) and ``test_targets.json`` (per test input:
     task, index, target grid), with test/groups.npy mapping test rows to test inputs.
     """
-    from .dataset import write
+    from .dataset import source_of, write
 
     rng = np.random.default_rng(cfg.seed)
     train_tasks, eval_tasks = load_tasks(cfg.arc_dir or cfg.task)
@@ -194,7 +194,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     splits = {name: {k: np.stack(v) if k in ("inputs", "labels") else np.asarray(v, dtype=np.int32)
                      for k, v in parts.items()} for name, parts in rows.items()}  # fmt: skip
     meta = {"task": cfg.task, "size": SIDE, "vocab_size": VOCAB, "seq_len": SIDE * SIDE,
-            "num_puzzle_identifiers": len(identifiers), "source": cfg.arc_dir or cfg.task, "seed": cfg.seed,
+            "num_puzzle_identifiers": len(identifiers), "source": source_of(cfg), "seed": cfg.seed,
             "augmentations": cfg.augmentations, "dihedral": cfg.dihedral, "ignore_label_id": PAD}  # fmt: skip
     out = write(out_dir, meta, splits)
     (out / "identifiers.json").write_text(json.dumps(identifiers))

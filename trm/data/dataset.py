@@ -201,6 +201,13 @@ TASKS = {
 }
 
 
+def source_of(cfg: DataConfig) -> str:
+    """What a dataset built from `cfg` records as its source (and what reuse checks against)."""
+    if cfg.task in arc.SOURCES:
+        return cfg.arc_dir or cfg.task
+    return cfg.csv or "generator"
+
+
 def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
     """Build a dataset for a grid task (cfg.task) from CSVs (cfg.csv, cfg.test_csv) or its generator.
 
@@ -234,7 +241,7 @@ def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
                 "puzzle_identifiers": np.zeros(n, dtype=np.int32)}  # fmt: skip
 
     meta = {"task": cfg.task, "size": cfg.size, "vocab_size": task.vocab_size or cfg.size + 2,
-            "seq_len": cfg.size**2, "num_puzzle_identifiers": 1, "source": cfg.csv or "generator",
+            "seq_len": cfg.size**2, "num_puzzle_identifiers": 1, "source": source_of(cfg),
             "seed": cfg.seed, "augmentations": cfg.augmentations, "dihedral": cfg.dihedral}  # fmt: skip
     return write(out_dir, meta, {"train": encode(train_q, train_a), "test": encode(test_q, test_a)})
 
