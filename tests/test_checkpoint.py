@@ -124,3 +124,21 @@ def test_reference_import_never_unpickles_code(tmp_path):
     torch.save({"x": NotATensor()}, tmp_path / "evil.pt")
     with pytest.raises(checkpoint.CheckpointError, match="weights-only"):
         checkpoint.read_reference(tmp_path / "evil.pt")
+
+
+def test_hrm_reference_checkpoint_import_keeps_both_stacks(tmp_path):
+    from trm.hrm import HRM
+
+    cfg = ModelConfig(arch="hrm", num_layers=1, **CFG)
+    torch.manual_seed(0)
+    source = HRM(cfg)
+    inner = "_orig_mod.model.inner."
+    state = {inner + k: v.detach().clone() for k, v in source.state_dict().items() if not k.endswith("_init")}
+    state[inner + "H_init"], state[inner + "L_init"] = source.y_init.clone(), source.z_init.clone()
+    assert any(k.startswith(inner + "H_level.layers.0.") for k in state)
+    assert any(k.startswith(inner + "L_level.layers.0.") for k in state)
+    torch.save(state, tmp_path / "hrm.pt")
+    target = HRM(cfg)
+    checkpoint.load_state_dict_strict(target, checkpoint.read_reference(tmp_path / "hrm.pt", "hrm"), "hrm")
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

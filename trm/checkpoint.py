@@ -90,27 +90,30 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tenso
 
 
 # reference name -> ours, applied in order after the wrappers are stripped
-_REFERENCE_RENAMES = [(r"^L_level\.", "net."), (r"^H_init$", "y_init"), (r"^L_init$", "z_init")]
+_REFERENCE_RENAMES = [(r"^H_init$", "y_init"), (r"^L_init$", "z_init")]
+_TRM_NET = (r"^L_level\.", "net.")  # TRM's one net; HRM keeps its H_level and L_level
 _REFERENCE_IGNORED = re.compile(r"^rotary_emb\.")  # cached cos/sin, derived from the config
 
 
-def reference_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def reference_to_ours(state: dict[str, torch.Tensor], arch: str = "trm") -> dict[str, torch.Tensor]:
     """Rename a reference (SamsungSAILMontreal/TinyRecursiveModels) state dict to our keys.
 
     Accepts keys with or without ``_orig_mod.`` (torch.compile) and ``model.inner.`` prefixes.
+    `arch` is the model's ("trm" or "hrm").
     """
+    renames = _REFERENCE_RENAMES + ([_TRM_NET] if arch == "trm" else [])
     out = {}
     for key, value in state.items():
         name = re.sub(r"^(_orig_mod\.)?(model\.)?(inner\.)?", "", key)
         if _REFERENCE_IGNORED.match(name):
             continue
-        for pattern, repl in _REFERENCE_RENAMES:
+        for pattern, repl in renames:
             name = re.sub(pattern, repl, name)
         out[name] = value.float() if value.is_floating_point() else value
     return out
 
 
-def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
+def read_reference(path: str | Path, arch: str = "trm") -> dict[str, torch.Tensor]:
     """Load a reference checkpoint safely (``weights_only=True``: no code runs)."""
     path = Path(path)
     if not path.is_file():
@@ -121,4 +124,4 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot load {path} as a weights-only PyTorch state dict: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
-    return reference_to_ours(state)
+    return reference_to_ours(state, arch)

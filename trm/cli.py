@@ -292,7 +292,7 @@ def import_reference(
     if target.exists():
         _fail(f"{target} exists; choose another --out")
     try:
-        path = write_model_checkpoint(checkpoint.read_reference(source), cfg, data, target)
+        path = write_model_checkpoint(checkpoint.read_reference(source, cfg.model.arch), cfg, data, target)
     except (checkpoint.CheckpointError, ValueError) as e:
         _fail(str(e))
     console.print(f"wrote {path}")
