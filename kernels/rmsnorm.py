@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cuda_ext
 from ._triton import check_input, next_pow2, split_at, takes
 
 MAX_N = 32768  # the normalised axis is held whole in one tile
@@ -103,9 +104,7 @@ def _extension(x: torch.Tensor, dim: int, impl: str):
     length within its limit), else None: the Triton kernels take every other case."""
     if impl != "cuda" or dim != x.dim() - 1 or not x.is_cuda:
         return None
-    from .cuda_ext import load
-
-    ext = load()
+    ext = cuda_ext.load()  # cached: built or loaded once
     return ext if ext is not None and x.shape[-1] <= ext.add_rmsnorm_max_hidden(x) else None
 
 

@@ -99,17 +99,26 @@ def _grid_task(task: str, vocab: int, wd: float, emb_lr: float) -> RunConfig:
     )
 
 
-def _small_maze() -> RunConfig:
-    """Generated 11x11 mazes for a CPU: attention (MLP mixing fails on mazes, per the paper)."""
-    cfg = _small_sudoku(4, hidden=64, steps=300)
-    cfg.model = ModelConfig(vocab_size=6, seq_len=121, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=2, n=2,
-                            n_sup=4)  # fmt: skip
-    cfg.data = DataConfig(task="maze", size=11, num_train=512, num_test=64, min_path_length=8, dihedral=True)
-    return cfg
+def _cpu_train(steps: int, batch: int = 64, eval_batch: int = 256) -> TrainConfig:
+    """Training settings of the presets sized for a 2-core CPU."""
+    return TrainConfig(
+        global_batch_size=batch,
+        steps=steps,
+        lr=1e-3,
+        lr_warmup_steps=50,
+        weight_decay=0.1,
+        puzzle_emb_lr=1e-3,
+        puzzle_emb_weight_decay=0.1,
+        ema_rate=0.99,
+        eval_interval=steps,
+        eval_batch_size=eval_batch,
+        checkpoint_interval=steps,
+        log_interval=10,
+    )
 
 
 def _small_sudoku(size: int, hidden: int, steps: int) -> RunConfig:
-    """Presets sized for a 2-core CPU: a few minutes to a clearly learned model."""
+    """Sudoku for a 2-core CPU: a few minutes to a clearly learned model."""
     return RunConfig(
         ModelConfig(
             vocab_size=size + 2,
@@ -121,22 +130,18 @@ def _small_sudoku(size: int, hidden: int, steps: int) -> RunConfig:
             T=2,
             n=2,
             n_sup=4,
-        ),
-        TrainConfig(
-            global_batch_size=64,
-            steps=steps,
-            lr=1e-3,
-            lr_warmup_steps=50,
-            weight_decay=0.1,
-            puzzle_emb_lr=1e-3,
-            puzzle_emb_weight_decay=0.1,
-            ema_rate=0.99,
-            eval_interval=steps,
-            eval_batch_size=256,
-            checkpoint_interval=steps,
-            log_interval=10,
-        ),
+        ),  # fmt: skip
+        _cpu_train(steps),
         DataConfig(task="sudoku", size=size, num_train=2000, num_test=200, augmentations=0),
+    )
+
+
+def _small_maze() -> RunConfig:
+    """Generated 11x11 mazes for a CPU: attention (MLP mixing fails on mazes, per the paper)."""
+    return RunConfig(
+        ModelConfig(vocab_size=6, seq_len=121, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=2, n=2, n_sup=4),
+        _cpu_train(300),
+        DataConfig(task="maze", size=11, num_train=512, num_test=64, min_path_length=8, dihedral=True),
     )
 
 
@@ -149,12 +154,11 @@ def _hrm_sudoku() -> RunConfig:
 
 def _small_arc() -> RunConfig:
     """A handful of ARC-AGI-1 tasks for a CPU: the pipeline end to end, not a result."""
-    cfg = _small_sudoku(4, hidden=64, steps=20)
-    cfg.model = ModelConfig(vocab_size=12, seq_len=900, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=2, n=1,
-                            n_sup=2)  # fmt: skip
-    cfg.train.global_batch_size, cfg.train.eval_batch_size = 16, 32
-    cfg.data = DataConfig(task="arc1", size=30, num_train=3, num_test=2, augmentations=3)
-    return cfg
+    return RunConfig(
+        ModelConfig(vocab_size=12, seq_len=900, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=2, n=1, n_sup=2),
+        _cpu_train(20, batch=16, eval_batch=32),
+        DataConfig(task="arc1", size=30, num_train=3, num_test=2, augmentations=3),
+    )
 
 
 PRESETS = {

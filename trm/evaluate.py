@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import distributed
 from .data.dataset import Split
 from .losses import IGNORE_LABEL
 from .model import RecursiveReasoningModel, build_model
@@ -15,10 +16,6 @@ from .model import RecursiveReasoningModel, build_model
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @torch.no_grad()
@@ -31,7 +28,7 @@ def evaluate(
     processes each evaluates a strided share and the counts are summed.
     """
     device = model.y_init.device
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed.active() else (0, 1)
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # examples, exact, correct tokens, tokens
@@ -50,7 +47,7 @@ def evaluate(
                 mask.sum().double(),
             ]
         )
-    if _distributed():
+    if distributed.active():
         dist.all_reduce(totals)
     model.train(was_training)
     examples, exact, correct, tokens = totals.tolist()

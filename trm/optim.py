@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .distributed import all_gather_cat
 from .model import PuzzleEmbedding
 
 
@@ -68,8 +68,7 @@ class SparseSignSGD:
         if emb.local_weights is None or emb.local_weights.grad is None:
             return
         ids, grad = emb.local_ids.long(), emb.local_weights.grad
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ids, grad = _all_gather(ids), _all_gather(grad)
+        ids, grad = all_gather_cat(ids), all_gather_cat(grad)  # every process's batch rows
         same = (ids[:, None] == ids[None, :]).to(grad.dtype)
         summed = same @ grad
         rows = emb.weights[ids]
@@ -78,12 +77,6 @@ class SparseSignSGD:
     def zero_grad(self) -> None:
         self.embedding.local_weights = None
         self.embedding.local_ids = None
-
-
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 class EMA:

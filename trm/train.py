@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RunConfig
 from .data.dataset import BatchIterator, load_split, read_metadata
+from .distributed import all_gather_cat
 from .evaluate import evaluate, to_device
 from .losses import act_loss
 from .model import Carry, build_model
@@ -134,13 +135,6 @@ class Trainer:
             return evaluate(self.model, self.test_split, self.cfg.train.eval_batch_size, steps)
 
     # checkpoints -----------------------------------------------------------------------------------
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue exactly. Collective under DDP: call on every process."""
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -149,11 +143,11 @@ class Trainer:
         for name, p in self.model.named_parameters():
             out |= {f"optim.{name}.{k}": v for k, v in self.optimizer.state.get(p, {}).items()}
         if self.carry is not None:
-            out |= {f"carry.{k}": self._gather(getattr(self.carry, k)) for k in _CARRY_FIELDS}
-            out |= {f"carry.data.{k}": self._gather(v) for k, v in self.carry.data.items()}
-        out["rng.cpu"] = self._gather(torch.get_rng_state()[None].to(self.device)).cpu()
+            out |= {f"carry.{k}": all_gather_cat(getattr(self.carry, k)) for k in _CARRY_FIELDS}
+            out |= {f"carry.data.{k}": all_gather_cat(v) for k, v in self.carry.data.items()}
+        out["rng.cpu"] = all_gather_cat(torch.get_rng_state()[None].to(self.device)).cpu()
         if self.device.type == "cuda":
-            out["rng.cuda"] = self._gather(torch.cuda.get_rng_state(self.device)[None].to(self.device)).cpu()
+            out["rng.cuda"] = all_gather_cat(torch.cuda.get_rng_state(self.device)[None].to(self.device)).cpu()
         return out
 
     def save(self) -> Path:
@@ -209,7 +203,7 @@ def reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """Sum over processes, then turn sums over halted slots into means (one host sync)."""
     keys = list(metrics)
     values = torch.stack([metrics[k].double() for k in keys])
-    if dist.is_available() and dist.is_initialized():
+    if distributed.active():
         dist.all_reduce(values)
     sums = dict(zip(keys, values.tolist(), strict=False))
     count = max(sums.pop("count"), 1.0)
