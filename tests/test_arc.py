@@ -1,5 +1,6 @@
 """ARC: encoding round trips over both sets, exact inverses, voting and pass@K, build, CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -103,6 +104,26 @@ def test_build_from_a_directory_follows_the_split_protocol(tmp_path, rng):
     (tmp_path / "tasks" / "training" / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json: not an ARC task"):
         arc.load_tasks(str(tmp_path / "tasks"))
+
+
+def test_extra_training_directories_are_searched_recursively(tmp_path, rng):
+    write_tasks(tmp_path / "tasks", rng)
+    concept = tmp_path / "concept" / "corpus"
+    for folder in ("AboveBelow", "Count"):  # ConceptARC's layout: one folder per concept
+        (concept / folder).mkdir(parents=True)
+        pair = {"input": rng.integers(0, 10, (2, 2)).tolist(), "output": rng.integers(0, 10, (1, 3)).tolist()}
+        (concept / folder / f"{folder}1.json").write_text(json.dumps({"train": [pair, pair], "test": [pair]}))
+    base = DataConfig(task="arc1", arc_dir=str(tmp_path / "tasks"), augmentations=1, seed=0, num_train=0, num_test=0)
+    cfg = dataclasses.replace(base, arc_extra=f"{concept}, ")
+    out = dataset.build(cfg, tmp_path / "data")
+    meta = dataset.read_metadata(out)
+    ids = json.loads((out / "identifiers.json").read_text())
+    assert sorted({i["task"] for i in ids}) == ["AboveBelow1", "Count1", "a", "b", "c"]
+    # a, b: 3 pairs; c: 2 demonstrations; each concept task: all 3 of its pairs; x 2 variants
+    assert meta["splits"] == {"train": 2 * (3 + 3 + 2 + 3 + 3), "test": 2}
+    assert meta["source"] != dataset.source_of(base) and str(concept) in meta["source"]
+    with pytest.raises(ValueError, match="missing.*does not exist"):
+        dataset.build(dataclasses.replace(base, arc_extra=str(tmp_path / "missing")), tmp_path / "data2")
 
 
 def test_arc_trains_evaluates_and_writes_a_submission(tmp_path):

