@@ -5,10 +5,10 @@ pads (0) at offset (r, c), with the end-of-grid marker (1) on the row just below
 and the column just right of it. Training pairs sit at a random offset (the same for
 input and output); test inputs at (0, 0).
 
-Split protocol: the training split holds every pair of the training tasks plus the
-demonstration pairs of the evaluation tasks, plus every pair of the tasks found under the
-extra directories of ``data.arc_extra`` (the reference adds ConceptARC this way). The test split holds the evaluation tasks'
-test inputs. Every puzzle appears as the original plus ``augmentations`` distinct
+Split protocol: the training split holds every pair of the training tasks, the
+demonstration pairs of the evaluation tasks, and every pair of the tasks found under the
+extra directories of ``data.arc_extra`` (the reference adds ConceptARC this way). The
+test split holds the evaluation tasks' test inputs. Every puzzle appears as the original plus ``augmentations`` distinct
 variants, each a dihedral transform with a permutation of colours 1..9 (0, the
 background, is fixed), and each variant has its own puzzle id. An evaluation task's test
 input therefore shares its id with the demonstrations the model was trained on.
@@ -171,7 +171,8 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     """Write an ARC dataset (SPEC section 6), see the module docstring.
 
     cfg.num_train / cfg.num_test limit the training / evaluation tasks (0: all), picked
-    with cfg.seed; the tasks under cfg.arc_extra are all added to training; cfg.augmentations variants per task. Extra files: ``identifiers.json``
+    with cfg.seed; the tasks under cfg.arc_extra are all added to training;
+    cfg.augmentations variants per task. Extra files: ``identifiers.json``
     (per puzzle id: task, dihedral k, colour map) and ``test_targets.json`` (per test input:
     task, index, target grid), with test/groups.npy mapping test rows to test inputs.
     """
