@@ -8,9 +8,9 @@ input and output); test inputs at (0, 0).
 Split protocol: the training split holds every pair of the training tasks, the
 demonstration pairs of the evaluation tasks, and every pair of the tasks found under the
 extra directories of ``data.arc_extra`` (the reference adds ConceptARC this way). The
-test split holds the evaluation tasks' test inputs. Every puzzle appears as the original plus ``augmentations`` distinct
-variants, each a dihedral transform with a permutation of colours 1..9 (0, the
-background, is fixed), and each variant has its own puzzle id. An evaluation task's test
+test split holds the evaluation tasks' test inputs. Every puzzle appears as the original
+plus ``augmentations`` distinct variants, each a dihedral transform with a permutation of
+colours 1..9 (0, the background, is fixed), and each variant has its own puzzle id. An evaluation task's test
 input therefore shares its id with the demonstrations the model was trained on.
 
 Evaluation decodes every augmented prediction, undoes its augmentation, and lets the
