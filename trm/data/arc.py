@@ -10,8 +10,9 @@ demonstration pairs of the evaluation tasks, and every pair of the tasks found u
 extra directories of ``data.arc_extra`` (the reference adds ConceptARC this way). The
 test split holds the evaluation tasks' test inputs. Every puzzle appears as the original
 plus ``augmentations`` distinct variants, each a dihedral transform with a permutation of
-colours 1..9 (0, the background, is fixed), and each variant has its own puzzle id. An evaluation task's test
-input therefore shares its id with the demonstrations the model was trained on.
+colours 1..9 (0, the background, is fixed), and each variant has its own puzzle id.
+An evaluation task's test input therefore shares its id with the demonstrations the
+model was trained on.
 
 Evaluation decodes every augmented prediction, undoes its augmentation, and lets the
 variants of one test input vote: candidates are ranked by vote count, then by mean
