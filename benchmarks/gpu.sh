@@ -2,29 +2,44 @@
 # Everything only a GPU can show, in one script (run from the repository root on the
 # device machine, which has no network). Writes its logs and results under OUT_DIR.
 #
-#   bash benchmarks/gpu.sh OUT_DIR [tests|ops|model|all]
+#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: tests | ops | model[=CONFIG,...]
 #
-# Each part fits the device tool's 10-minute call: tests (build the extension, the CUDA
-# and fused tests in bf16), ops (op-level benchmarks), model (model-level benchmarks).
+#   bash benchmarks/gpu.sh $OUT tests ops                             # CUDA tests, op table
+#   bash benchmarks/gpu.sh $OUT model=sudoku-mlp,sudoku-att           # model table, profiled
+#   bash benchmarks/gpu.sh $OUT model=maze,hrm-sudoku
+#
+# tests: build the extension, then every test on CUDA (bf16 kernels, the extension,
+# graph capture, graph vs eager). ops: results in OUT_DIR/ops/. model: results in
+# OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
+# results as they go, so a part stopped by a time limit (PART_TIMEOUT seconds, default
+# 540) keeps what it measured. Merge the parts of a session with
+# `python -m benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
 set -uo pipefail
-out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR [tests|ops|model|all]}"
-part="${2:-all}"
+out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR tests|ops|model[=CONFIGS]...}"
+shift
+limit="${PART_TIMEOUT:-540}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} > "$out/env.txt" 2>&1
-# setup.py builds trm_kernels._C ahead of time; --no-deps: nothing can be downloaded there
-python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || echo "install failed: see build.log"
-python3 -c "import trm_kernels._C; print('CUDA extension built: trm_kernels._C')" >> "$out/build.log" 2>&1
+  # setup.py builds trm_kernels._C ahead of time; --no-deps: nothing can be downloaded there
+  python3 -m pip install -q --no-build-isolation --no-deps -e . || echo "install failed"
+  python3 -c "import trm_kernels._C; print('CUDA extension built: trm_kernels._C')"
+} > "$out/build.log" 2>&1
+tail -3 "$out/build.log"
 
-if [[ "$part" == tests || "$part" == all ]]; then
-  python3 -m pytest -q -p no:cacheprovider -k "not learns_4x4" tests 2>&1 | tee "$out/pytest.log" | tail -15
-fi
-if [[ "$part" == ops || "$part" == all ]]; then
-  python3 -m benchmarks.run --out "$out" --only ops 2>&1 | tee "$out/bench-ops.log" | tail -5
-fi
-if [[ "$part" == model || "$part" == all ]]; then
-  python3 -m benchmarks.run --out "$out/model" --only model 2>&1 | tee "$out/bench-model.log" | tail -5
-fi
+for part in "$@"; do
+  case "$part" in
+    tests)
+      timeout "$limit" python3 -m pytest -q -p no:cacheprovider -k "not learns_4x4" tests 2>&1 | tee "$out/pytest.log" | tail -15 ;;
+    ops)
+      timeout "$limit" python3 -m benchmarks.run --out "$out/ops" --only ops 2>&1 | tee "$out/bench-ops.log" | tail -5 ;;
+    model|model=*)
+      configs=()
+      [[ "$part" == model=* ]] && configs=(--configs "${part#model=}")
+      timeout "$limit" python3 -m benchmarks.run --out "$out/model" --only model --profile "${configs[@]}" 2>&1 \
+        | tee "$out/bench-model.log" | tail -5 ;;
+    *) echo "unknown part: $part (tests, ops, model[=CONFIGS])"; exit 2 ;;
+  esac
+done

@@ -10,7 +10,11 @@ FLOP count, peak memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import trm_kernels as K
@@ -21,8 +25,11 @@ from trm.losses import act_loss
 from trm.model import Carry, RecursiveReasoningModel, build_model
 from trm.optim import AdamATan2
 
-from .common import Row, bench
+from .breakdown import profile_step
+from .common import Results, Row, bench
 from .ops import fused_runs_on
+
+T = TypeVar("T")
 
 
 def step_flops(cfg: ModelConfig, batch: int, train: bool) -> float:
@@ -76,7 +83,8 @@ def _model(cfg: ModelConfig, provider: Provider, device: torch.device, train: bo
     return build_model(cfg).to(device).train(train)
 
 
-def _train_case(name, cfg, batch, device, provider: Provider, gemm_tflops) -> Row:
+def _train_case(name, cfg, batch, device, provider: Provider, gemm_tflops, case=None) -> tuple[Row, Callable]:
+    """The row of a timed training step, and the step (warm) for profiling."""
     model = _model(cfg, provider, device, train=True)
     opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1)
     data = _batch(cfg, batch, device)
@@ -107,11 +115,70 @@ def _train_case(name, cfg, batch, device, provider: Provider, gemm_tflops) -> Ro
         torch.cuda.reset_peak_memory_stats(device)
     ms = bench(step, device, reps=20)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    flops = step_flops(cfg, batch, train=True)
-    tflops = flops / ms / 1e9
-    return Row("training step", f"{name} B={batch}", provider.name, ms, tflops=tflops,
-               extra={"tokens_per_s": batch * cfg.seq_len / ms * 1e3, "mfu": tflops / gemm_tflops,
-                      "peak_gib": peak})  # fmt: skip
+    tflops = step_flops(cfg, batch, train=True) / ms / 1e9
+    extra = {"batch": batch, "tokens_per_s": batch * cfg.seq_len / ms * 1e3, "mfu": tflops / gemm_tflops,
+             "peak_gib": peak}  # fmt: skip
+    return Row("training step", case or f"{name} B={batch}", provider.name, ms, tflops=tflops, extra=extra), step
+
+
+def _fits(row: Row | None) -> bool:
+    return row is not None and row.extra.get("peak_gib") is not None
+
+
+def _largest_batch(name, cfg, device, provider: Provider, gemm_tflops, measured: list[Row], log) -> Row | None:
+    """A training step at the largest batch that fits in the GPU's memory.
+
+    Peak memory is linear in the batch (weights and optimizer state, plus activations),
+    so it is fitted through two measured steps (those already run, else probes at small
+    batches) and solved for 92% of the device's memory; the prediction is run and backed
+    off by 15% while it does not fit. The batch is a multiple of 32.
+    """
+    points = {r.extra["batch"]: r.extra["peak_gib"] for r in measured if _fits(r)}
+
+    def row_at(batch: int, case: str | None = None) -> Row | None:
+        measured = _attempt(functools.partial(_train_case, name, cfg, batch, device, provider, gemm_tflops, case), log)
+        return measured[0] if measured else None
+
+    for probe in (64, 128):
+        if len(points) >= 2:
+            break
+        if probe not in points:
+            row = row_at(probe)
+            if not _fits(row):
+                return None
+            points[probe] = row.extra["peak_gib"]
+    (b1, p1), (b2, p2) = sorted(points.items())[-2:]
+    per_sample = (p2 - p1) / (b2 - b1)
+    budget = 0.92 * torch.cuda.mem_get_info(device)[1] / 2**30
+    batch = int((budget - (p2 - per_sample * b2)) / per_sample) // 32 * 32 if per_sample > 0 else b2
+    batch = max(batch, b2)  # b2 is known to fit
+    for _ in range(4):
+        if batch <= 0:
+            return None
+        row = row_at(batch, case=name)
+        if row is not None:
+            row.group = "training step (largest batch)"
+            return row
+        batch = int(batch * 0.85) // 32 * 32
+    return None
+
+
+def _attempt(case: Callable[[], T], log) -> T | None:
+    """Run a case; None (and a log line) where it runs out of memory."""
+    try:
+        return case()
+    except torch.OutOfMemoryError as e:
+        log(f"out of memory: {str(e).splitlines()[0][:160]}")
+        return None
+    finally:
+        _release(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def _release(device: torch.device) -> None:
+    """Return what dropped models and graphs held, so the next case's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _eval_case(name, cfg, batch, device, provider: Provider) -> Row:
@@ -136,40 +203,79 @@ def _eval_case(name, cfg, batch, device, provider: Provider) -> Row:
     solve()
     ms = bench(solve, device, reps=10)
     return Row("evaluation (full solve)", f"{name} B={batch}", provider.name, ms,
-               extra={"puzzles_per_s": batch / ms * 1e3})  # fmt: skip
+               extra={"batch": batch, "puzzles_per_s": batch / ms * 1e3})  # fmt: skip
 
 
-def configs(quick: bool) -> list[tuple[str, ModelConfig, list[int], list[int]]]:
-    """(name, config, training batches, evaluation batches)."""
+NAMES = ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku")  # HRM: the baseline, same ops
+
+
+def configs(quick: bool, names: list[str] | None = None) -> list[tuple[str, ModelConfig, list[int], list[int]]]:
+    """(name, config, training batches, evaluation batches), of `names` (default: all)."""
+    unknown = set(names or ()) - set(NAMES)
+    if unknown:
+        raise ValueError(f"unknown benchmark configs {sorted(unknown)}; choose from {', '.join(NAMES)}")
     dtype = "auto"
     if quick:
         tiny = dict(hidden_size=64, num_heads=2, T=2, n=1, n_sup=2, puzzle_emb_len=1, forward_dtype=dtype)
         return [("sudoku4-mlp", ModelConfig(vocab_size=6, seq_len=16, mlp_t=True, **tiny), [4], [1, 4]),
                 ("sudoku4-att", ModelConfig(vocab_size=6, seq_len=16, mlp_t=False, **tiny), [4], [1])]  # fmt: skip
     out = []
-    for name in ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku"):  # HRM: the baseline, same ops
+    for name in names or NAMES:
         cfg = preset(name).model
         cfg.forward_dtype = dtype
-        # 768 at S = 916 may not fit one GPU (the reference splits it over 4): then 192 does
+        # 768 at S = 916 may not fit one GPU (the reference splits it over 4 GPUs, 192 each)
         out.append((name, cfg, [768] if name != "maze" else [768, 192], [1, 768]))
     return out
 
 
-def run(device: torch.device, quick: bool, compile_ok: bool, gemm_tflops: float) -> list[Row]:
-    rows = []
-    for name, cfg, train_batches, eval_batches in configs(quick):
+PROFILED = ("eager", "fused + CUDA graphs", "fused")  # providers whose training step is profiled
+SEARCHED = ("eager", "fused + CUDA graphs")  # providers whose largest batch is searched (no recompiles)
+
+
+def run(results: Results, device: torch.device, quick: bool, compile_ok: bool, names: list[str] | None = None,
+        profile: bool = False, save: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    """Append every model-level row (and skip, and profile) to `results`, calling save() after each provider."""
+    gemm = results.ceilings["gemm_tflops"]
+
+    def log(row_or_text) -> None:
+        if isinstance(row_or_text, Row):
+            r = row_or_text
+            row_or_text = f"{r.group:30s} {r.case:24s} {r.provider:30s} {r.ms:10.3f} ms {r.extra}"
+        print(row_or_text, flush=True)
+
+    def skip(group: str, case: str, provider: Provider) -> None:
+        results.skipped.append({"group": group, "case": case, "provider": provider.name, "reason": "out of memory"})
+
+    for name, cfg, train_batches, eval_batches in configs(quick, names):
         for provider in _providers(device, compile_ok):
-            jobs = [(_train_case, (name, cfg, b, device, provider, gemm_tflops)) for b in train_batches]
-            jobs += [(_eval_case, (name, cfg, b, device, provider)) for b in eval_batches]
-            for case, args in jobs:
-                try:
-                    row = case(*args)
-                except torch.OutOfMemoryError:
-                    print(f"out of memory: {name} {provider.name} {args[2]}")
+            trained: list[Row] = []
+            for batch in train_batches:
+                measured = _attempt(functools.partial(_train_case, name, cfg, batch, device, provider, gemm), log)
+                if measured is None:
+                    skip("training step", f"{name} B={batch}", provider)
                     continue
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                print(f"{row.group:26s} {row.case:24s} {row.provider:32s} {row.ms:10.3f} ms {row.extra}", flush=True)
-                rows.append(row)
-    return rows
+                row, step = measured
+                log(row)
+                trained.append(row)
+                if profile and provider.name in PROFILED and len(trained) == 1:
+                    entry = profile_step(step, device, row.ms)
+                    results.profiles.append({"case": row.case, "provider": provider.name, **entry})
+                del measured, step  # the model, its optimizer state and graphs: freed before the next case
+                _release(device)
+            rows = trained
+            if device.type == "cuda" and provider.name in SEARCHED:
+                largest = _largest_batch(name, cfg, device, provider, gemm, trained, log)
+                if largest is None:
+                    skip("training step (largest batch)", name, provider)
+                else:
+                    log(largest)
+                    rows.append(largest)
+            for batch in eval_batches:
+                row = _attempt(functools.partial(_eval_case, name, cfg, batch, device, provider), log)
+                if row is None:
+                    skip("evaluation (full solve)", f"{name} B={batch}", provider)
+                else:
+                    log(row)
+                    rows.append(row)
+            results.rows += rows
+            save()

@@ -1,7 +1,9 @@
-"""Run the benchmarks on the machine at hand and write results.{json,md,png} under --out.
+"""Run the benchmarks on the machine at hand and write results.{json,md,png} and ceiling.png under --out.
 
-python -m benchmarks.run --out benchmarks/results/h100-2026-11-23       # full, on a GPU
-python -m benchmarks.run --out /tmp/bench --quick                       # small shapes, any machine
+python -m benchmarks.run --out benchmarks/results/h100-2026-11-23            # full, on a GPU
+python -m benchmarks.run --out /tmp/bench --quick                            # small shapes, any machine
+python -m benchmarks.run --out /tmp/m --only model --configs maze --profile   # one model config, profiled
+python -m benchmarks.run --out DIR --merge PART1 PART2                       # one table from several runs
 """
 
 from __future__ import annotations
@@ -12,16 +14,33 @@ from pathlib import Path
 import torch
 
 from . import model, ops
-from .common import copy_ceiling, environment, gemm_ceiling, write_results
+from .common import Results, copy_ceiling, environment, gemm_ceiling, merge, read_results, write_results
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="directory for results.json/.md/.png")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the result files")
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
     parser.add_argument("--only", choices=("ops", "model"), help="run one part")
+    parser.add_argument("--configs", help=f"model configs, comma-separated (default: {','.join(model.NAMES)})")
+    parser.add_argument("--profile", action="store_true", help="profile a training step per config: where time goes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR", help="merge these runs' results; run nothing")
     args = parser.parse_args(argv)
+
+    if args.merge:
+        try:
+            results = merge([read_results(p) for p in args.merge])
+        except ValueError as e:
+            parser.error(str(e))
+        write_results(args.out, results)
+        print((args.out / "results.md").read_text())
+        return args.out
+    names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
+    try:
+        model.configs(False, names)
+    except ValueError as e:
+        parser.error(str(e))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type != "cuda"
@@ -32,13 +51,14 @@ def main(argv: list[str] | None = None) -> Path:
         "gemm_tflops": gemm_ceiling(device, 512 if quick else 8192),
     }
     print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.1f} TFLOP/s", flush=True)
+    results = Results(env, ceilings)
     compile_ok = not args.no_compile
-    rows = []
+    # results are rewritten as they come, so a run stopped by a time limit keeps what it measured
     if args.only in (None, "ops"):
-        rows += ops.run(device, quick, compile_ok)
+        results.rows += ops.run(device, quick, compile_ok)
+        write_results(args.out, results)
     if args.only in (None, "model"):
-        rows += model.run(device, quick, compile_ok, ceilings["gemm_tflops"])
-    write_results(args.out, env, ceilings, rows)
+        model.run(results, device, quick, compile_ok, names, args.profile, lambda: write_results(args.out, results))
     print((args.out / "results.md").read_text())
     return args.out
 

@@ -2,27 +2,107 @@
 
 import json
 
+import pytest
 import torch
 
-from benchmarks import model, run
+from benchmarks import breakdown, common, model, run, targets
+from benchmarks.common import Results, Row
 from trm.config import ModelConfig
 from trm.losses import act_loss
 from trm.model import TRM
 
 
-def test_benchmark_command_writes_json_markdown_and_plot(tmp_path, monkeypatch):
+def test_benchmark_command_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     quick = model.configs(quick=True)[:1]
     quick[0] = (*quick[0][:3], [1])
-    monkeypatch.setattr(model, "configs", lambda quick_: quick)
-    run.main(["--out", str(tmp_path), "--quick", "--no-compile"])
+    monkeypatch.setattr(model, "configs", lambda quick_, names=None: quick)
+    run.main(["--out", str(tmp_path), "--quick", "--no-compile", "--profile"])
     data = json.loads((tmp_path / "results.json").read_text())
     groups = {r["group"] for r in data["rows"]}
     assert {"add+rmsnorm forward", "swiglu backward", "attention forward", "training step"} <= groups
     assert data["ceilings"]["copy_gbps"] > 0 and data["environment"]["torch"] == torch.__version__
     providers = {r["provider"] for r in data["rows"] if r["group"] == "add+rmsnorm forward"}
     assert {"eager", "triton"} <= providers  # the interpreter runs the fused kernels on CPU
-    assert "| case | provider | ms |" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "results.png").stat().st_size > 0
+    # the training step of eager and fused is profiled: matrix products and our ops are found by name
+    profiles = {p["provider"]: p for p in data["profiles"]}
+    assert set(profiles) == {"eager", "fused"}
+    assert profiles["eager"]["categories"]["GEMM"] > 0 and profiles["fused"]["categories"]["add+rmsnorm"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| case | provider | ms | batch | tokens/s | TFLOP/s | % GEMM |" in md
+    assert "## where the time of a training step goes" in md and "## targets" in md
+    assert "| case | provider | ms | GB/s | % copy | vs eager |" in md
+    assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "ceiling.png").stat().st_size > 0
+
+
+def _results(device: str, rows: list[Row]) -> Results:
+    env = {"device": device, "date": "2026-11-23", "torch": "2.11", "triton": "3.6", "cuda": "13.0"}
+    return Results(env, {"copy_gbps": 3000.0, "gemm_tflops": 800.0}, rows)
+
+
+def test_runs_merge_into_one_table_and_mismatched_devices_are_refused(tmp_path):
+    eager = Row("training step (largest batch)", "maze", "eager", 100.0, tflops=200.0, extra={"batch": 192})
+    ours = Row("training step (largest batch)", "maze", "fused", 150.0, tflops=400.0, extra={"batch": 576})
+    norm = Row("add+rmsnorm forward", "n", "eager", 0.5, gbps=1500.0)
+    common.write_results(tmp_path / "a", _results("H100", [eager, norm]))
+    b = _results("H100", [ours])
+    b.skipped.append({"group": "training step", "case": "maze B=768", "provider": "fused", "reason": "out of memory"})
+    common.write_results(tmp_path / "b", b)
+    run.main(["--out", str(tmp_path / "all"), "--merge", str(tmp_path / "a"), str(tmp_path / "b")])
+    merged = common.read_results(tmp_path / "all")
+    assert [r.provider for r in merged.rows] == ["eager", "eager", "fused"] and len(merged.skipped) == 1
+    # batches differ in a batch search: compared by throughput, 576/150 over 192/100 = 2x
+    assert common.vs_eager(ours, merged.rows) == pytest.approx(2.0)
+    md = (tmp_path / "all" / "results.md").read_text()
+    assert "| maze | fused | 150.0 | 576 | 400.0 | 50% | 2.00x |" in md and "maze B=768, fused: out of memory" in md
+    common.write_results(tmp_path / "c", _results("H200", [norm]))
+    with pytest.raises(SystemExit):
+        run.main(["--out", str(tmp_path / "x"), "--merge", str(tmp_path / "a"), str(tmp_path / "c")])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json: not a benchmark results file"):
+        common.read_results(tmp_path / "bad.json")
+
+
+def test_unknown_model_config_is_refused():
+    with pytest.raises(SystemExit):
+        run.main(["--out", "/nonexistent", "--configs", "sudoku-mlp,sudoku-xl"])
+
+
+def test_largest_batch_fits_a_line_through_peak_memory_and_backs_off(monkeypatch):
+    """Peak memory 2 GiB + 0.1 GiB per sample on a 80 GiB device that has 70 GiB usable:
+    the line through the 64 and 128 probes predicts (0.92 * 80 - 2) / 0.1 -> 704; the run
+    at 704 is out of memory, so 15% less (576, a multiple of 32) is run."""
+    runs = []
+
+    def fake_case(name, cfg, batch, device, provider, gemm, case=None):
+        runs.append(batch)
+        if 2 + 0.1 * batch > 70:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        row = Row("training step", case or f"{name} B={batch}", provider.name, float(batch),
+                  extra={"batch": batch, "peak_gib": 2 + 0.1 * batch})  # fmt: skip
+        return row, None
+
+    monkeypatch.setattr(model, "_train_case", fake_case)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 2**30))
+    row = model._largest_batch("maze", None, torch.device("cpu"), model.Provider("eager", "reference"), 1.0, [],
+                               lambda text: None)  # fmt: skip
+    assert runs == [64, 128, 704, 576]
+    assert (row.group, row.case, row.extra["batch"]) == ("training step (largest batch)", "maze", 576)
+    # a measured step counts as one of the two points: one probe only
+    runs.clear()
+    measured = [Row("training step", "maze B=192", "eager", 1.0, extra={"batch": 192, "peak_gib": 2 + 19.2})]
+    model._largest_batch("maze", None, torch.device("cpu"), model.Provider("eager", "reference"), 1.0, measured,
+                         lambda text: None)  # fmt: skip
+    assert runs == [64, 704, 576]
+
+
+def test_kernel_names_fall_into_categories():
+    assert breakdown.category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "GEMM"
+    assert breakdown.category("nvjet_tst_128x64_64x8_1x2_h_bz_TNT") == "GEMM"
+    assert breakdown.category("_attn_bwd_dkdv") == "attention"
+    assert breakdown.category("add_rmsnorm_fwd_kernel<__nv_bfloat16, 4>") == "add+rmsnorm"
+    assert breakdown.category("_swiglu_fwd") == "swiglu"
+    assert breakdown.category("triton_poi_fused_add_mul_0") == "inductor (torch.compile)"
+    assert breakdown.category("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise, copies"
 
 
 def test_flop_count_of_a_training_step():
@@ -59,3 +139,44 @@ def test_cpu_full_solve_time(benchmark):
     net, batch = _tiny()
     net.eval()
     benchmark(lambda: list(net.solve(batch)))
+
+
+def test_targets_are_checked_against_the_run():
+    rows = [
+        Row("add+rmsnorm forward", "add_rmsnorm hidden 768x97x512", "eager", 2.125, gbps=1200.0),
+        Row("add+rmsnorm forward", "add_rmsnorm hidden 768x97x512", "triton", 1.109, gbps=2300.0),
+        Row("add+rmsnorm forward", "add_rmsnorm hidden 768x97x512", "cuda", 1.0, gbps=2550.0),
+        Row("add+rmsnorm backward", "add_rmsnorm hidden 768x97x512", "triton", 1.0, gbps=1800.0),
+        Row("attention forward+backward", "S=97", "triton", 2.0, tflops=1.0),
+        Row("attention forward+backward", "S=97", "sdpa-flash_attention (no rope)", 2.5, tflops=1.0),
+        Row("attention forward+backward", "S=97", "sdpa-cudnn_attention (no rope)", 1.5, tflops=1.0),
+        Row("training step", "sudoku-mlp B=768", "eager", 300.0, tflops=100.0, extra={"batch": 768, "peak_gib": 30}),
+        Row("training step", "sudoku-mlp B=768", "torch.compile reduce-overhead", 131.0, extra={"batch": 768}),
+        Row(
+            "training step",
+            "sudoku-mlp B=768",
+            "fused + CUDA graphs",
+            100.0,
+            tflops=380.0,
+            extra={"batch": 768, "peak_gib": 20},
+        ),  # fmt: skip
+        Row("evaluation (full solve)", "sudoku-mlp B=1", "eager", 50.0, extra={"batch": 1}),
+        Row("evaluation (full solve)", "sudoku-mlp B=1", "fused + CUDA graphs", 5.0, extra={"batch": 1}),
+    ]
+    checks = {(c.target, c.case): c for c in targets.check(_results("H100", rows))}
+
+    def met(target, case):
+        return checks[(target, case)].met
+
+    assert met("add+rmsnorm forward >= 80% of copy", "add_rmsnorm hidden 768x97x512")  # cuda: 85%
+    assert checks[("add+rmsnorm forward >= 80% of copy", "add_rmsnorm hidden 768x97x512")].measured == "85% (cuda)"
+    assert met("add+rmsnorm backward >= 70% of copy", "add_rmsnorm hidden 768x97x512") is False  # 60%
+    assert met("attention forward+backward: faster than the fastest SDPA", "S=97") is False  # cuDNN's 1.5 ms
+    assert met("training step: ours >= 2.0x eager", "sudoku-mlp B=768")  # 3x
+    assert met("training step: ours >= 1.3x torch.compile reduce-overhead", "sudoku-mlp B=768")  # 1.31x
+    assert met("training step: ours >= 2.0x eager", "maze B=768") is None  # not in the run: never "met"
+    assert met("training step MFU >= 45%", "sudoku-mlp B=768")  # 380 / 800
+    assert met("training peak memory <= eager's", "sudoku-mlp B=768")
+    assert met("evaluation (full solve): ours >= 5.0x eager", "sudoku-mlp B=1")  # 10x
+    md = common.markdown(_results("H100", rows))
+    assert "| training step: ours >= 2.0x eager | maze B=768 |  | not measured |" in md
