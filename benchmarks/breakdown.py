@@ -1,8 +1,9 @@
 """Where the time of a step goes: one step under the PyTorch profiler, kernels by category.
 
-On a GPU the figures are the kernels' own device times (CUPTI; kernels replayed from a
-CUDA graph included), so ``busy`` (their sum over the step's wall time) shows how much of
-the step the GPU idles on launches and the host. On a CPU they are the ops' self times.
+On a GPU the figures are the kernels' own device times (CUPTI, which also reports the
+kernels a CUDA graph replays; not yet checked here on a GPU), so ``busy`` (their sum over
+the step's wall time) shows how much of the step the GPU idles on launches and the host.
+On a CPU they are the ops' self times.
 """
 
 from __future__ import annotations
