@@ -131,12 +131,27 @@ def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
             yield Row("attention forward+backward", case, name, ms_f + ms_b, tflops=3.5 * flops / (ms_f + ms_b) / 1e9)
 
 
+def _token_mix_cases(batch, seq, hidden, inter, dtype, device) -> Iterator[Row]:
+    """The mlp_t gate_up product W [2I, S] @ h [B, S, D] as the model computes it, against the
+    same product with W's rows padded to a multiple of 8 elements (16 bytes): at S = 97 the
+    contiguous W's leading dimension is not 16-byte aligned, which cuBLAS's fastest kernels need."""
+    h = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
+    w = torch.randn(2 * inter, seq, device=device, dtype=dtype)
+    padded = torch.zeros(2 * inter, -(-seq // 8) * 8, device=device, dtype=dtype)[:, :seq]
+    padded.copy_(w)
+    flops = 2 * batch * 2 * inter * seq * hidden
+    case = f"W {2 * inter}x{seq} @ h {batch}x{seq}x{hidden}"
+    for name, weight in (("eager", w), (f"leading dim padded to {padded.stride(0)}", padded)):
+        ms = bench(functools.partial(torch.matmul, weight, h), device)
+        yield Row("mlp_t gate_up GEMM", case, name, ms, tflops=flops / ms / 1e9)
+
+
 def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if quick:
         rows_list, hidden, inter, attn = [(2, 17)], 64, 96, [(2, 17, 2, 32)]
     else:
-        rows_list, hidden, inter, attn = [(768, 97), (768, 916)], 512, 1536, [(768, 97, 8, 64), (96, 916, 8, 64)]
+        rows_list, hidden, inter, attn = [(768, 97), (768, 916)], 512, 1536, [(768, 97, 8, 64), (768, 916, 8, 64)]
     out: list[Row] = []
     for cases in (
         _norm_cases(rows_list, hidden, dtype, device, compile_ok),
@@ -144,6 +159,7 @@ def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
         _inject_cases(rows_list, hidden, dtype, device, compile_ok),
         _ce_cases([(768, 81)] if not quick else [(2, 16)], 11, dtype, device, compile_ok),
         _attention_cases(attn, dtype, device, compile_ok),
+        _token_mix_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device),
     ):
         for row in cases:
             print(f"{row.group:32s} {row.case:40s} {row.provider:28s} {row.ms:9.4f} ms", flush=True)
