@@ -155,7 +155,7 @@ _COLUMNS = [
 
 
 def markdown(results: Results) -> str:
-    from .targets import markdown as targets_markdown  # it reads Results: imported here, not at the top
+    from . import targets  # it reads Results: imported here, not at the top
 
     env, ceilings, rows = results.environment, results.ceilings, results.rows
     lines = [
@@ -178,7 +178,8 @@ def markdown(results: Results) -> str:
     if results.skipped:
         lines += ["", "## not measured", ""]
         lines += [f"- {s['group']}, {s['case']}, {s['provider']}: {s['reason']}" for s in results.skipped]
-    lines += targets_markdown(results)
+    lines += targets.hrm_vs_trm(results)
+    lines += targets.markdown(results)
     lines += breakdown_markdown(results.profiles)
     return "\n".join(lines) + "\n"
 

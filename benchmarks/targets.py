@@ -1,4 +1,5 @@
-"""The performance targets of the project's issues, checked against a benchmark run.
+"""The performance targets of the project's issues, checked against a benchmark run, and
+the HRM vs TRM comparison the paper's table needs.
 
 Each target compares our best provider on a case with a bound: a fraction of the copy or
 GEMM ceiling measured in the same run, or a speed-up over another provider of the same
@@ -101,4 +102,22 @@ def markdown(results: Results) -> list[str]:
     mark = {True: "met", False: "**missed**", None: "not measured"}
     lines = ["", "## targets", "", "| target | case | measured | |", "|---|---|---|---|"]
     lines += [f"| {c.target} | {c.case} | {c.measured} | {mark[c.met]} |" for c in checks]
+    return lines
+
+
+def hrm_vs_trm(results: Results, batch: int = 768) -> list[str]:
+    """Training-step time of HRM against both TRM variants at the Sudoku config, per provider."""
+    cases = {"TRM mlp_t": f"sudoku-mlp B={batch}", "TRM attention": f"sudoku-att B={batch}",
+             "HRM": f"hrm-sudoku B={batch}"}  # fmt: skip
+    times = {(r.provider, r.case): r.ms for r in results.rows if r.group == "training step"}
+    providers = [p for p in dict.fromkeys(p for p, _ in times) if (p, cases["HRM"]) in times]
+    if not providers:
+        return []
+    lines = ["", f"## HRM vs TRM: training step at the Sudoku config, batch {batch}", "",
+             "| provider | " + " | ".join(f"{k} ms" for k in cases) + " | HRM / TRM attention |",
+             "|---|" + "---:|" * (len(cases) + 1)]  # fmt: skip
+    for p in providers:
+        ms = [times.get((p, c)) for c in cases.values()]
+        ratio = f"{ms[2] / ms[1]:.2f}x" if ms[1] else ""
+        lines.append(f"| {p} | " + " | ".join(f"{m:.1f}" if m else "" for m in ms) + f" | {ratio} |")
     return lines

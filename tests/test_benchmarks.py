@@ -180,3 +180,13 @@ def test_targets_are_checked_against_the_run():
     assert met("evaluation (full solve): ours >= 5.0x eager", "sudoku-mlp B=1")  # 10x
     md = common.markdown(_results("H100", rows))
     assert "| training step: ours >= 2.0x eager | maze B=768 |  | not measured |" in md
+
+
+def test_hrm_and_trm_step_times_side_by_side():
+    rows = [Row("training step", f"{config} B=768", provider, ms)
+            for provider, times in (("eager", (300.0, 200.0, 800.0)), ("fused + CUDA graphs", (100.0, 80.0, 240.0)))
+            for config, ms in zip(("sudoku-mlp", "sudoku-att", "hrm-sudoku"), times, strict=True)]  # fmt: skip
+    md = common.markdown(_results("H100", rows))
+    assert "| eager | 300.0 | 200.0 | 800.0 | 4.00x |" in md
+    assert "| fused + CUDA graphs | 100.0 | 80.0 | 240.0 | 3.00x |" in md
+    assert targets.hrm_vs_trm(_results("H100", rows[:2])) == []  # no HRM measured: no table
