@@ -1,9 +1,14 @@
 """TRM structure and recursion semantics, against SPEC's numbers and hand-written loops."""
 
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import trm.model
 from trm.config import ModelConfig, preset
 from trm.layers import TokenMixer, intermediate_size
 from trm.model import TRM
@@ -99,6 +104,50 @@ def test_deep_recursion_equals_a_hand_written_loop_and_no_grad_cycles_match_grad
     assert not y.requires_grad and logits.requires_grad
 
 
+class CountCasts(TorchDispatchMode):
+    """Counts dtype conversions (aten._to_copy) run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mlp_t", [False, True])
+def test_no_grad_cycles_cast_each_weight_once_with_the_same_results(mlp_t, monkeypatch):
+    cfg = small(mlp_t=mlp_t, forward_dtype="bfloat16", T=3, n=2)
+    torch.manual_seed(0)
+    model = TRM(cfg)
+    b = batch_of(cfg)
+    linears = 4 * cfg.num_layers + 2  # per layer: mixer (2) and mlp (2); lm_head and q_head
+
+    def run():
+        with CountCasts() as count:
+            with torch.no_grad():
+                answers = [logits.clone() for logits, _ in model.solve(b)]
+            carry, out = model(model.initial_carry(b), b)  # training step: casts reused in the no-grad cycles only
+            (out["logits"].float().sum() + out["q_halt"].sum()).backward()
+        return answers, carry.y, [p.grad.clone() for p in model.parameters()], count.casts
+
+    reused = run()
+    model.zero_grad()
+    monkeypatch.setattr(trm.model, "casts_reused", lambda module: contextlib.nullcontext())
+    per_call = run()
+    for a, b_ in zip(reused[:3], per_call[:3], strict=True):  # the same casts: bitwise the same values
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+    calls = cfg.T * (cfg.n + 1)
+    # eval steps: once per step instead of once per net call; training: the no-grad cycles likewise
+    saved = (
+        cfg.n_sup * (calls - 1) * 4 * cfg.num_layers
+        + (cfg.T - 1) * (cfg.n + 1) * 4 * cfg.num_layers
+        - 4 * cfg.num_layers
+    )
+    assert per_call[3] - reused[3] == saved and reused[3] > linears
+
+
 def test_only_the_last_cycle_carries_gradient():
     cfg = small()
     model = TRM(cfg)
@@ -189,3 +238,39 @@ def test_solve_supports_more_steps_than_n_sup():
     for _ in range(cfg.n_sup):
         carry, out = model(carry, b)
     torch.testing.assert_close(outs[cfg.n_sup - 1][0], out["logits"])
+
+
+@pytest.mark.parametrize("mlp_t", [False, True])
+def test_the_whole_training_step_compiles_as_one_graph_and_matches_eager(mlp_t):
+    """fullgraph=True: no graph break anywhere in the step, the puzzle-embedding rows included."""
+    cfg = small(mlp_t=mlp_t, forward_dtype="float32", halt_exploration_prob=0.0)
+    torch.manual_seed(0)
+    eager = TRM(cfg)
+    eager.puzzle_emb.weights.normal_()
+    compiled = copy.deepcopy(eager)
+    b = batch_of(cfg)
+    results = []
+    for model, forward in ((eager, eager), (compiled, torch.compile(compiled, fullgraph=True))):
+        carry = model.initial_carry(b)
+        for _ in range(2):
+            carry, out = forward(carry, b)
+            (out["logits"].square().sum() + out["q_halt"].sum()).backward()
+        grads = [p.grad for p in model.parameters()] + [model.puzzle_emb.local_weights.grad]
+        results.append((carry.y, out["logits"], *grads))
+    for a, b_ in zip(*results, strict=True):  # fp32 sums in another order: ~1e-5 of the largest element
+        assert (a - b_).abs().max() <= 2e-4 * a.abs().max()
+
+
+def test_puzzle_rows_keep_receiving_gradients_after_the_model_is_converted():
+    cfg = small()
+    model = TRM(cfg)
+    b = batch_of(cfg)
+    model.initial_carry(b)  # reserves the rows' leaf
+    model.double()  # turns every buffer, the leaf too, into a converted copy
+    carry, out = model(model.initial_carry(b), b)
+    out["logits"].sum().backward()
+    rows = model.puzzle_emb.local_weights
+    assert rows.is_leaf and rows.dtype == torch.float64 and rows.grad is not None and rows.grad.abs().sum() > 0
+    assert torch.equal(model.puzzle_emb.local_ids, b["puzzle_identifiers"])
+    model.zero_grad()
+    assert rows.grad is None

@@ -65,7 +65,7 @@ def test_sparse_sign_sgd_touches_batch_rows_only_and_sums_duplicates():
     torch.testing.assert_close(emb.weights[4], want4)
     untouched = [0, 2, 3, 5]
     assert torch.equal(emb.weights[untouched], before[untouched])
-    assert emb.local_weights is None
+    assert emb.local_weights.grad is None
 
 
 def test_warmup_then_constant():

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .graphs import StaticGraph
-from .layers import CastedLinear, ReasoningNet, trunc_normal_
+from .layers import CastedLinear, ReasoningNet, casts_reused, trunc_normal_
 
 Batch = dict[str, torch.Tensor]  # inputs [B, L] int, labels [B, L] int (-100 = ignore), puzzle_identifiers [B]
 
@@ -36,22 +36,36 @@ class Carry:
 class PuzzleEmbedding(nn.Module):
     """One vector per puzzle id, zero-initialised; not a regular parameter.
 
-    In training, the rows of the current batch become a leaf tensor (``local_weights``)
-    whose gradient the sign-SGD optimizer applies to those rows only.
+    In training, the rows of the current batch are copied into a leaf tensor
+    (``local_weights``, with ``local_ids``) whose gradient the sign-SGD optimizer applies to
+    those rows only. The leaf is allocated once per batch size by ``reserve`` (called by
+    ``initial_carry``, outside any compiled region) and refilled in place, which keeps the
+    whole step capturable by torch.compile and CUDA graphs.
     """
 
     def __init__(self, num_ids: int, dim: int):
         super().__init__()
         self.register_buffer("weights", torch.zeros(num_ids, dim))
-        self.local_ids: torch.Tensor | None = None
-        self.local_weights: torch.Tensor | None = None
+        # buffers (not saved), so that torch.compile's CUDA graphs treat them as static
+        self.register_buffer("local_ids", None, persistent=False)
+        self.register_buffer("local_weights", None, persistent=False)
+
+    def reserve(self, batch_size: int) -> None:
+        w, local = self.weights, self.local_weights
+        # a module's .to() turns the leaf into a copy with history: allocate again then too
+        if local is None or local.shape[0] != batch_size or local.device != w.device or not local.is_leaf:
+            self.local_weights = torch.zeros(batch_size, w.shape[1], dtype=w.dtype, device=w.device, requires_grad=True)
+            self.local_ids = torch.zeros(batch_size, dtype=torch.long, device=w.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weights[ids.long()]
-        if self.training and torch.is_grad_enabled():
-            rows = rows.detach().requires_grad_()
-            self.local_ids, self.local_weights = ids, rows
-        return rows
+        if not (self.training and torch.is_grad_enabled()):
+            return rows
+        self.reserve(ids.shape[0])
+        with torch.no_grad():
+            self.local_weights.copy_(rows)
+            self.local_ids.copy_(ids)
+        return self.local_weights
 
 
 class RecursiveReasoningModel(nn.Module):
@@ -87,7 +101,7 @@ class RecursiveReasoningModel(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         # captured per (batch, sequence) shape on first use; see trm/graphs.py
-        self.graphs = {"no_grad_part": StaticGraph(self.no_grad_part), "eval_step": StaticGraph(self._eval_step)}
+        self.graphs = {"no_grad_part": StaticGraph(self._no_grad_part), "eval_step": StaticGraph(self._eval_step)}
 
     def block_kwargs(self) -> dict:
         cfg = self.cfg
@@ -100,6 +114,12 @@ class RecursiveReasoningModel(nn.Module):
         if self.cfg.forward_dtype == "auto":
             return torch.bfloat16 if self.y_init.is_cuda else torch.float32
         return getattr(torch, self.cfg.forward_dtype)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The parameters' gradients and the puzzle-embedding rows' (a leaf kept across steps)."""
+        super().zero_grad(set_to_none)
+        if self.prefix > 0 and self.puzzle_emb.local_weights is not None:
+            self.puzzle_emb.local_weights.grad = None
 
     def num_parameters(self) -> int:
         """Regular parameters (the puzzle-embedding table is a buffer, as in the paper's counts)."""
@@ -134,16 +154,21 @@ class RecursiveReasoningModel(nn.Module):
         if self._graphed(x):
             y, z = self.graphs["no_grad_part"](x, y, z)
         else:
-            with torch.no_grad():
-                y, z = self.no_grad_part(x, y, z)
+            y, z = self._no_grad_part(x, y, z)
         y, z = self.grad_part(x, y, z)
         return (y.detach(), z.detach(), *self._heads(y))
 
     @torch.no_grad()
+    def _no_grad_part(self, x, y, z):
+        with casts_reused(self):
+            return self.no_grad_part(x, y, z)
+
+    @torch.no_grad()
     def _eval_step(self, x, y, z):
         """A whole supervision step without grad (what evaluation replays)."""
-        y, z = self.grad_part(x, *self.no_grad_part(x, y, z))
-        return (y, z, *self._heads(y))
+        with casts_reused(self):
+            y, z = self.grad_part(x, *self.no_grad_part(x, y, z))
+            return (y, z, *self._heads(y))
 
     def initial_y_z(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (batch_size, self.seq_total, self.cfg.hidden_size)
@@ -152,6 +177,8 @@ class RecursiveReasoningModel(nn.Module):
     def initial_carry(self, batch: Batch) -> Carry:
         """Every slot halted, so the first step loads the whole batch."""
         size = batch["inputs"].shape[0]
+        if self.prefix > 0:
+            self.puzzle_emb.reserve(size)
         y, z = self.initial_y_z(size)
         device = batch["inputs"].device
         return Carry(

@@ -75,8 +75,8 @@ class SparseSignSGD:
         emb.weights[ids] = rows * (1 - self.lr * self.weight_decay) - self.lr * torch.sign(summed)
 
     def zero_grad(self) -> None:
-        self.embedding.local_weights = None
-        self.embedding.local_ids = None
+        if self.embedding.local_weights is not None:
+            self.embedding.local_weights.grad = None
 
 
 class EMA:
