@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kernels: checks, allocation, the current stream, errors.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -34,7 +34,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
   auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const cudaError_t err = trm::add_rmsnorm_forward(dtype_of(x), x.data_ptr(), residual ? residual->data_ptr() : nullptr,
                                                    y.data_ptr(), rstd.data_ptr<float>(), rows, n,
-                                                   static_cast<float>(eps), at::cuda::getCurrentCUDAStream());
+                                                   static_cast<float>(eps), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "add_rmsnorm (cuda) forward: ", cudaGetErrorString(err));
   return {y, rstd};
 }
@@ -52,7 +52,7 @@ at::Tensor backward(const at::Tensor& dy, const at::Tensor& x, const c10::option
   const cudaError_t err = trm::add_rmsnorm_backward(dtype_of(x), dy.data_ptr(), x.data_ptr(),
                                                     residual ? residual->data_ptr() : nullptr,
                                                     rstd.data_ptr<float>(), dh.data_ptr(), rows, n,
-                                                    at::cuda::getCurrentCUDAStream());
+                                                    c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "add_rmsnorm (cuda) backward: ", cudaGetErrorString(err));
   return dh;
 }
