@@ -131,6 +131,35 @@ def _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC: tl.constexpr
 
 
 @triton.jit
+def _score_grad(p, do, v, delta, scale, dtype, PREC: tl.constexpr):
+    """dS = P * (dO V^T - delta) * scale, in the input dtype for the next products."""
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return (p * (dp - delta[:, None]) * scale).to(dtype)
+
+
+@triton.jit
+def _query_tile(QKV_BASE, DOUT, LSE, DELTA, COS, SIN, b, h, bh, rows, row_stride, S, H, HALF: tl.constexpr):
+    """The backward's view of query rows: validity, rotated q halves, lse, delta and dO."""
+    D: tl.constexpr = 2 * HALF
+    q_ok = rows < S
+    q1, q2 = _rotated(QKV_BASE, rows, row_stride, COS, SIN, q_ok, HALF)
+    lse = tl.load(LSE + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
+    do = _rows(DOUT + b.to(tl.int64) * S * (H * D) + h * D, rows, H * D, q_ok, D)
+    return q_ok, q1, q2, lse, delta, do
+
+
+@triton.jit
+def _key_tile(QKV_BASE, COS, SIN, cols, row_stride, S, H, HALF: tl.constexpr):
+    """The backward's view of key rows: validity, rotated k halves and v."""
+    D: tl.constexpr = 2 * HALF
+    k_ok = cols < S
+    k1, k2 = _rotated(QKV_BASE + H * D, cols, row_stride, COS, SIN, k_ok, HALF)
+    v = _rows(QKV_BASE + 2 * H * D, cols, row_stride, k_ok, D)
+    return k_ok, k1, k2, v
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     QKV, COS, SIN, DOUT, LSE, DELTA, DQKV, S, H, scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
@@ -140,25 +169,19 @@ def _attn_bwd_dkdv(
     dtype = DQKV.dtype.element_ty
     b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = cols < S
     d = tl.arange(0, D)
-    k1, k2 = _rotated(q_base + H * D, cols, row_stride, COS, SIN, k_ok, HALF)
-    v = _rows(q_base + 2 * H * D, cols, row_stride, k_ok, D)
+    k_ok, k1, k2, v = _key_tile(q_base, COS, SIN, cols, row_stride, S, H, HALF)
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for start in range(0, S, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q_ok = rows < S
-        q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF)
-        lse = tl.load(LSE + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-        do = _rows(DOUT + b.to(tl.int64) * S * (H * D) + h * D, rows, H * D, q_ok, D)
+        q_ok, q1, q2, lse, delta, do = _query_tile(q_base, DOUT, LSE, DELTA, COS, SIN, b, h, bh, rows, row_stride,
+                                                   S, H, HALF)  # fmt: skip
         p = _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC)
         dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - delta[:, None]) * scale).to(dtype)
+        ds = _score_grad(p, do, v, delta, scale, dtype, PREC)
         dk1 += tl.dot(tl.trans(ds), q1, input_precision=PREC)
         dk2 += tl.dot(tl.trans(ds), q2, input_precision=PREC)
     g_base = DQKV + b.to(tl.int64) * S * row_stride + h * D
@@ -177,22 +200,16 @@ def _attn_bwd_dq(
     dtype = DQKV.dtype.element_ty
     b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = rows < S
-    q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF)
-    lse = tl.load(LSE + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-    do = _rows(DOUT + b.to(tl.int64) * S * (H * D) + h * D, rows, H * D, q_ok, D)
+    q_ok, q1, q2, lse, delta, do = _query_tile(q_base, DOUT, LSE, DELTA, COS, SIN, b, h, bh, rows, row_stride,
+                                               S, H, HALF)  # fmt: skip
     dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k_ok = cols < S
-        k1, k2 = _rotated(q_base + H * D, cols, row_stride, COS, SIN, k_ok, HALF)
-        v = _rows(q_base + 2 * H * D, cols, row_stride, k_ok, D)
+        k_ok, k1, k2, v = _key_tile(q_base, COS, SIN, cols, row_stride, S, H, HALF)
         p = _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - delta[:, None]) * scale).to(dtype)
+        ds = _score_grad(p, do, v, delta, scale, dtype, PREC)
         dq1 += tl.dot(ds, k1, input_precision=PREC)
         dq2 += tl.dot(ds, k2, input_precision=PREC)
     g_base = DQKV + b.to(tl.int64) * S * row_stride + h * D
