@@ -172,13 +172,13 @@ def _attempt(case: Callable[[], T], log) -> T | None:
         log(f"out of memory: {str(e).splitlines()[0][:160]}")
         return None
     finally:
-        _release(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        _release()
 
 
-def _release(device: torch.device) -> None:
+def _release() -> None:
     """Return what dropped models and graphs held, so the next case's peak is its own."""
     gc.collect()
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -262,8 +262,8 @@ def run(results: Results, device: torch.device, quick: bool, compile_ok: bool, n
                     entry = profile_step(step, device, row.ms)
                     results.profiles.append({"case": row.case, "provider": provider.name, **entry})
                 del measured, step  # the model, its optimizer state and graphs: freed before the next case
-                _release(device)
-            rows = trained
+                _release()
+            rows = trained  # then the largest batch and the evaluation rows
             if device.type == "cuda" and provider.name in SEARCHED:
                 largest = _largest_batch(name, cfg, device, provider, gemm, trained, log)
                 if largest is None:

@@ -47,6 +47,14 @@ def _fwd_bwd(fn: Callable, inputs: list[torch.Tensor]) -> tuple[Callable, Callab
     return (lambda: fn(*inputs)), backward
 
 
+def _timed_fwd_bwd(op: str, case: str, name: str, fn: Callable, inputs, device, fwd_bytes: int, bwd_bytes: int):
+    """The forward and the backward rows of one op and provider, as GB/s by the byte model."""
+    fwd, bwd = _fwd_bwd(fn, inputs)
+    for direction, run, nbytes in (("forward", fwd, fwd_bytes), ("backward", bwd, bwd_bytes)):
+        ms = bench(run, device)
+        yield Row(f"{op} {direction}", case, name, ms, gbps=nbytes / ms / 1e6)
+
+
 def _norm_cases(rows_list, hidden, dtype, device, compile_ok) -> Iterator[Row]:
     for batch, seq in rows_list:
         for dim, label in ((-1, "hidden"), (-2, "sequence")):
@@ -55,11 +63,7 @@ def _norm_cases(rows_list, hidden, dtype, device, compile_ok) -> Iterator[Row]:
             case = f"add_rmsnorm {label} {batch}x{seq}x{hidden}"
             for name, fn in _providers("add_rmsnorm", lambda a, b, _d=dim: R.add_rmsnorm(a, b, _d), compile_ok, device):
                 op = (lambda a, b, _f=fn, _d=dim: _f(a, b, dim=_d)) if name in ("triton", "cuda") else fn
-                fwd, bwd = _fwd_bwd(op, [x, r])
-                ms = bench(fwd, device)
-                yield Row("add+rmsnorm forward", case, name, ms, gbps=3 * nbytes / ms / 1e6)
-                ms = bench(bwd, device)
-                yield Row("add+rmsnorm backward", case, name, ms, gbps=4 * nbytes / ms / 1e6)
+                yield from _timed_fwd_bwd("add+rmsnorm", case, name, op, [x, r], device, 3 * nbytes, 4 * nbytes)
 
 
 def _swiglu_cases(rows_list, inter, dtype, device, compile_ok) -> Iterator[Row]:
@@ -68,11 +72,7 @@ def _swiglu_cases(rows_list, inter, dtype, device, compile_ok) -> Iterator[Row]:
         half = gu.numel() // 2 * gu.element_size()
         case = f"swiglu {batch * seq}x{2 * inter}"
         for name, fn in _providers("swiglu", R.swiglu, compile_ok, device):
-            fwd, bwd = _fwd_bwd(fn, [gu])
-            ms = bench(fwd, device)
-            yield Row("swiglu forward", case, name, ms, gbps=3 * half / ms / 1e6)
-            ms = bench(bwd, device)
-            yield Row("swiglu backward", case, name, ms, gbps=5 * half / ms / 1e6)
+            yield from _timed_fwd_bwd("swiglu", case, name, fn, [gu], device, 3 * half, 5 * half)
 
 
 def _inject_cases(rows_list, hidden, dtype, device, compile_ok) -> Iterator[Row]:
