@@ -9,12 +9,41 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why the Triton interpreter cannot run our kernels with these versions, or None.
+
+    Triton before 3.8 turns a runtime loop bound into a Python int with ``int(array)`` on a
+    one-element array, which NumPy 2.4 no longer allows. Every kernel that loops over a
+    runtime length (attention's key and query blocks) then fails with "only 0-dimensional
+    arrays can be converted to Python scalars". Compiled kernels (on a GPU) are unaffected.
+    """
+    if _version(triton_version) < (3, 8) and _version(numpy_version) >= (2, 4):
+        return (
+            f"the Triton interpreter of triton {triton_version} cannot run with numpy {numpy_version}: "
+            "loops over a runtime length fail. Install numpy<2.4 or triton>=3.8 to use TRITON_INTERPRET=1"
+        )
+    return None
+
+
+if interpreting():
+    import numpy
+    import triton
+
+    if (_problem := interpreter_problem(triton.__version__, numpy.__version__)) is not None:
+        warnings.warn(_problem, stacklevel=2)
 
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -9,6 +9,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton
+    except ImportError:
+        pass
+    else:
+        from trm_kernels._triton import interpreter_problem
+
+        if (problem := interpreter_problem(triton.__version__, np.__version__)) is not None:
+            pytest.exit(problem, returncode=4)
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

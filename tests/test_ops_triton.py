@@ -210,3 +210,12 @@ def test_auto_skips_a_backend_that_does_not_take_the_call(monkeypatch):
     monkeypatch.setitem(backend._REGISTRY["swiglu"], "triton", (lambda *a: calls.append(a) or R.swiglu(*a), None))
     K.swiglu(torch.randn(2, 4))
     assert len(calls) == 1  # a supported call does go to triton
+
+
+def test_interpreter_version_check():
+    from trm_kernels._triton import interpreter_problem
+
+    assert "numpy<2.4" in interpreter_problem("3.6.0", "2.4.1")  # the pair that fails
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.10.0", "2.4.0rc1") is None  # 3.10 > 3.8 as versions, not strings
+    assert interpreter_problem("3.9.0+git1234", "2.5.0") is None
