@@ -131,19 +131,36 @@ def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
             yield Row("attention forward+backward", case, name, ms_f + ms_b, tflops=3.5 * flops / (ms_f + ms_b) / 1e9)
 
 
+def _folded(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(w, h)
+
+
+def _batched(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(w.expand(h.shape[0], -1, -1), h)
+
+
 def _token_mix_cases(batch, seq, hidden, inter, dtype, device) -> Iterator[Row]:
-    """The mlp_t gate_up product W [2I, S] @ h [B, S, D] as the model computes it, against the
-    same product with W's rows padded to a multiple of 8 elements (16 bytes): at S = 97 the
-    contiguous W's leading dimension is not 16-byte aligned, which cuBLAS's fastest kernels need."""
+    """The mlp_t gate_up product W [2I, S] @ h [B, S, D], forward and backward, three ways:
+    ``torch.matmul`` (folds the batch into rows, copying h, the product and the gradients to
+    transposed layouts; the model did this until 2026-11-23), the batched GEMM with W at batch
+    stride 0 that the model runs now, and the same with W's rows padded to a multiple of 8
+    elements: at S = 97 a contiguous W's leading dimension (194 bytes) is not 16-byte aligned,
+    which cuBLAS's fastest kernels need."""
     h = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
     w = torch.randn(2 * inter, seq, device=device, dtype=dtype)
     padded = torch.zeros(2 * inter, -(-seq // 8) * 8, device=device, dtype=dtype)[:, :seq]
     padded.copy_(w)
     flops = 2 * batch * 2 * inter * seq * hidden
     case = f"W {2 * inter}x{seq} @ h {batch}x{seq}x{hidden}"
-    for name, weight in (("eager", w), (f"leading dim padded to {padded.stride(0)}", padded)):
-        ms = bench(functools.partial(torch.matmul, weight, h), device)
-        yield Row("mlp_t gate_up GEMM", case, name, ms, tflops=flops / ms / 1e9)
+    for name, fn, weight in (
+        ("matmul (batch folded, copies)", _folded, w),
+        ("bmm, W batch stride 0 (model)", _batched, w),
+        (f"bmm, W leading dim padded to {padded.stride(0)}", _batched, padded),
+    ):
+        fwd, bwd = _fwd_bwd(fn, [weight, h])
+        for direction, run, work in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
+            ms = bench(run, device)
+            yield Row(f"mlp_t gate_up GEMM {direction}", case, name, ms, tflops=work / ms / 1e9)
 
 
 def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:

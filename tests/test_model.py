@@ -58,13 +58,38 @@ def batch_of(cfg: ModelConfig, size: int = 4, seed: int = 0):
     }
 
 
-def test_token_mixer_equals_the_transposed_reference_formulation():
+class _Copies(TorchDispatchMode):
+    """Counts the ops that materialise a tensor in a new layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.contiguous):
+            self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_token_mixer_equals_the_transposed_reference_formulation_without_copies():
     mixer = TokenMixer(9, 4.0).double()
-    h = torch.randn(3, 9, 16, dtype=torch.float64)
-    t = h.transpose(1, 2)  # [B, D, S]: the reference applies an ordinary SwiGLU over S
-    gate, up = F.linear(t, mixer.gate_up_proj.weight.double()).chunk(2, -1)
-    want = F.linear(F.silu(gate) * up, mixer.down_proj.weight.double()).transpose(1, 2)
-    torch.testing.assert_close(mixer(h), want)
+    h = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 9, 16, dtype=torch.float64)
+    with _Copies() as copies:
+        out = mixer(h)
+        got = torch.autograd.grad(out, [h, mixer.gate_up_proj.weight, mixer.down_proj.weight], grad)
+    assert copies.names == []  # no transposed copies of h, the gate|up product or gradients
+
+    w_gu = mixer.gate_up_proj.weight.detach().clone().requires_grad_()
+    w_down = mixer.down_proj.weight.detach().clone().requires_grad_()
+    x = h.detach().clone().requires_grad_()
+    gate, up = F.linear(x.transpose(1, 2), w_gu).chunk(2, -1)  # [B, D, S]: SwiGLU over S
+    want = F.linear(F.silu(gate) * up, w_down).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+    for g, w in zip(got, torch.autograd.grad(want, [x, w_gu, w_down], grad), strict=True):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match=r"\[batch, seq, hidden\]"):
+        mixer(h[0])
 
 
 def test_embedding_layout_scale_and_prefix():
