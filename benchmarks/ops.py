@@ -141,7 +141,7 @@ def _batched(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def _token_mix_cases(batch, seq, hidden, inter, dtype, device) -> Iterator[Row]:
     """The mlp_t gate_up product W [2I, S] @ h [B, S, D], forward and backward, three ways:
-    ``torch.matmul`` (folds the batch into rows, copying h, the product and the gradients to
+    eager ``torch.matmul`` (folds the batch into rows, copying h, the product and the gradients to
     transposed layouts; the model did this until 2026-11-23), the batched GEMM with W at batch
     stride 0 that the model runs now, and the same with W's rows padded to a multiple of 8
     elements: at S = 97 a contiguous W's leading dimension (194 bytes) is not 16-byte aligned,
@@ -153,7 +153,7 @@ def _token_mix_cases(batch, seq, hidden, inter, dtype, device) -> Iterator[Row]:
     flops = 2 * batch * 2 * inter * seq * hidden
     case = f"W {2 * inter}x{seq} @ h {batch}x{seq}x{hidden}"
     for name, fn, weight in (
-        ("matmul (batch folded, copies)", _folded, w),
+        ("eager", _folded, w),  # torch.matmul(W, h), as one writes it in PyTorch
         ("bmm, W batch stride 0 (model)", _batched, w),
         (f"bmm, W leading dim padded to {padded.stride(0)}", _batched, padded),
     ):
