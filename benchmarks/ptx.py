@@ -1,5 +1,6 @@
 """Compile every Triton kernel for Hopper (sm_90) ahead of time, on any machine, and report
-what the PTX does: global loads and stores by width, and matrix instructions.
+what the PTX does: global loads and stores by width, matrix instructions, and (from
+``ptxas -v``) registers per thread, spill bytes and shared memory.
 
     python -m benchmarks.ptx            # JSON report on stdout
 
@@ -16,7 +17,9 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 
 def _specs():
@@ -31,7 +34,8 @@ def _specs():
     HIDDEN_DIV16 = {"N", "n_cols", "stride_outer", "stride_col"}  # noqa: N806
     norm = {"N": "i32", "n_cols": "i32", "stride_outer": "i32", "stride_col": "i32", "stride_n": "i32"}
     return {
-        # name: (kernel, signature, constexprs, arguments hinted divisible by 16, num_warps)
+        # name: (kernel, signature, constexprs, arguments hinted divisible by 16, launch options:
+        # num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth)
         "add_rmsnorm_fwd hidden": (
             rmsnorm._add_rmsnorm_fwd, {"X": bf16, "R": bf16, "Y": bf16, "RSTD": "*fp32", **norm, "eps": "fp32"},
             {"stride_n": 1, "HAS_R": True, "BLOCK_N": 512, "BLOCK_C": 16}, HIDDEN_DIV16, 8),
@@ -54,16 +58,42 @@ def _specs():
         "attention_fwd": (
             attention._attn_fwd, {"QKV": bf16, "COS": "*fp32", "SIN": "*fp32", "OUT": bf16, "LSE": "*fp32",
                                   "S": "i32", "H": "i32", "scale": "fp32"},
-            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), 4),
+            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), (4, 2)),
         "attention_bwd_dkdv": (
             attention._attn_bwd_dkdv, {"QKV": bf16, "COS": "*fp32", "SIN": "*fp32", "DOUT": bf16, "LSE": "*fp32",
                                        "DELTA": "*fp32", "DQKV": bf16, "S": "i32", "H": "i32", "scale": "fp32"},
-            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), 4),
+            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), (4, 1)),
         "attention_bwd_dq": (
             attention._attn_bwd_dq, {"QKV": bf16, "COS": "*fp32", "SIN": "*fp32", "DOUT": bf16, "LSE": "*fp32",
                                      "DELTA": "*fp32", "DQKV": bf16, "S": "i32", "H": "i32", "scale": "fp32"},
-            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), 4),
+            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), (4, 1)),
     }  # fmt: skip
+
+
+def _resources(ptx: str, arch: str) -> dict:
+    """Registers per thread and spill bytes, from ptxas -v on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas(90).path
+    except TypeError:  # triton < 3.7: get_ptxas() takes no argument
+        ptxas = get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        return {"ptxas_error": done.stderr.strip().splitlines()[-1][:300]}
+    info = done.stderr + done.stdout
+    registers = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_store_bytes": int(spills.group(1)) if spills else None,
+        "spill_load_bytes": int(spills.group(2)) if spills else None,
+    }
 
 
 def compile_all() -> dict[str, dict]:
@@ -73,25 +103,32 @@ def compile_all() -> dict[str, dict]:
 
     target = GPUTarget("cuda", 90, 32)
     report = {}
-    for name, (kernel, signature, constexprs, div16, warps) in _specs().items():
+    for name, (kernel, signature, constexprs, div16, launch) in _specs().items():
+        warps, stages = launch if isinstance(launch, tuple) else (launch, None)
+        options = {"num_warps": warps} | ({"num_stages": stages} if stages is not None else {})
         args = list(kernel.arg_names)
         full = {a: signature.get(a, "constexpr") for a in args}
         hinted = [i for i, a in enumerate(args) if full[a].startswith("*") or a in div16]
         attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
         src = ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
         try:
-            ptx = triton.compile(src, target=target, options={"num_warps": warps}).asm["ptx"]
+            compiled = triton.compile(src, target=target, options=options)
         except Exception as e:  # report every kernel, not just the first failure
             report[name] = {"ok": False, "error": str(e).splitlines()[0][:300]}
             continue
+        ptx = compiled.asm["ptx"]
         accesses = collections.Counter(re.findall(r"(?:ld|st)\.global[.a-z0-9]*", ptx))
+        arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
         report[name] = {
             "ok": True,
+            "launch": options,
             "accesses": dict(accesses),
             "vector_loads": sum(n for op, n in accesses.items() if op.startswith("ld") and ".v" in op),
             "scalar_loads": sum(n for op, n in accesses.items() if op.startswith("ld") and ".v" not in op),
             "mma": len(re.findall(r"\b(?:w?gmma|mma)\.", ptx)),
             "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),  # Hopper's warpgroup MMA
+            "shared_bytes": compiled.metadata.shared,
+            **_resources(ptx, arch.group(1) if arch else "sm_90a"),
         }
     return report
 

@@ -35,3 +35,11 @@ def test_memory_bound_kernels_move_16_bytes_per_access(report, name):
 def test_attention_uses_matrix_instructions(report):
     for name in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
         assert report[name]["mma"] > 0, name
+
+
+def test_ptxas_reports_resources_and_elementwise_kernels_do_not_spill(report):
+    for name, r in report.items():
+        assert "ptxas_error" not in r, (name, r.get("ptxas_error"))
+        assert 0 < r["registers"] <= 255, name
+    for name in ("add_rmsnorm_fwd hidden", "add_rmsnorm_bwd hidden", "swiglu_fwd", "swiglu_bwd", "inject"):
+        assert report[name]["spill_store_bytes"] == 0 and report[name]["spill_load_bytes"] == 0, name
