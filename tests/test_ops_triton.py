@@ -109,6 +109,16 @@ def test_rope_attention(dtype, batch, seq, heads, head_dim):
     compare(lambda t: K.rope_attention(t, cos, sin, heads, backend="triton"), ref, [qkv], f"attention S={seq}")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="warps only change compiled kernels (the interpreter ignores them)")
+@pytest.mark.parametrize("seq, head_dim", [(1, 64), (97, 64), (130, 128)])
+def test_rope_attention_backward_with_8_warps_for_dkdv(monkeypatch, seq, head_dim):
+    """The launch setting the op benchmark compares (attention.DKDV_WARPS) computes the same."""
+    from trm_kernels import attention
+
+    monkeypatch.setattr(attention, "DKDV_WARPS", 8)
+    test_rope_attention(torch.bfloat16, 2, seq, 2, head_dim)
+
+
 def test_rope_attention_rejects_unsupported_head_dim():
     cos, sin = (t.to(DEVICE) for t in K.rope_cos_sin(4, 24))
     with pytest.raises(ValueError, match="head_dim 24 is not supported by the triton backend"):
