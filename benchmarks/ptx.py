@@ -74,10 +74,7 @@ def _resources(ptx: str, arch: str) -> dict:
     """Registers per thread and spill bytes, from ptxas -v on the kernel's PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    try:
-        ptxas = get_ptxas(90).path
-    except TypeError:  # triton < 3.7: get_ptxas() takes no argument
-        ptxas = get_ptxas().path
+    ptxas = get_ptxas(90).path  # get_ptxas(arch) since triton 3.6
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:

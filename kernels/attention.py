@@ -24,7 +24,7 @@ import triton.language as tl
 from ._triton import check_input, takes
 
 HEAD_DIMS = (32, 64, 128)
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp2 instead of exp in the softmax
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     d = tl.arange(0, D)
-    qk_scale = scale * 1.4426950408889634  # exp2 instead of exp
+    qk_scale = scale * LOG2E
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k_ok = cols < S
@@ -174,7 +174,7 @@ def _attn_bwd_dkdv(
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     for start in range(0, S, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         q_ok, q1, q2, lse, delta, do = _query_tile(q_base, DOUT, LSE, DELTA, COS, SIN, b, h, bh, rows, row_stride,
@@ -204,7 +204,7 @@ def _attn_bwd_dq(
                                                S, H, HALF)  # fmt: skip
     dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k_ok, k1, k2, v = _key_tile(q_base, COS, SIN, cols, row_stride, S, H, HALF)

@@ -58,27 +58,30 @@ def batch_of(cfg: ModelConfig, size: int = 4, seed: int = 0):
     }
 
 
-class _Copies(TorchDispatchMode):
-    """Counts the ops that materialise a tensor in a new layout."""
+class OpLog(TorchDispatchMode):
+    """Records the aten ops (overload packets) run inside it."""
 
     def __init__(self):
         super().__init__()
-        self.names: list[str] = []
+        self.ops: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.contiguous):
-            self.names.append(str(func))
+        self.ops.append(func.overloadpacket)
         return func(*args, **(kwargs or {}))
+
+    def count(self, *packets) -> int:
+        return sum(op in packets for op in self.ops)
 
 
 def test_token_mixer_equals_the_transposed_reference_formulation_without_copies():
     mixer = TokenMixer(9, 4.0).double()
     h = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, 9, 16, dtype=torch.float64)
-    with _Copies() as copies:
+    with OpLog() as log:
         out = mixer(h)
         got = torch.autograd.grad(out, [h, mixer.gate_up_proj.weight, mixer.down_proj.weight], grad)
-    assert copies.names == []  # no transposed copies of h, the gate|up product or gradients
+    copies = log.count(torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten.contiguous)
+    assert copies == 0  # no transposed copies of h, the gate|up product or gradients
 
     w_gu = mixer.gate_up_proj.weight.detach().clone().requires_grad_()
     w_down = mixer.down_proj.weight.detach().clone().requires_grad_()
@@ -129,18 +132,6 @@ def test_deep_recursion_equals_a_hand_written_loop_and_no_grad_cycles_match_grad
     assert not y.requires_grad and logits.requires_grad
 
 
-class CountCasts(TorchDispatchMode):
-    """Counts dtype conversions (aten._to_copy) run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.casts = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.casts += func is torch.ops.aten._to_copy.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mlp_t", [False, True])
 def test_no_grad_cycles_cast_each_weight_once_with_the_same_results(mlp_t, monkeypatch):
     cfg = small(mlp_t=mlp_t, forward_dtype="bfloat16", T=3, n=2)
@@ -150,12 +141,12 @@ def test_no_grad_cycles_cast_each_weight_once_with_the_same_results(mlp_t, monke
     linears = 4 * cfg.num_layers + 2  # per layer: mixer (2) and mlp (2); lm_head and q_head
 
     def run():
-        with CountCasts() as count:
+        with OpLog() as log:
             with torch.no_grad():
                 answers = [logits.clone() for logits, _ in model.solve(b)]
             carry, out = model(model.initial_carry(b), b)  # training step: casts reused in the no-grad cycles only
             (out["logits"].float().sum() + out["q_halt"].sum()).backward()
-        return answers, carry.y, [p.grad.clone() for p in model.parameters()], count.casts
+        return answers, carry.y, [p.grad.clone() for p in model.parameters()], log.count(torch.ops.aten._to_copy)
 
     reused = run()
     model.zero_grad()
