@@ -25,6 +25,10 @@ _REGISTRY: dict[str, dict[str, tuple[Callable, Callable | None]]] = {}
 # has measured the CUDA extension against Triton, Triton (verified under the interpreter)
 # comes first and `cuda` is chosen explicitly.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)}
+# A chosen backend that has no implementation of an op at all runs this one instead: the
+# extension has only add + RMSNorm, so `cuda` means "the extension where it has the op,
+# Triton elsewhere" (TRM_BACKEND=cuda runs a whole model).
+FALLBACK: dict[str, str] = {"cuda": "triton"}
 _override: str | None = None
 
 
@@ -73,6 +77,7 @@ def call(op: str, device: torch.device, backend: str | None, *args):
     name = _validate(backend) if backend is not None else get_backend()
     impls = _REGISTRY[op]
     if name != "auto":
+        name = name if name in impls else FALLBACK.get(name, name)
         if name not in impls:
             raise RuntimeError(f"backend {name!r} is not available for op {op!r} (available: {', '.join(impls)})")
         return impls[name][0](*args)

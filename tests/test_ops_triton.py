@@ -222,6 +222,16 @@ def test_auto_skips_a_backend_that_does_not_take_the_call(monkeypatch):
     assert len(calls) == 1  # a supported call does go to triton
 
 
+def test_cuda_backend_runs_triton_for_ops_the_extension_lacks():
+    """TRM_BACKEND=cuda must run a whole model: the extension has add + RMSNorm only."""
+    gu, h, a = torch.randn(3, 8), torch.randn(3, 4), torch.randn(3, 4)
+    with K.use_backend("cuda"):
+        torch.testing.assert_close(K.swiglu(gu), R.swiglu(gu))
+        torch.testing.assert_close(K.inject(h, a), R.inject(h, a))
+        with pytest.raises(TypeError, match="gate_up is torch.float64: the triton backend"):
+            K.swiglu(gu.double())
+
+
 def test_interpreter_version_check():
     from trm_kernels._triton import interpreter_problem
 
