@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 # First match wins. Names: cuBLAS/CUTLASS GEMMs, our Triton kernels (kernels/*.py), the
 # CUDA extension (csrc/), SDPA/flash kernels, inductor's generated kernels, aten's.
 CATEGORIES = [
+    ("mlp_t sub-layer (fused)", r"token_mlp"),  # GEMMs + SwiGLU + add + RMSNorm in one kernel
     ("GEMM", r"gemm|nvjet|cutlass|xmma|wgmma|aten::(mm|bmm|addmm|matmul|linear)\b"),
     ("attention", r"attn|attention|flash|fmha|_efficient"),
     ("add+rmsnorm", r"rmsnorm|rms_norm"),

@@ -180,6 +180,32 @@ def _token_mix_cases(batch, seq, hidden, inter, dtype, device) -> Iterator[Row]:
             yield Row(f"mlp_t gate_up GEMM {direction}", case, name, ms, tflops=work / ms / 1e9)
 
 
+def _token_mlp_cases(batch, seq, hidden, inter, dtype, device, compile_ok) -> Iterator[Row]:
+    """The whole mlp_t sub-layer without grad (the no-grad recursion and evaluation):
+    the one-kernel path against eager, torch.compile and the composed Triton ops that run
+    with grad. TFLOP/s counts the two GEMMs unpadded; GB/s counts h read and the output
+    written once, the floor the fusion reaches (the composed ops also move the [B, 2I, D]
+    product and the [B, I, D] activation)."""
+    h = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
+    w_gu = torch.randn(2 * inter, seq, device=device, dtype=dtype) * seq**-0.5
+    w_down = torch.randn(seq, inter, device=device, dtype=dtype) * inter**-0.5
+    flops = 2 * batch * hidden * 3 * inter * seq
+    nbytes = 2 * h.numel() * h.element_size()
+    case = f"h {batch}x{seq}x{hidden}, I={inter}"
+
+    def composed(*t):
+        swiglu = functools.partial(K.swiglu, backend="triton")
+        return R.token_mlp_rmsnorm(*t, swiglu=swiglu, add_rmsnorm=functools.partial(K.add_rmsnorm, backend="triton"))
+
+    providers = _providers("token_mlp_rmsnorm", R.token_mlp_rmsnorm, compile_ok, device)
+    if fused_runs_on(device) and "triton" in K.available("token_mlp_rmsnorm"):
+        providers.append(("triton, composed ops (the grad path)", composed))
+    for name, fn in providers:
+        with torch.no_grad():
+            ms = bench(lambda _f=fn: _f(h, w_gu, w_down), device)
+        yield Row("mlp_t sub-layer forward, no grad", case, name, ms, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9)
+
+
 def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if quick:
@@ -194,6 +220,7 @@ def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
         _ce_cases([(768, 81)] if not quick else [(2, 16)], 11, dtype, device, compile_ok),
         _attention_cases(attn, dtype, device, compile_ok),
         _token_mix_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device),
+        _token_mlp_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),
     ):
         for row in cases:
             print(f"{row.group:32s} {row.case:40s} {row.provider:28s} {row.ms:9.4f} ms", flush=True)

@@ -24,16 +24,24 @@ import tempfile
 
 def _specs():
     # by module name: trm_kernels.swiglu / .inject are the public op functions
-    attention, cross_entropy, inject, rmsnorm, swiglu = (
+    attention, cross_entropy, inject, rmsnorm, swiglu, token_mlp = (
         importlib.import_module(f"trm_kernels.{m}")
-        for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu")
+        for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "token_mlp")
     )
 
     bf16 = "*bf16"
     # rows = 768 * 97 = 74496 and hidden 512 are multiples of 16; stride_outer is 0 on the hidden axis
     HIDDEN_DIV16 = {"N", "n_cols", "stride_outer", "stride_col"}  # noqa: N806
     norm = {"N": "i32", "n_cols": "i32", "stride_outer": "i32", "stride_col": "i32", "stride_n": "i32"}
-    return {
+    token_mlp_sig = {"H": bf16, "WGU": bf16, "WD": bf16, "OUT": bf16, "B": "i32", "S": "i32", "D": "i32",
+                     "I_PAD": "i32", "eps": "fp32"}  # fmt: skip
+    token_mlp_configs = {  # every config the autotuner may pick; Sudoku's mlp_t: S = 97, D = 512, I = 512
+        f"token_mlp_rmsnorm_fwd S<={block_s} {bd}x{bi}": (
+            token_mlp._token_mlp_rmsnorm_fwd, token_mlp_sig,
+            {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32"}, {"D", "I_PAD"}, (warps, 2))
+        for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles
+    }  # fmt: skip
+    return token_mlp_configs | {
         # name: (kernel, signature, constexprs, arguments hinted divisible by 16, launch options:
         # num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth)
         "add_rmsnorm_fwd hidden": (

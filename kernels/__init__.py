@@ -25,6 +25,7 @@ __all__ = [
     "add_rmsnorm",
     "inject",
     "swiglu",
+    "token_mlp_rmsnorm",
     "rope_attention",
     "rope_cos_sin",
     "stablemax_cross_entropy",
@@ -37,7 +38,9 @@ __all__ = [
 
 rope_cos_sin = reference.rope_cos_sin
 
-for _name in ("add_rmsnorm", "inject", "swiglu", "rope_attention", "stablemax_cross_entropy", "softmax_cross_entropy"):
+_OPS = ("add_rmsnorm", "inject", "swiglu", "token_mlp_rmsnorm", "rope_attention", "stablemax_cross_entropy",
+        "softmax_cross_entropy")  # fmt: skip
+for _name in _OPS:
     register(_name, "reference", getattr(reference, _name))
 
 try:  # the fused backends register themselves where their toolchain is importable
@@ -50,6 +53,7 @@ else:
     from . import inject as _inject
     from . import rmsnorm as _rmsnorm
     from . import swiglu as _swiglu
+    from . import token_mlp as _token_mlp
     from ._triton import takes
 
     register("add_rmsnorm", "triton", _rmsnorm.add_rmsnorm, _rmsnorm.supports)
@@ -58,6 +62,7 @@ else:
     register("rope_attention", "triton", _attention.rope_attention, _attention.supports)
     register("inject", "triton", _inject.inject, takes)
     register("swiglu", "triton", _swiglu.swiglu, takes)
+    register("token_mlp_rmsnorm", "triton", _token_mlp.token_mlp_rmsnorm, takes)
     register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy, takes)
     register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy, takes)
 
@@ -119,6 +124,33 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> 
     if gate_up.shape[dim] % 2:
         raise ValueError(f"gate_up must have an even size along dim={dim}, got {gate_up.shape[dim]}")
     return call("swiglu", gate_up.device, backend, gate_up, dim)
+
+
+def token_mlp_rmsnorm(
+    h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float = 1e-5, backend: str | None = None
+) -> torch.Tensor:
+    """The ``mlp_t`` sub-layer: rmsnorm over the sequence of h + W_down @ swiglu(W_gate_up @ h).
+
+    h [B, S, D]; w_gate_up [2I, S] (gate rows first); w_down [S, I]. Where no gradient is
+    needed (the no-grad recursion, evaluation) the triton backend runs it as one kernel
+    that never writes the [B, 2I, D] intermediate; with grad it composes the fused ops,
+    which keep what their backward needs.
+    """
+    _check_float("h", h)
+    if h.dim() != 3:
+        raise ValueError(f"h must be [batch, seq, hidden], got shape {tuple(h.shape)}")
+    seq = h.shape[1]
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        _check_float(name, w)
+        if w.dtype != h.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but h has dtype {h.dtype}")
+        if w.device != h.device:
+            raise ValueError(f"{name} is on {w.device} but h is on {h.device}")
+    if w_gate_up.dim() != 2 or w_gate_up.shape[1] != seq or w_gate_up.shape[0] % 2:
+        raise ValueError(f"w_gate_up must be [2*inter, seq={seq}], got shape {tuple(w_gate_up.shape)}")
+    if w_down.shape != (seq, w_gate_up.shape[0] // 2):
+        raise ValueError(f"w_down must be [seq, inter] = {(seq, w_gate_up.shape[0] // 2)}, got {tuple(w_down.shape)}")
+    return call("token_mlp_rmsnorm", h.device, backend, h, w_gate_up, w_down, eps)
 
 
 def rope_attention(

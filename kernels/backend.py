@@ -77,10 +77,10 @@ def call(op: str, device: torch.device, backend: str | None, *args):
     name = _validate(backend) if backend is not None else get_backend()
     impls = _REGISTRY[op]
     if name != "auto":
-        name = name if name in impls else FALLBACK.get(name, name)
-        if name not in impls:
+        chosen = name if name in impls else FALLBACK.get(name, name)
+        if chosen not in impls:
             raise RuntimeError(f"backend {name!r} is not available for op {op!r} (available: {', '.join(impls)})")
-        return impls[name][0](*args)
+        return impls[chosen][0](*args)
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         if candidate in impls:
             fn, supports = impls[candidate]

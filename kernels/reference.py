@@ -6,6 +6,8 @@ against. Each one is written to be obviously right, not fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,29 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """silu(gate) * up, with gate and up the two halves of `gate_up` along `dim` (gate first)."""
     gate, up = gate_up.chunk(2, dim=dim)
     return F.silu(gate) * up
+
+
+def token_mlp_rmsnorm(
+    h: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    eps: float = 1e-5,
+    swiglu: Callable = swiglu,
+    add_rmsnorm: Callable = add_rmsnorm,
+) -> torch.Tensor:
+    """The ``mlp_t`` sub-layer: rmsnorm over the sequence of h + W_down @ swiglu(W_gate_up @ h).
+
+    h [B, S, D], w_gate_up [2I, S], w_down [S, I]. The reference transposes h to [B, D, S]
+    and applies a last-axis SwiGLU; multiplying each batch element by the weights from the
+    left is the same with no transpose copies: a batched GEMM whose weight has batch stride
+    0. Not ``torch.matmul(w, h)``, which folds the batch into rows and copies h, the
+    product and their gradients to transposed layouts. `swiglu` and `add_rmsnorm` are the
+    element-wise ops to compose with (a fused backend passes its own).
+    """
+    batch = h.shape[0]
+    gate_up = torch.bmm(w_gate_up.expand(batch, -1, -1), h)  # [B, 2I, D]
+    mix = torch.bmm(w_down.expand(batch, -1, -1), swiglu(gate_up, 1))  # [B, S, D]
+    return add_rmsnorm(h, mix, 1, eps)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:

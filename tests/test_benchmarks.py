@@ -101,6 +101,7 @@ def test_kernel_names_fall_into_categories():
     assert breakdown.category("_attn_bwd_dkdv") == "attention"
     assert breakdown.category("add_rmsnorm_fwd_kernel<__nv_bfloat16, 4>") == "add+rmsnorm"
     assert breakdown.category("_swiglu_fwd") == "swiglu"
+    assert breakdown.category("_token_mlp_rmsnorm_fwd") == "mlp_t sub-layer (fused)"
     assert breakdown.category("triton_poi_fused_add_mul_0") == "inductor (torch.compile)"
     assert breakdown.category("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise, copies"
 

@@ -94,11 +94,13 @@ def test_softmax_cross_entropy_matches_hand_formula():
     torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("op", ["add_rmsnorm", "swiglu", "rope_attention", "stablemax", "softmax"])
+@pytest.mark.parametrize("op", ["add_rmsnorm", "swiglu", "token_mlp_rmsnorm", "rope_attention", "stablemax", "softmax"])
 def test_reference_backward_gradcheck(op):
     t = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
     if op == "add_rmsnorm":
         args, fn = (t(3, 4, 6), t(3, 4, 6)), lambda x, r: R.add_rmsnorm(x, r, dim=-2)
+    elif op == "token_mlp_rmsnorm":
+        args, fn = (t(2, 5, 3), t(8, 5), t(5, 4)), R.token_mlp_rmsnorm
     elif op == "swiglu":
         args, fn = (t(3, 8),), R.swiglu
     elif op == "rope_attention":
@@ -138,6 +140,15 @@ def test_stablemax_op_gradient_equals_float64_gradient():
         (lambda: K.add_rmsnorm([1.0, 2.0]), "x must be a torch.Tensor"),
         (lambda: K.inject(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4)), "b has shape"),
         (lambda: K.swiglu(torch.randn(2, 5)), "even size"),
+        (lambda: K.token_mlp_rmsnorm(torch.randn(5, 4), torch.randn(8, 5), torch.randn(5, 4)), "h must be"),
+        (lambda: K.token_mlp_rmsnorm(torch.randn(2, 5, 4), torch.randn(8, 6), torch.randn(5, 4)), "w_gate_up must be"),
+        (lambda: K.token_mlp_rmsnorm(torch.randn(2, 5, 4), torch.randn(7, 5), torch.randn(5, 4)), "w_gate_up must be"),
+        (lambda: K.token_mlp_rmsnorm(torch.randn(2, 5, 4), torch.randn(8, 5), torch.randn(5, 3)), "w_down must be"),
+        (
+            lambda: K.token_mlp_rmsnorm(torch.randn(2, 5, 4), torch.randn(8, 5).half(), torch.randn(5, 4)),
+            "w_gate_up has dtype",
+        ),
+        (lambda: K.token_mlp_rmsnorm(torch.randn(2, 5, 4), torch.randn(8, 5), torch.empty(5, 0)), "w_down is empty"),
         (lambda: K.rope_attention(torch.randn(2, 3, 10), *K.rope_cos_sin(3, 4), 2), "not divisible"),
         (lambda: K.rope_attention(torch.randn(2, 3, 24), *K.rope_cos_sin(4, 4), 2), "cos must have shape"),
         (lambda: K.rope_attention(torch.randn(3, 24), *K.rope_cos_sin(3, 4), 2), "qkv must be"),
@@ -164,9 +175,11 @@ def test_backend_switch(monkeypatch):
         assert K.get_backend() == "auto"
         torch.testing.assert_close(K.add_rmsnorm(x), R.add_rmsnorm(x))
     assert K.get_backend() == "reference"
-    if "cuda" not in K.available("add_rmsnorm"):
-        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
-            K.add_rmsnorm(x, backend="cuda")
+    for name in ("triton", "cuda"):  # as on a machine without triton: neither is registered
+        monkeypatch.delitem(K.backend._REGISTRY["add_rmsnorm"], name, raising=False)
+    for name in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match=f"backend '{name}' is not available for op 'add_rmsnorm'"):
+            K.add_rmsnorm(x, backend=name)
 
 
 def test_stablemax_gradient_is_finite_at_logit_one():

@@ -5,7 +5,7 @@ import torch
 import trm_kernels as K
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import compare, run_op
+from oracle import check, compare, run_op
 from trm_kernels import reference as R
 
 pytestmark = pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed")
@@ -64,6 +64,85 @@ def test_add_rmsnorm_on_a_length_one_axis(dtype):
 def test_swiglu(dtype, shape, dim):
     gu = (torch.randn(shape) * 3).to(dtype)
     compare(lambda t: K.swiglu(t, dim, backend="triton"), lambda t: R.swiglu(t, dim), [gu], f"swiglu{shape}")
+
+
+def _token_mlp_inputs(batch, seq, hidden, inter, dtype):
+    h = torch.randn(batch, seq, hidden).to(dtype)
+    w_gu = (torch.randn(2 * inter, seq) * seq**-0.5).to(dtype)
+    w_down = (torch.randn(seq, inter) * inter**-0.5).to(dtype)
+    return h, w_gu, w_down
+
+
+def _check_fused_token_mlp(h, w_gu, w_down, what):
+    """No grad: the one-kernel path, against the composed reference ops and float64."""
+    with torch.no_grad():
+        fused = K.token_mlp_rmsnorm(h, w_gu, w_down, backend="triton")
+        ref = K.token_mlp_rmsnorm(h, w_gu, w_down, backend="reference")
+        oracle = R.token_mlp_rmsnorm(h.double(), w_gu.double(), w_down.double())
+    check(fused, ref, oracle, what)
+
+
+TOKEN_MLP_SHAPES = [(1, 1, 1, 1), (2, 97, 48, 80), (1, 16, 130, 64), (3, 5, 7, 3), (1, 200, 20, 30)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TOKEN_MLP_SHAPES)
+def test_token_mlp_rmsnorm(dtype, shape):
+    """Without grad the fused kernel; with grad the composed Triton ops (forward and backward)."""
+    h, w_gu, w_down = _token_mlp_inputs(*shape, dtype)
+    _check_fused_token_mlp(h, w_gu, w_down, f"token_mlp{shape} fused")
+    compare(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), R.token_mlp_rmsnorm, [h, w_gu, w_down],
+            f"token_mlp{shape} with grad")  # fmt: skip
+
+
+def _token_mlp_configs():
+    if "triton" not in K.available("token_mlp_rmsnorm"):
+        return []
+    from trm_kernels import token_mlp
+
+    return [c for tiles in token_mlp.CONFIGS.values() for c in tiles]
+
+
+@pytest.mark.parametrize("config", _token_mlp_configs())
+def test_token_mlp_rmsnorm_every_autotuner_config(monkeypatch, config):
+    from trm_kernels import token_mlp
+
+    monkeypatch.setattr(token_mlp, "FIXED_CONFIG", config)
+    seq = 97 if config in token_mlp.CONFIGS[128] else 150
+    for shape in ((2, seq, 150, 80), (1, seq, 64, 64)):
+        for dtype in DTYPES[1:]:  # fp16, and bf16 on a GPU
+            _check_fused_token_mlp(*_token_mlp_inputs(*shape, dtype), f"token_mlp{shape} {dtype} config {config}")
+
+
+def test_token_mlp_rmsnorm_runs_one_kernel_without_grad_and_the_composed_ops_with_grad():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    h, w_gu, w_down = _token_mlp_inputs(2, 9, 16, 8, torch.float32)
+    with torch.no_grad(), Ops() as no_grad:
+        K.token_mlp_rmsnorm(h, w_gu, w_down, backend="triton")
+    with Ops() as with_grad:
+        K.token_mlp_rmsnorm(h, w_gu.requires_grad_(), w_down, backend="triton").sum().backward()
+    assert "trm.token_mlp_rmsnorm" in no_grad.names and "trm.swiglu" not in no_grad.names
+    assert "trm.token_mlp_rmsnorm" not in with_grad.names
+    assert {"trm.swiglu", "trm.add_rmsnorm", "trm.swiglu_backward", "trm.add_rmsnorm_backward"} <= with_grad.names
+
+
+def test_token_mlp_rmsnorm_longer_sequences_than_a_tile_take_the_composed_ops():
+    from trm_kernels import token_mlp
+
+    h, w_gu, w_down = _token_mlp_inputs(1, token_mlp.MAX_SEQ + 3, 8, 4, torch.float32)
+    _check_fused_token_mlp(h, w_gu, w_down, "token_mlp S > MAX_SEQ")
+    with pytest.raises(ValueError, match="sequence length 259 > 256"):
+        torch.ops.trm.token_mlp_rmsnorm(h, w_gu, w_down, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,6 +223,8 @@ def test_random_shapes(rows, n, inner, dtype, seed):
     compare(lambda a, b: K.add_rmsnorm(a, b, 1, backend="triton"), lambda a, b: R.add_rmsnorm(a, b, 1), [x, r], "norm")
     gu = torch.randn(rows, 2 * n, inner).to(dtype)
     compare(lambda t: K.swiglu(t, 1, backend="triton"), lambda t: R.swiglu(t, 1), [gu], "swiglu")
+    if n <= 256:  # the fused mlp_t sub-layer: a tile holds the whole sequence
+        _check_fused_token_mlp(*_token_mlp_inputs(rows % 3 + 1, n, inner * 7, rows * 5, dtype), "token_mlp")
     logits, labels = torch.randn(rows, n + 1).to(dtype), torch.randint(-1, n + 1, (rows,))
     compare(
         lambda t: K.stablemax_cross_entropy(t, labels, -1, backend="triton"),
@@ -180,6 +261,7 @@ def _opcheck_cases():
         (torch.ops.trm.add_rmsnorm_backward, (torch.randn(3, 5, 8), x.detach(), None, torch.rand(3, 8), 1, "triton")),
         (torch.ops.trm.swiglu, (torch.randn(4, 10, requires_grad=True), 1)),
         (torch.ops.trm.swiglu_backward, (torch.randn(4, 5), torch.randn(4, 10), 1)),
+        (torch.ops.trm.token_mlp_rmsnorm, (*_token_mlp_inputs(2, 9, 16, 8, torch.float32), 1e-5)),
         (torch.ops.trm.inject, (x, r, torch.randn(3, 5, 8, requires_grad=True))),
         (torch.ops.trm.inject, (x, r, None)),
         (torch.ops.trm.rope_attention, (torch.randn(2, 9, 96, requires_grad=True), *K.rope_cos_sin(9, 32), 1)),
@@ -202,6 +284,12 @@ def test_ops_compile_without_graph_breaks():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     h, a, gu = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 16)
     torch.testing.assert_close(compiled(h, a, gu), R.add_rmsnorm(R.inject(h, a), R.swiglu(gu)))
+
+    mixer = torch.compile(lambda *t: K.token_mlp_rmsnorm(*t, backend="triton"), fullgraph=True, backend="aot_eager")
+    inputs = _token_mlp_inputs(2, 9, 16, 8, torch.float32)
+    with torch.no_grad():  # the fused kernel
+        torch.testing.assert_close(mixer(*inputs), R.token_mlp_rmsnorm(*inputs))
+    torch.testing.assert_close(mixer(inputs[0], inputs[1].requires_grad_(), inputs[2]), R.token_mlp_rmsnorm(*inputs))
 
 
 def test_auto_skips_a_backend_that_does_not_take_the_call(monkeypatch):

@@ -37,6 +37,17 @@ def test_attention_uses_matrix_instructions(report):
         assert report[name]["mma"] > 0, name
 
 
+def test_fused_mlp_t_sublayer_uses_wgmma_async_copies_and_does_not_spill(report):
+    """Every autotuner config: Hopper's warpgroup MMA, the h tile and output in 16-byte
+    accesses, the weight tiles by cp.async (no ld.global), no register spills."""
+    names = [name for name in report if name.startswith("token_mlp_rmsnorm_fwd")]
+    assert len(names) >= 2
+    for name in names:
+        r = report[name]
+        assert r["wgmma"] > 0 and r["scalar_loads"] == 0 and r["vector_loads"] > 0, (name, r)
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, (name, r)
+
+
 def test_ptxas_reports_resources_and_elementwise_kernels_do_not_spill(report):
     for name, r in report.items():
         assert "ptxas_error" not in r, (name, r.get("ptxas_error"))

@@ -93,23 +93,22 @@ class SwiGLU(nn.Module):
 
 
 class TokenMixer(SwiGLU):
-    """The ``mlp_t`` sub-layer: a SwiGLU over the sequence axis of h [B, S, D].
+    """The ``mlp_t`` sub-layer: h [B, S, D] -> rmsnorm over S of (h + a SwiGLU over S of h).
 
-    The reference transposes h to [B, D, S] and back; multiplying each batch element by
-    the weights from the left computes the same thing with no transpose copies. The
-    product is a batched GEMM whose weight operand has batch stride 0 (``expand``). Not
-    ``torch.matmul(W, h)``: that folds the batch into rows, which copies h, the [B, 2I, D]
-    gate|up product and its gradient to transposed layouts, about 1.3 GB per call at TRM's
-    training shape. The weight gradient comes out per batch element and is summed.
+    The reference transposes h to [B, D, S] and back; ``trm_kernels.token_mlp_rmsnorm``
+    multiplies each batch element by the weights from the left instead, with no transpose
+    copies, and without grad runs the whole sub-layer as one kernel on the triton backend.
     """
+
+    def __init__(self, seq_len: int, expansion: float, eps: float = 1e-5):
+        super().__init__(seq_len, expansion)
+        self.eps = eps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() != 3:
             raise ValueError(f"TokenMixer takes h of shape [batch, seq, hidden], got {tuple(h.shape)}")
-        batch = h.shape[0]
-        gate_up = torch.bmm(self.gate_up_proj.weight_as(h.dtype).expand(batch, -1, -1), h)  # [B, 2I, D]
-        act = K.swiglu(gate_up, dim=-2)  # [B, I, D]
-        return torch.bmm(self.down_proj.weight_as(h.dtype).expand(batch, -1, -1), act)  # [B, S, D]
+        w_gate_up, w_down = self.gate_up_proj.weight_as(h.dtype), self.down_proj.weight_as(h.dtype)
+        return K.token_mlp_rmsnorm(h, w_gate_up, w_down, eps=self.eps)
 
 
 class Attention(nn.Module):
@@ -132,14 +131,14 @@ class Block(nn.Module):
         super().__init__()
         self.eps = eps
         if mlp_t:
-            self.mlp_t = TokenMixer(seq_len, expansion)
+            self.mlp_t = TokenMixer(seq_len, expansion, eps)
         else:
             self.self_attn = Attention(hidden, num_heads)
         self.mlp = SwiGLU(hidden, expansion)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         if hasattr(self, "mlp_t"):
-            h = K.add_rmsnorm(h, self.mlp_t(h), dim=-2, eps=self.eps)
+            h = self.mlp_t(h)
         else:
             h = K.add_rmsnorm(h, self.self_attn(h, cos, sin), eps=self.eps)
         return K.add_rmsnorm(h, self.mlp(h), eps=self.eps)
