@@ -114,6 +114,27 @@ def test_token_mlp_rmsnorm_every_autotuner_config(monkeypatch, config):
             _check_fused_token_mlp(*_token_mlp_inputs(*shape, dtype), f"token_mlp{shape} {dtype} config {config}")
 
 
+@pytest.mark.parametrize("seq", [97, 150])
+def test_token_mlp_rmsnorm_through_the_autotuner(monkeypatch, seq):
+    """The GPU's launch path (pruning by sequence tile, grid from the chosen config) with a
+    stand-in timer that runs each config once, each faster than the last, so the last is kept."""
+    from trm_kernels import token_mlp
+
+    runs = []
+
+    def do_bench(kernel_call, quantiles):
+        kernel_call()
+        runs.append(1)
+        return [1.0 / len(runs)] * len(quantiles)
+
+    monkeypatch.setattr(token_mlp, "_KERNEL", token_mlp._autotuned(do_bench=do_bench))
+    for batch in (2, 1):  # a new batch size is tuned again
+        _check_fused_token_mlp(*_token_mlp_inputs(batch, seq, 150, 80, DTYPES[-1]), f"autotuned S={seq} B={batch}")
+    configs = len(token_mlp.CONFIGS[128 if seq <= 128 else 256])
+    if configs > 1:  # (a lone config is timed by some Triton versions, not by others)
+        assert len(runs) == 2 * configs
+
+
 def test_token_mlp_rmsnorm_runs_one_kernel_without_grad_and_the_composed_ops_with_grad():
     from torch.utils._python_dispatch import TorchDispatchMode
 
