@@ -260,6 +260,10 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(K.add_rmsnorm(x, backend="triton"), R.add_rmsnorm(x))
     gu = torch.randn(8, 6).t()
     torch.testing.assert_close(K.swiglu(gu, backend="triton"), R.swiglu(gu))
+    h, w_gu, w_down = torch.randn(2, 16, 9).transpose(1, 2), torch.randn(9, 8).t(), torch.randn(4, 9).t()
+    with torch.no_grad():
+        torch.testing.assert_close(K.token_mlp_rmsnorm(h, w_gu, w_down, backend="triton"),
+                                   R.token_mlp_rmsnorm(h, w_gu, w_down))  # fmt: skip
 
 
 def test_triton_backend_refuses_float64_by_name():
