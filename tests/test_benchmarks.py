@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import trm_kernels as K
 
 from benchmarks import breakdown, common, model, run, targets
 from benchmarks.common import Results, Row
@@ -191,3 +192,29 @@ def test_hrm_and_trm_step_times_side_by_side():
     assert "| eager | 300.0 | 200.0 | 800.0 | 4.00x |" in md
     assert "| fused + CUDA graphs | 100.0 | 80.0 | 240.0 | 3.00x |" in md
     assert targets.hrm_vs_trm(_results("H100", rows[:2])) == []  # no HRM measured: no table
+
+
+@pytest.mark.skipif("triton" not in K.available("token_mlp_rmsnorm"), reason="needs triton")
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_traffic_census_per_batch_element(evaluate):
+    """The byte census of one step: weights cancel (per batch element), views count nothing,
+    and the fused ops move fewer bytes than the reference, the mlp_t sub-layer as one kernel
+    without grad (all of evaluation, the no-grad cycles of training)."""
+    from benchmarks import traffic
+
+    cfg = ModelConfig(vocab_size=7, seq_len=30, hidden_size=64, num_heads=2, puzzle_emb_len=2, T=2, n=2, n_sup=2,
+                      num_puzzle_identifiers=1, mlp_t=True, forward_dtype="float32")  # fmt: skip
+    torch.manual_seed(0)
+    model = TRM(cfg)
+    tables = {}
+    for backend in ("reference", "triton"):
+        with K.use_backend(backend):
+            tables[backend] = traffic.per_element(model, evaluate, torch.device("cpu"))
+    fused, ref = tables["triton"], tables["reference"]
+    assert "aten.t" not in ref and "aten.expand" not in ref and "aten.detach" not in fused
+    assert fused["trm.token_mlp_rmsnorm"] > 0
+    if evaluate:
+        # per mixer call: h read and the output written, 2 * S * D fp32 values; 2 layers x T * (n + 1) calls
+        assert fused["trm.token_mlp_rmsnorm"] == 2 * 2 * 3 * (2 * 32 * 64 * 4)
+        assert "trm.swiglu" in fused  # the hidden-axis SwiGLU remains
+    assert sum(fused.values()) < 0.6 * sum(ref.values())

@@ -1,0 +1,100 @@
+"""Activation traffic of one TRM supervision step, op by op, by the byte model; no GPU needed.
+
+    python -m benchmarks.traffic --config sudoku-mlp            # training step (forward, ACT loss, backward)
+    python -m benchmarks.traffic --config sudoku-mlp --eval     # evaluation step (no grad)
+
+Every op the step dispatches is counted as reading its tensor inputs and writing its
+outputs once (views move nothing). The step runs at batch 1 and 2 and the difference is
+reported, so what is left is the traffic per batch element (weights, read once per call
+whatever the batch, cancel). On CPU the Triton kernels run in the interpreter: set
+TRITON_INTERPRET=1 (fp16 stands in for bf16, which it cannot run; the bytes are the same).
+This says where the bytes go and what a fusion removes; it is not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+import trm_kernels as K
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from trm.config import preset
+from trm.losses import act_loss
+from trm.model import TRM
+
+_VIEWS = {"aten.detach", "aten._unsafe_view", "aten.t", "aten.expand"}
+
+
+def _nbytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+class Traffic(TorchDispatchMode):
+    """Bytes read plus written, per op name (views excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if not (func.is_view or name in _VIEWS):
+            self.bytes[name] += _nbytes((args, kwargs)) + _nbytes(out)
+        return out
+
+
+def step_traffic(model: TRM, batch_size: int, evaluate: bool, device: torch.device) -> collections.Counter[str]:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "inputs": torch.randint(1, cfg.vocab_size, (batch_size, cfg.seq_len), generator=g),
+        "labels": torch.randint(1, cfg.vocab_size, (batch_size, cfg.seq_len), generator=g),
+        "puzzle_identifiers": torch.zeros(batch_size, dtype=torch.long),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model.zero_grad(set_to_none=True)
+    model.train(not evaluate)
+    carry = model.initial_carry(batch)
+    with Traffic() as traffic:
+        if evaluate:
+            with torch.no_grad():
+                model(carry, batch)
+        else:
+            carry, outputs = model(carry, batch)
+            act_loss(outputs, carry)[0].backward()
+    return traffic.bytes
+
+
+def per_element(model: TRM, evaluate: bool, device: torch.device) -> dict[str, int]:
+    one, two = step_traffic(model, 1, evaluate, device), step_traffic(model, 2, evaluate, device)
+    diff = {name: two[name] - one[name] for name in two}
+    return dict(sorted(((k, v) for k, v in diff.items() if v > 0), key=lambda kv: -kv[1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="sudoku-mlp", help="a preset name (trm.config)")
+    parser.add_argument("--eval", action="store_true", help="the no-grad evaluation step instead of training")
+    parser.add_argument("--backend", default="triton", choices=("reference", "triton"))
+    parser.add_argument("--dtype", default=None, help="forward dtype (default: bfloat16 on CUDA, float16 on CPU)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = preset(args.config).model
+    cfg.forward_dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float16")
+    torch.manual_seed(0)
+    model = TRM(cfg).to(device)
+    with K.use_backend(args.backend):
+        table = per_element(model, args.eval, device)
+    total = sum(table.values())
+    what = "evaluation" if args.eval else "training"
+    print(f"{args.config}, {what} step, {args.backend}, {cfg.forward_dtype}: {total / 1e6:.1f} MB per batch element")
+    for name, nbytes in table.items():
+        print(f"  {name:32s} {nbytes / 1e6:9.2f} MB {100 * nbytes / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
