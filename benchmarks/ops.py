@@ -193,10 +193,8 @@ def _token_mlp_cases(batch, seq, hidden, inter, dtype, device, compile_ok) -> It
     nbytes = 2 * h.numel() * h.element_size()
     case = f"h {batch}x{seq}x{hidden}, I={inter}"
 
-    def composed(*t):
-        swiglu = functools.partial(K.swiglu, backend="triton")
-        return R.token_mlp_rmsnorm(*t, swiglu=swiglu, add_rmsnorm=functools.partial(K.add_rmsnorm, backend="triton"))
-
+    composed = functools.partial(R.token_mlp_rmsnorm, swiglu=functools.partial(K.swiglu, backend="triton"),
+                                 add_rmsnorm=functools.partial(K.add_rmsnorm, backend="triton"))  # fmt: skip
     providers = _providers("token_mlp_rmsnorm", R.token_mlp_rmsnorm, compile_ok, device)
     if fused_runs_on(device) and "triton" in K.available("token_mlp_rmsnorm"):
         providers.append(("triton, composed ops (the grad path)", composed))

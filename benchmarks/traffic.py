@@ -25,7 +25,7 @@ from trm.config import preset
 from trm.losses import act_loss
 from trm.model import TRM
 
-_VIEWS = {"aten.detach", "aten._unsafe_view", "aten.t", "aten.expand"}
+_VIEWS = {"aten._unsafe_view"}  # a view that is not tagged as one (func.is_view covers the rest)
 
 
 def _nbytes(tree) -> int:

@@ -1,4 +1,4 @@
-"""The tolerance rule of the kernel tests, in one place.
+"""The tolerance rule of the kernel tests, in one place (and OpLog, a record of dispatched ops).
 
 The fused result's error against a float64 oracle may be at most 2x the error the
 reference op makes in the same dtype, plus two units of rounding of the output dtype: a
@@ -9,6 +9,7 @@ element got unlucky in a reduction order, the norm what the op computes.
 """
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
@@ -38,3 +39,18 @@ def compare(op_triton, op_ref, inputs, what):
     check(out_f, out_r, out_o, f"{what} forward")
     for i, (f, r, o) in enumerate(zip(grads_f, grads_r, grads_o, strict=True)):
         check(f, r, o, f"{what} grad {i}")
+
+
+class OpLog(TorchDispatchMode):
+    """Records the ops (overload packets, aten and trm) dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, *packets) -> int:
+        return sum(op in packets for op in self.ops)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from oracle import OpLog
 
 import trm.model
 from trm.config import ModelConfig, preset
@@ -56,21 +56,6 @@ def batch_of(cfg: ModelConfig, size: int = 4, seed: int = 0):
         "labels": torch.randint(1, cfg.vocab_size, (size, cfg.seq_len), generator=g),
         "puzzle_identifiers": torch.randint(0, cfg.num_puzzle_identifiers, (size,), generator=g),
     }
-
-
-class OpLog(TorchDispatchMode):
-    """Records the aten ops (overload packets) run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket)
-        return func(*args, **(kwargs or {}))
-
-    def count(self, *packets) -> int:
-        return sum(op in packets for op in self.ops)
 
 
 def test_token_mixer_equals_the_transposed_reference_formulation_without_copies():

@@ -105,8 +105,6 @@ class TokenMixer(SwiGLU):
         self.eps = eps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if h.dim() != 3:
-            raise ValueError(f"TokenMixer takes h of shape [batch, seq, hidden], got {tuple(h.shape)}")
         w_gate_up, w_down = self.gate_up_proj.weight_as(h.dtype), self.down_proj.weight_as(h.dtype)
         return K.token_mlp_rmsnorm(h, w_gate_up, w_down, eps=self.eps)
 
