@@ -204,6 +204,8 @@ class RecursiveReasoningModel(nn.Module):
         x = self.embed(data["inputs"], data["puzzle_identifiers"])
         y, z, logits, q = self.deep_recursion(x, y, z)
         outputs = {"logits": logits, "q_halt": q[:, 0]}
+        if self.halt_on_q_continue and self.training and self.cfg.n_sup > 1:
+            outputs["q_continue"] = q[:, 1]  # with its gradient: the Q-continue loss trains the head
 
         with torch.no_grad():
             steps = steps + 1
@@ -215,7 +217,6 @@ class RecursiveReasoningModel(nn.Module):
                 min_steps = explore * torch.randint(2, self.cfg.n_sup + 1, steps.shape, device=steps.device)
                 halted = halted & (steps >= min_steps)
                 if self.halt_on_q_continue:
-                    outputs["q_continue"] = q[:, 1]
                     outputs["target_q_continue"] = self._q_target(x, y, z, last)
         return Carry(y, z, steps, halted, data), outputs
 
