@@ -1,1 +1,1 @@
-"""Benchmarks of trm_kernels and TRM against eager PyTorch and torch.compile: ``python -m benchmarks.run``."""
+"""Benchmarks of trm_kernels and TRM against eager PyTorch and torch.compile: ``python -m trm_benchmarks.run``."""

@@ -13,7 +13,7 @@
 # OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
 # results as they go, so a part stopped by a time limit (PART_TIMEOUT seconds, default
 # 540) keeps what it measured. Merge the parts of a session with
-# `python -m benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
+# `python -m trm_benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR tests|ops|model[=CONFIGS]...}"
 shift
@@ -42,11 +42,11 @@ for part in "$@"; do
       timeout "$limit" python3 -m pytest -q -p no:cacheprovider "${workers[@]}" -k "not learns_4x4" tests 2>&1 \
         | tee "$out/pytest.log" | tail -15 ;;
     ops)
-      timeout "$limit" python3 -m benchmarks.run --out "$out/ops" --only ops 2>&1 | tee "$out/bench-ops.log" | tail -5 ;;
+      timeout "$limit" python3 -m trm_benchmarks.run --out "$out/ops" --only ops 2>&1 | tee "$out/bench-ops.log" | tail -5 ;;
     model|model=*)
       configs=()
       [[ "$part" == model=* ]] && configs=(--configs "${part#model=}")
-      timeout "$limit" python3 -m benchmarks.run --out "$out/model" --only model --profile "${configs[@]}" 2>&1 \
+      timeout "$limit" python3 -m trm_benchmarks.run --out "$out/model" --only model --profile "${configs[@]}" 2>&1 \
         | tee "$out/bench-model.log" | tail -5 ;;
     *) echo "unknown part: $part (tests, ops, model[=CONFIGS])"; exit 2 ;;
   esac

@@ -2,7 +2,7 @@
 what the PTX does: global loads and stores by width, matrix instructions, and (from
 ``ptxas -v``) registers per thread, spill bytes and shared memory.
 
-    python -m benchmarks.ptx            # JSON report on stdout
+    python -m trm_benchmarks.ptx            # JSON report on stdout
 
 This needs no GPU (Triton ships ptxas) and must run without TRITON_INTERPRET. It catches
 compile errors the interpreter cannot see, and shows whether memory-bound kernels move 16
@@ -140,7 +140,7 @@ def compile_all() -> dict[str, dict]:
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("benchmarks.ptx compiles real kernels: run it without TRITON_INTERPRET=1")
+        sys.exit("trm_benchmarks.ptx compiles real kernels: run it without TRITON_INTERPRET=1")
     print(json.dumps(compile_all(), indent=2))
 
 

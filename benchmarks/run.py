@@ -1,9 +1,9 @@
 """Run the benchmarks on the machine at hand and write results.{json,md,png} and ceiling.png under --out.
 
-python -m benchmarks.run --out benchmarks/results/h100-2026-11-23            # full, on a GPU
-python -m benchmarks.run --out /tmp/bench --quick                            # small shapes, any machine
-python -m benchmarks.run --out /tmp/m --only model --configs maze --profile   # one model config, profiled
-python -m benchmarks.run --out DIR --merge PART1 PART2                       # one table from several runs
+python -m trm_benchmarks.run --out benchmarks/results/h100-2026-11-23            # full, on a GPU
+python -m trm_benchmarks.run --out /tmp/bench --quick                            # small shapes, any machine
+python -m trm_benchmarks.run --out /tmp/m --only model --configs maze --profile   # one model config, profiled
+python -m trm_benchmarks.run --out DIR --merge PART1 PART2                       # one table from several runs
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from . import model, ops
-from .common import Results, copy_ceiling, environment, gemm_ceiling, merge, read_results, write_results
+from .common import Results, copy_ceiling, environment, gemm_ceiling, merge, read_results
+from .report import write_results
 
 
 def main(argv: list[str] | None = None) -> Path:

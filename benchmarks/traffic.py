@@ -1,7 +1,7 @@
 """Activation traffic of one TRM supervision step, op by op, by the byte model; no GPU needed.
 
-    python -m benchmarks.traffic --config sudoku-mlp            # training step (forward, ACT loss, backward)
-    python -m benchmarks.traffic --config sudoku-mlp --eval     # evaluation step (no grad)
+    python -m trm_benchmarks.traffic --config sudoku-mlp            # training step (forward, ACT loss, backward)
+    python -m trm_benchmarks.traffic --config sudoku-mlp --eval     # evaluation step (no grad)
 
 Every op the step dispatches is counted as reading its tensor inputs and writing its
 outputs once (views move nothing). The step runs at batch 1 and 2 and the difference is

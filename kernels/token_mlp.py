@@ -68,7 +68,7 @@ def _token_mlp_rmsnorm_fwd(
 
 
 # (BLOCK_D, BLOCK_I, num_warps) tried by the autotuner on a GPU, per sequence tile. All of
-# them compile for sm_90 with wgmma and without spills (benchmarks.ptx); registers, shared
+# them compile for sm_90 with wgmma and without spills (trm_benchmarks.ptx); registers, shared
 # memory and so CTAs per SM differ, and which is fastest is measured, not guessed. The
 # interpreter runs the first; FIXED_CONFIG, where set, runs everywhere (tests check each).
 CONFIGS = {

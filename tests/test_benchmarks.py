@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 import trm_kernels as K
+from trm_benchmarks import breakdown, common, model, report, run, targets
+from trm_benchmarks.common import Results, Row
 
-from benchmarks import breakdown, common, model, run, targets
-from benchmarks.common import Results, Row
 from trm.config import ModelConfig
 from trm.losses import act_loss
 from trm.model import TRM
@@ -44,10 +44,10 @@ def test_runs_merge_into_one_table_and_mismatched_devices_are_refused(tmp_path):
     eager = Row("training step (largest batch)", "maze", "eager", 100.0, tflops=200.0, extra={"batch": 192})
     ours = Row("training step (largest batch)", "maze", "fused", 150.0, tflops=400.0, extra={"batch": 576})
     norm = Row("add+rmsnorm forward", "n", "eager", 0.5, gbps=1500.0)
-    common.write_results(tmp_path / "a", _results("H100", [eager, norm]))
+    report.write_results(tmp_path / "a", _results("H100", [eager, norm]))
     b = _results("H100", [ours])
     b.skipped.append({"group": "training step", "case": "maze B=768", "provider": "fused", "reason": "out of memory"})
-    common.write_results(tmp_path / "b", b)
+    report.write_results(tmp_path / "b", b)
     run.main(["--out", str(tmp_path / "all"), "--merge", str(tmp_path / "a"), str(tmp_path / "b")])
     merged = common.read_results(tmp_path / "all")
     assert [r.provider for r in merged.rows] == ["eager", "eager", "fused"] and len(merged.skipped) == 1
@@ -55,7 +55,7 @@ def test_runs_merge_into_one_table_and_mismatched_devices_are_refused(tmp_path):
     assert common.vs_eager(ours, merged.rows) == pytest.approx(2.0)
     md = (tmp_path / "all" / "results.md").read_text()
     assert "| maze | fused | 150.0 | 576 | 400.0 | 50% | 2.00x |" in md and "maze B=768, fused: out of memory" in md
-    common.write_results(tmp_path / "c", _results("H200", [norm]))
+    report.write_results(tmp_path / "c", _results("H200", [norm]))
     with pytest.raises(SystemExit):
         run.main(["--out", str(tmp_path / "x"), "--merge", str(tmp_path / "a"), str(tmp_path / "c")])
     (tmp_path / "bad.json").write_text("{}")
@@ -180,7 +180,7 @@ def test_targets_are_checked_against_the_run():
     assert met("training step MFU >= 45%", "sudoku-mlp B=768")  # 380 / 800
     assert met("training peak memory <= eager's", "sudoku-mlp B=768")
     assert met("evaluation (full solve): ours >= 5.0x eager", "sudoku-mlp B=1")  # 10x
-    md = common.markdown(_results("H100", rows))
+    md = report.markdown(_results("H100", rows))
     assert "| training step: ours >= 2.0x eager | maze B=768 |  | not measured |" in md
 
 
@@ -188,7 +188,7 @@ def test_hrm_and_trm_step_times_side_by_side():
     rows = [Row("training step", f"{config} B=768", provider, ms)
             for provider, times in (("eager", (300.0, 200.0, 800.0)), ("fused + CUDA graphs", (100.0, 80.0, 240.0)))
             for config, ms in zip(("sudoku-mlp", "sudoku-att", "hrm-sudoku"), times, strict=True)]  # fmt: skip
-    md = common.markdown(_results("H100", rows))
+    md = report.markdown(_results("H100", rows))
     assert "| eager | 300.0 | 200.0 | 800.0 | 4.00x |" in md
     assert "| fused + CUDA graphs | 100.0 | 80.0 | 240.0 | 3.00x |" in md
     assert targets.hrm_vs_trm(_results("H100", rows[:2])) == []  # no HRM measured: no table
@@ -200,7 +200,7 @@ def test_traffic_census_per_batch_element(evaluate):
     """The byte census of one step: weights cancel (per batch element), views count nothing,
     and the fused ops move fewer bytes than the reference, the mlp_t sub-layer as one kernel
     without grad (all of evaluation, the no-grad cycles of training)."""
-    from benchmarks import traffic
+    from trm_benchmarks import traffic
 
     cfg = ModelConfig(vocab_size=7, seq_len=30, hidden_size=64, num_heads=2, puzzle_emb_len=2, T=2, n=2, n_sup=2,
                       num_puzzle_identifiers=1, mlp_t=True, forward_dtype="float32")  # fmt: skip

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile real kernels
-    done = subprocess.run([sys.executable, "-m", "benchmarks.ptx"], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-m", "trm_benchmarks.ptx"], capture_output=True, text=True, env=env,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)

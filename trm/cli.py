@@ -1,11 +1,13 @@
-"""``trm``: build data, train, evaluate, solve, import reference checkpoints."""
+"""trm: build data, train, evaluate, solve, import reference checkpoints."""
 
 from __future__ import annotations
 
 import gc
+import json
+import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import numpy as np
 import torch
@@ -13,26 +15,43 @@ import typer
 from rich.console import Console
 
 from . import checkpoint, render
-from .config import PRESETS, RunConfig, apply_overrides, preset
+from .config import PRESETS, RunConfig, apply_overrides, preset, validate
 from .data import dataset, maze, sudoku
+from .evaluate import evaluate, evaluate_arc, model_from_checkpoint, to_device, write_model_checkpoint
+from .train import CHECKPOINT, MetricsLog, Trainer, fit, init_distributed
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
+console = Console(soft_wrap=True)  # lines are not wrapped at 80 columns in a pipe or a log file
+errors = Console(stderr=True, soft_wrap=True)
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help=f"one of: {', '.join(PRESETS)}")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help=f"one of: {', '.join(PRESETS)}")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. train.lr=3e-4 (repeatable)")]
+DEFAULT_PRESET = "sudoku4"
+# train.* fields that change what a run does next, not what it computes: a resume may change them freely
+BOOKKEEPING = {"train.steps", "train.eval_interval", "train.eval_steps", "train.eval_batch_size",
+               "train.checkpoint_interval", "train.checkpoint_minutes", "train.log_interval",
+               "model.cuda_graphs"}  # fmt: skip
 
 
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+def _fail(message: str) -> NoReturn:
+    errors.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
     raise typer.Exit(2)
 
 
-def _config(preset_name: str, overrides: list[str] | None) -> RunConfig:
+def _warn(message: str) -> None:
+    errors.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+def _config(preset_name: str | None, overrides: list[str] | None) -> RunConfig:
     try:
-        return apply_overrides(preset(preset_name), overrides or [])
+        return validate(apply_overrides(preset(preset_name or DEFAULT_PRESET), overrides or []))
     except ValueError as e:
         _fail(str(e))
+
+
+def _at_least(option: str, value: int, low: int, meaning: str = "") -> None:
+    if value < low:
+        _fail(f"{option} {value}: must be >= {low}{meaning}")
 
 
 def _build(cfg: RunConfig, out: Path) -> Path:
@@ -48,106 +67,230 @@ def _build(cfg: RunConfig, out: Path) -> Path:
             _fail(str(e))
 
 
-def _ensure_data(cfg: RunConfig, data: Path) -> None:
-    """Build the preset's data at `data` if absent; refuse data built from different settings."""
+def _describe(path: Path) -> str:
+    """A readable summary of a dataset directory."""
+    meta = dataset.read_metadata(path)
+    splits = meta["splits"]
+    augmented = meta.get("augmentations") and meta["task"] != "maze"  # mazes: dihedral images only
+    lines = [
+        f"dataset {path}: {meta['task']} {meta.get('size', '?')}x{meta.get('size', '?')}, from {meta.get('source')}",
+        f"  train: {splits.get('train', 0):,} examples"
+        + (f" ({meta['augmentations']} augmented copies of each puzzle)" if augmented else "")
+        + (" (with the 7 other dihedral images of each maze)" if meta.get("dihedral") else ""),
+        f"  test:  {splits.get('test', 0):,} examples"
+        + (f" ({meta['test_source']})" if meta.get("test_source") else ""),
+        f"  vocabulary {meta['vocab_size']}, sequence length {meta['seq_len']}, "
+        f"{meta['num_puzzle_identifiers']:,} puzzle identifier(s)",
+    ]
+    return "\n".join(lines)
+
+
+def _expected_train_rows(cfg: RunConfig) -> int | None:
+    """Training rows a generated dataset will hold (None where only building tells)."""
+    d = cfg.data
+    if d.csv or d.task not in ("sudoku", "maze"):
+        return None
+    return d.num_train * (1 + (d.augmentations if d.task == "sudoku" else 7 * d.dihedral))
+
+
+def _check_data(cfg: RunConfig, data: Path, implicit: bool) -> None:
+    """The dataset at `data` exists (or, at a preset's default location only, is built) and
+    matches the config."""
     if not (data / "metadata.json").exists():
+        if not implicit:
+            _fail(f"--data {data}: no dataset there (no metadata.json); build one with `trm build --out {data}`, "
+                  "or leave --data out to use the preset's own")  # fmt: skip
+        rows = _expected_train_rows(cfg)
+        if rows is not None and rows < cfg.train.global_batch_size:
+            _fail(f"train.global_batch_size={cfg.train.global_batch_size}: the dataset would hold only {rows} "
+                  "training examples; lower the batch or raise data.num_train")  # fmt: skip
         console.print(f"building dataset in {data}")
         _build(cfg, data)
+        console.print(_describe(data))
         return
-    meta = dataset.read_metadata(data)
-    want = {
-        "task": cfg.data.task,
-        "size": cfg.data.size,
-        "seed": cfg.data.seed,
-        "dihedral": cfg.data.dihedral,
-        "augmentations": cfg.data.augmentations,
-        "source": dataset.source_of(cfg.data),
-    }
+    try:
+        meta = dataset.read_metadata(data)
+    except ValueError as e:
+        _fail(str(e))
+    want = {"task": cfg.data.task, "size": cfg.data.size}
+    if implicit:  # a preset's default location: it must hold exactly what the preset builds
+        want |= {"seed": cfg.data.seed, "dihedral": cfg.data.dihedral, "augmentations": cfg.data.augmentations,
+                 "source": dataset.source_of(cfg.data)}  # fmt: skip
     diff = [f"{k}: data has {meta.get(k)!r}, config wants {v!r}" for k, v in want.items() if meta.get(k) != v]
     if diff:
-        _fail(f"{data} was built with other settings ({'; '.join(diff)}); pass another --data")
+        _fail(f"{data} was built with other settings ({'; '.join(diff)}); pass another --data or --preset")
+
+
+def _new_run_dir(preset_name: str) -> Path:
+    """runs/<preset>-<date>-<time>, unique, and runs/<preset>-latest pointing at it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{preset_name}-{stamp}"
+    suffix = 1
+    while out.exists():
+        suffix += 1
+        out = Path("runs") / f"{preset_name}-{stamp}-{suffix}"
+    return out
+
+
+def _point_latest(out: Path, preset_name: str) -> None:
+    latest = out.parent / f"{preset_name}-latest"
+    tmp = out.parent / f".{preset_name}-latest.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(out.name, target_is_directory=True)
+        os.replace(tmp, latest)
+    except OSError:  # no symlinks here (some Windows setups): the dated name still works
+        tmp.unlink(missing_ok=True)
+
+
+def _holds_anything(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 @app.command()
 def build(
     out: Annotated[Path, typer.Option(help="dataset directory to create")],
-    preset_name: PresetOpt = "sudoku4",
+    preset_name: PresetOpt = None,
     overrides: SetOpt = None,
-    csv: Annotated[Path | None, typer.Option(help="Sudoku-Extreme CSV for training")] = None,
-    test_csv: Annotated[Path | None, typer.Option(help="Sudoku-Extreme CSV for testing")] = None,
+    csv: Annotated[Path | None, typer.Option(help="puzzle CSV for training (Sudoku-Extreme / Maze-Hard style)")] = None,
+    test_csv: Annotated[Path | None, typer.Option(help="puzzle CSV for testing (needs --csv)")] = None,
 ) -> None:
-    """Build a dataset: from Sudoku-Extreme CSVs, or generated offline."""
-    cfg = _config(preset_name, overrides)
-    cfg.data.csv, cfg.data.test_csv = str(csv or cfg.data.csv), str(test_csv or cfg.data.test_csv)
-    if cfg.data.csv == "":
-        cfg.data.test_csv = ""
+    """Build a dataset: from puzzle CSVs, or generated offline."""
+    if test_csv is not None and csv is None:
+        _fail("--test-csv needs --csv (the training CSV); without --csv the puzzles are generated")
+    for option, path in (("--csv", csv), ("--test-csv", test_csv)):
+        if path is not None and not path.is_file():
+            _fail(f"{option} {path}: no such file")
+    cfg = _config(preset_name, [*(overrides or []), *([f"data.csv={csv}"] if csv else []),
+                                *([f"data.test_csv={test_csv}"] if test_csv else [])])  # fmt: skip
+    if _holds_anything(out):
+        _fail(f"--out {out} already exists; a dataset is built into a new directory")
+    if cfg.data.csv and not cfg.data.test_csv and cfg.data.task in ("sudoku", "maze"):
+        console.print(f"no --test-csv: holding out {cfg.data.num_test} of the CSV's puzzles as the test split "
+                      "(data.num_test; 0 for none)")  # fmt: skip
     path = _build(cfg, out)
-    meta = dataset.read_metadata(path)
-    console.print(f"wrote {path}: {meta['splits']} examples, vocab {meta['vocab_size']}, seq {meta['seq_len']}")
+    console.print(_describe(path))
 
 
 @app.command()
 def train(
-    preset_name: PresetOpt = "sudoku4",
+    preset_name: PresetOpt = None,
     overrides: SetOpt = None,
     data: Annotated[Path | None, typer.Option(help="dataset (default: data/<preset>, built if absent)")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default: runs/<preset>-<date>-<time>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its checkpoint")] = False,
-    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    progress: Annotated[bool, typer.Option(help="show progress (a bar on a terminal, lines otherwise)")] = True,
 ) -> None:
-    """Train (and evaluate) a TRM; on several GPUs run it under torchrun."""
-    from .train import CHECKPOINT, Trainer, fit, init_distributed
+    """Train (and evaluate) a TRM; Ctrl-C stops after the current step with a checkpoint.
 
-    if out is None:
-        if resume:
-            _fail("--resume needs --out, the run directory to continue")
-        out = Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    ckpt = out / CHECKPOINT
+    On several GPUs run it under torchrun."""
     if resume:
-        try:
-            _, meta = checkpoint.load(ckpt)
-        except checkpoint.CheckpointError as e:
-            _fail(str(e))
-        cfg = RunConfig.from_dict(meta["config"])
-        apply_overrides(cfg, overrides or [])
-        data = data or Path(meta["data_dir"])
+        if out is None:
+            _fail("--resume needs --out, the run directory to continue")
+        if preset_name is not None:
+            _fail("--preset cannot be combined with --resume: a run continues with its own configuration "
+                  "(change train.* settings with --set)")  # fmt: skip
+        cfg, data, meta = _resume_config(out, overrides, data)
     else:
-        if ckpt.exists():
-            _fail(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         cfg = _config(preset_name, overrides)
+        preset_name = preset_name or DEFAULT_PRESET
+        if out is None:
+            out = _new_run_dir(preset_name)
+        elif _holds_anything(out):
+            what = "a run; pass --resume to continue it" if (out / CHECKPOINT).exists() else "files"
+            _fail(f"--out {out} already holds {what}; a new run needs a new or empty directory")
+        implicit = data is None
         data = data or Path("data") / preset_name
+        _check_data_everywhere(cfg, data, implicit)
     rank, world, device = init_distributed()
-    if rank == 0 and not resume:
-        _ensure_data(cfg, data)
-    if world > 1:
+    if world > 1:  # rank 0 has checked (or built) the data
         torch.distributed.barrier()
     try:
         trainer = Trainer(cfg, data, out, device, rank, world)
         if resume:
-            trainer.load(ckpt)
+            trainer.load(out / CHECKPOINT)
     except (ValueError, checkpoint.CheckpointError) as e:
         _fail(str(e))
     if rank == 0:
+        if resume:
+            dropped = MetricsLog(out / "metrics.jsonl", True).truncate_after(trainer.step)
+            note = f"; dropped {dropped} metric record(s) logged after it" if dropped else ""
+            console.print(f"resuming {out} at step {trainer.step} of {cfg.train.steps}{note}")
+        elif out.parent.name == "runs" and out.name.startswith(preset_name + "-"):
+            _point_latest(out, preset_name)
         console.print(
             f"TRM {trainer.model.num_parameters():,} parameters on {device}, {world} process(es); run directory {out}"
         )
-    result = fit(trainer, show_progress=progress)
+    result = fit(trainer, show_progress=progress, console=console)
+    stopped_by, step = trainer.stopped_by, trainer.step
     if world > 1:  # every process finishes (rank 0 writes the last checkpoint) before teardown
         torch.distributed.barrier()
         del trainer  # DDP's reducer goes before its process group, not at interpreter exit
         gc.collect()
         torch.distributed.destroy_process_group()
-    if rank == 0:
-        console.print(
-            f"[bold green]test exact accuracy {result['exact_accuracy']:.4f}[/] "
-            f"(token accuracy {result['accuracy']:.4f}, {int(result['count'])} held-out puzzles); "
-            f"metrics in {out / 'metrics.jsonl'}, plot {out / 'metrics.png'}"
-        )
+    if rank != 0:
+        return
+    if stopped_by is not None:
+        console.print(f"stopped by {stopped_by} at step {step} of {cfg.train.steps}; checkpoint written. "
+                      f"Continue with: trm train --resume --out {out}")  # fmt: skip
+        raise typer.Exit(130 if stopped_by == "SIGINT" else 143)
+    if not result:
+        console.print(f"[bold green]done[/]: no test puzzles, nothing evaluated; metrics in {out / 'metrics.jsonl'}")
+        return
+    console.print(
+        f"[bold green]test exact accuracy {result['exact_accuracy']:.4f}[/] "
+        f"(token accuracy {result['accuracy']:.4f}, {int(result['count'])} held-out puzzles); "
+        f"metrics in {out / 'metrics.jsonl'}, plot {out / 'metrics.png'}"
+    )
+
+
+def _check_data_everywhere(cfg: RunConfig, data: Path, implicit: bool) -> None:
+    """Rank 0 checks (and at the default location builds) the data; the others wait for it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        _check_data(cfg, data, implicit)
+
+
+def _resume_config(out: Path, overrides: list[str] | None, data: Path | None) -> tuple[RunConfig, Path, dict]:
+    """The run's own config with --set changes (train.* only), checked; exits if the run is finished."""
+    try:
+        _, meta = checkpoint.load(out / CHECKPOINT)
+    except checkpoint.CheckpointError as e:
+        _fail(f"{e}; --resume continues a run that has written a checkpoint")
+    cfg = RunConfig.from_dict(meta["config"])
+    before = cfg.to_dict()
+    try:
+        validate(apply_overrides(cfg, overrides or []))
+    except ValueError as e:
+        _fail(str(e))
+    after = cfg.to_dict()
+    for section in after:
+        for name, new in after[section].items():
+            key, old = f"{section}.{name}", before[section][name]
+            if new == old or key in BOOKKEEPING:
+                continue
+            if section != "train" and key != "model.forward_dtype":
+                _fail(f"{key} cannot change on --resume (the run was trained with {old!r}); start a new run instead")
+            _warn(f"{key} changed from {old!r} to {new!r}: the resumed run is no longer an exact continuation"
+                  + (" (the ACT carry restarts)" if key == "train.global_batch_size" else ""))  # fmt: skip
+    if meta["step"] >= cfg.train.steps:
+        console.print(f"{out} is finished (step {meta['step']} of {cfg.train.steps}); to train further: "
+                      f"trm train --resume --out {out} --set train.steps=N")  # fmt: skip
+        raise typer.Exit(0)
+    return cfg, _run_data(meta, data), meta
+
+
+def _run_data(meta: dict, data: Path | None) -> Path:
+    """--data if given, else the dataset the run recorded (an absolute path; older runs' relative ones too)."""
+    if data is not None:
+        return data
+    recorded = Path(meta.get("data_dir") or "")
+    if not meta.get("data_dir") or not (recorded / "metadata.json").exists():
+        _fail(f"the run's dataset {str(recorded)!r} is not there (a relative path is read from the current "
+              "directory); pass --data")  # fmt: skip
+    return recorded
 
 
 def _load(run: Path, device: torch.device, ema: bool):
-    from .evaluate import model_from_checkpoint
-
     path = run / "checkpoint.safetensors" if run.is_dir() else run
     try:
         return model_from_checkpoint(path, device, ema)
@@ -166,17 +309,21 @@ def evaluate_cmd(
     show: Annotated[int, typer.Option(help="how many puzzles --png draws")] = 4,
 ) -> None:
     """Exact and token accuracy on a test split; for ARC, pass@1/2 with voting and a submission.json."""
-    from .evaluate import evaluate
-
+    _at_least("--steps", steps, 0, " (0: the model's n_sup)")
+    _at_least("--batch-size", batch_size, 1)
+    _at_least("--show", show, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = _load(run, device, ema)
+    data = _run_data(meta, data)
     try:
-        split = dataset.load_split(data or meta["data_dir"], "test")
+        split = dataset.load_split(data, "test")
     except (ValueError, OSError) as e:
         _fail(str(e))
+    if len(split) == 0:
+        _fail(f"{data} has no test puzzles; pass --data with a dataset that has a test split")
     task = meta["config"]["data"]["task"]
     if task.startswith("arc"):
-        _evaluate_arc(model, Path(data or meta["data_dir"]), batch_size, steps, run, png, show)
+        _evaluate_arc(model, data, batch_size, steps, run, png, show)
         return
     result = evaluate(model, split, batch_size, steps or None)
     if png is not None:
@@ -189,10 +336,6 @@ def evaluate_cmd(
 
 def _evaluate_arc(model, data: Path, batch_size: int, steps: int, run: Path, png: Path | None, show: int) -> None:
     """Voting over augmentations, pass@1/2, submission.json next to the checkpoint; --png draws tasks."""
-    import json
-
-    from .evaluate import evaluate_arc
-
     result, votes = evaluate_arc(model, data, batch_size, steps or None)
     target = (run if run.is_dir() else run.parent) / "submission.json"
     target.write_text(json.dumps(votes.submission()))
@@ -202,14 +345,13 @@ def _evaluate_arc(model, data: Path, batch_size: int, steps: int, run: Path, png
         rows = []
         for group, t in enumerate(votes.targets[:show]):
             ranked = votes.ranked(group)[:2]
-            rows.append([("target " + t["task"], np.array(t["target"]))]
+            shown = [("test input " + t["task"], np.array(t["input"]))] if "input" in t else []
+            rows.append(shown + [("target", np.array(t["target"]))]
                         + [(f"attempt {i + 1}", g) for i, g in enumerate(ranked)])  # fmt: skip
         console.print(f"wrote {render.save_png(png, rows, 'arc')}")
 
 
 def _draw_attempts(model, split: dataset.Split, count: int, steps: int, task: str, png: Path) -> None:
-    from .evaluate import to_device
-
     batch = to_device(split.batch(np.arange(count)), model.y_init.device)
     *_, (logits, _) = model.solve(batch, steps or None)
     size = int(round(model.cfg.seq_len**0.5))
@@ -217,8 +359,13 @@ def _draw_attempts(model, split: dataset.Split, count: int, steps: int, task: st
     def codes(tokens: torch.Tensor) -> np.ndarray:
         return (tokens.cpu().numpy() - 1).clip(0).reshape(size, size)
 
-    rows = [[("puzzle", codes(batch["inputs"][i])), ("target", codes(batch["labels"][i].clamp_min(1))),
-             ("model", codes(logits[i].argmax(-1)))] for i in range(count)]  # fmt: skip
+    rows = []
+    for i in range(count):
+        puzzle, target = codes(batch["inputs"][i]), codes(batch["labels"][i].clamp_min(1))
+        marks = {"givens": puzzle, "target": target}
+        rows.append(
+            [("puzzle", puzzle), ("target", target, {"givens": puzzle}), ("model", codes(logits[i].argmax(-1)), marks)]
+        )
     console.print(f"wrote {render.save_png(png, rows, task)}")
 
 
@@ -226,7 +373,11 @@ def _parse_puzzle(task: str, text: str, size: int) -> np.ndarray:
     """A puzzle given on the command line, as codes; exits with a message if it is malformed."""
     try:
         if task == "maze":
-            return maze.parse(text, size, labels=False)
+            grid = maze.parse(text, size, labels=False)
+            starts, goals = int((grid == maze.START).sum()), int((grid == maze.GOAL).sum())
+            if (starts, goals) != (1, 1):
+                raise ValueError(f"has {starts} S and {goals} G; a maze needs exactly one of each")
+            return grid
         return sudoku.parse(text, size, blanks=True)
     except ValueError as e:
         _fail(f"puzzle {e} (this model solves {size}x{size} {task})")
@@ -251,9 +402,12 @@ def solve(
     png: Annotated[Path | None, typer.Option(help="also draw the puzzle and every step's answer here")] = None,
 ) -> None:
     """Solve one puzzle (Sudoku or maze), printing the answer after every supervision step."""
+    _at_least("--steps", steps, 0, " (0: the model's n_sup)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = _load(run, device, ema)
     task = meta["config"]["data"]["task"]
+    if task not in ("sudoku", "maze"):
+        _fail(f"trm solve takes Sudoku and maze puzzles; this model was trained on {task} (use trm eval)")
     size = int(round(model.cfg.seq_len**0.5))
     grid = _parse_puzzle(task, puzzle.strip(), size)
     if task == "sudoku":
@@ -261,7 +415,7 @@ def solve(
         if solutions == 0:
             _fail("this puzzle has no solution (its givens cannot all be kept)")
         if solutions > 1:
-            console.print("[yellow]warning:[/] this puzzle has more than one solution")
+            _warn("this puzzle has more than one solution")
     tokens = torch.from_numpy(grid.reshape(1, -1) + 1).to(device)
     batch = {"inputs": tokens, "puzzle_identifiers": torch.zeros(1, dtype=torch.long, device=device)}
     previous, panels = None, [("puzzle", grid)]
@@ -271,7 +425,7 @@ def solve(
         console.print(f"step {step}: P(halt) {torch.sigmoid(q_halt[0]).item():.3f}, {status}")
         console.print(render.text(answer, task, grid if task == "sudoku" else None, previous))
         previous = answer
-        panels.append((f"step {step}", answer))
+        panels.append((f"step {step}", answer, {"givens": grid} if task == "sudoku" else {}))
     if png is not None:
         console.print(f"wrote {render.save_png(png, [panels], task)}")
 
@@ -281,13 +435,11 @@ def import_reference(
     source: Annotated[Path, typer.Argument(help="reference checkpoint (torch.save'd state dict)")],
     out: Annotated[Path, typer.Option(help="run directory to write")],
     data: Annotated[Path | None, typer.Option(help="dataset the model was trained on (for eval/solve)")] = None,
-    preset_name: PresetOpt = "sudoku-mlp",
+    preset_name: PresetOpt = None,  # sudoku-mlp
     overrides: SetOpt = None,
 ) -> None:
     """Convert a reference-implementation checkpoint into a run directory usable by eval/solve."""
-    from .evaluate import write_model_checkpoint
-
-    cfg = _config(preset_name, overrides)
+    cfg = _config(preset_name or "sudoku-mlp", overrides)
     target = out / "checkpoint.safetensors"
     if target.exists():
         _fail(f"{target} exists; choose another --out")

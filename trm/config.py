@@ -47,6 +47,7 @@ class TrainConfig:
     eval_steps: int = 0  # supervision steps at evaluation; 0 = n_sup
     eval_batch_size: int = 768
     checkpoint_interval: int = 10_000
+    checkpoint_minutes: float = 5.0  # also checkpoint when this much wall time has passed since the last; 0: never
     log_interval: int = 10
     seed: int = 0
 
@@ -114,6 +115,7 @@ def _cpu_train(steps: int, batch: int = 64, eval_batch: int = 256) -> TrainConfi
         eval_interval=steps,
         eval_batch_size=eval_batch,
         checkpoint_interval=steps,
+        checkpoint_minutes=1.0,
         log_interval=10,
     )
 
@@ -190,6 +192,67 @@ def _parse(raw: str, current: Any, key: str) -> Any:
         return type(current)(raw) if not isinstance(current, int) else int(raw)
     except ValueError:
         raise ValueError(f"override {key}={raw!r}: expected a {type(current).__name__}") from None
+
+
+TASKS = ("sudoku", "maze", "arc1", "arc2")
+SUDOKU_SIZES = (4, 6, 9)
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field's range; raises ValueError naming the first bad field, its value and what is allowed."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}={value!r}: {allowed}")
+
+    def choice(key: str, value: Any, options) -> None:
+        need(value in options, key, value, f"must be one of {', '.join(map(str, options))}")
+
+    def at_least(key: str, value: float, low: float) -> None:
+        need(value >= low, key, value, f"must be >= {low}")
+
+    choice("model.arch", m.arch, ("trm", "hrm"))
+    for key in ("vocab_size", "seq_len", "num_puzzle_identifiers", "hidden_size", "num_heads", "num_layers",
+                "T", "n", "n_sup"):  # fmt: skip
+        at_least(f"model.{key}", getattr(m, key), 1)
+    need(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+         f"must be divisible by model.num_heads={m.num_heads}")  # fmt: skip
+    need(m.mlp_t or (m.hidden_size // m.num_heads) % 2 == 0, "model.num_heads", m.num_heads,
+         f"must leave an even head size for RoPE (hidden_size {m.hidden_size} / num_heads {m.num_heads})")  # fmt: skip
+    need(m.expansion > 0, "model.expansion", m.expansion, "must be > 0")
+    at_least("model.puzzle_emb_len", m.puzzle_emb_len, 0)
+    need(not (m.arch == "hrm" and m.T * m.n < 2), "model.n", m.n, "HRM needs T * n >= 2 (one L and one H update)")
+    need(0 <= m.halt_exploration_prob <= 1, "model.halt_exploration_prob", m.halt_exploration_prob, "must be in [0, 1]")
+    need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    need(m.rms_norm_eps > 0, "model.rms_norm_eps", m.rms_norm_eps, "must be > 0")
+    choice("model.forward_dtype", m.forward_dtype, FORWARD_DTYPES)
+
+    for key in ("global_batch_size", "steps", "eval_interval", "eval_batch_size", "checkpoint_interval",
+                "log_interval"):  # fmt: skip
+        at_least(f"train.{key}", getattr(t, key), 1)
+    for key in ("lr", "puzzle_emb_lr"):
+        need(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "must be > 0")
+    for key in ("lr_warmup_steps", "weight_decay", "puzzle_emb_weight_decay", "eval_steps", "checkpoint_minutes",
+                "seed"):  # fmt: skip
+        at_least(f"train.{key}", getattr(t, key), 0)
+    for key in ("beta1", "beta2", "ema_rate"):
+        need(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "must be in [0, 1)")
+    choice("train.loss", t.loss, ("stablemax", "softmax"))
+
+    choice("data.task", d.task, TASKS)
+    if d.task == "sudoku" and not d.csv:
+        choice("data.size", d.size, SUDOKU_SIZES)
+    if d.task == "maze":
+        at_least("data.size", d.size, 5)
+    if d.task in ("arc1", "arc2"):
+        choice("data.size", d.size, (30,))
+    at_least("data.num_train", d.num_train, 0 if d.csv or d.task in ("arc1", "arc2") else 1)  # 0: every puzzle
+    for key in ("num_test", "augmentations", "min_blanks", "min_backtracks", "min_path_length", "seed"):
+        at_least(f"data.{key}", getattr(d, key), 0)
+    need(not d.test_csv or d.csv, "data.test_csv", d.test_csv, "needs data.csv (the training CSV) as well")
+    return cfg
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:

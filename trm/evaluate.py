@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import distributed
-from .data.dataset import Split
+from . import checkpoint, distributed
+from .arch import build_model
+from .config import RunConfig
+from .data import arc
+from .data.dataset import Split, configure_model, load_split
 from .losses import IGNORE_LABEL
-from .model import RecursiveReasoningModel, build_model
+from .model import RecursiveReasoningModel
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -56,9 +61,6 @@ def evaluate(
 
 def model_from_checkpoint(path, device: torch.device, ema: bool = True) -> tuple[RecursiveReasoningModel, dict]:
     """The model of a checkpoint, with its EMA weights when present and `ema` is set."""
-    from . import checkpoint
-    from .config import RunConfig
-
     tensors, meta = checkpoint.load(path)
     model = build_model(RunConfig.from_dict(meta["config"]).model)
     state = checkpoint.section(tensors, "model")
@@ -71,11 +73,7 @@ def model_from_checkpoint(path, device: torch.device, ema: bool = True) -> tuple
 
 def write_model_checkpoint(state: dict[str, torch.Tensor], cfg, data_dir, target) -> str:
     """A weights-only checkpoint (e.g. converted from the reference) that eval/solve can use."""
-    from . import checkpoint
-
     if data_dir is not None:
-        from .train import configure_model
-
         configure_model(cfg, data_dir)
     if "puzzle_emb.weights" in state:
         cfg.model.num_puzzle_identifiers = state["puzzle_emb.weights"].shape[0]
@@ -89,12 +87,6 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg, data_dir, target
 @torch.no_grad()
 def evaluate_arc(model: RecursiveReasoningModel, data_dir, batch_size: int, steps: int | None = None):
     """ARC evaluation with de-augmentation and voting: (pass@1, pass@2, and the Votes)."""
-    import json
-    from pathlib import Path
-
-    from .data import arc
-    from .data.dataset import load_split
-
     split = load_split(data_dir, "test")
     identifiers = json.loads((Path(data_dir) / "identifiers.json").read_text())
     votes = arc.Votes(identifiers, json.loads((Path(data_dir) / "test_targets.json").read_text()))

@@ -262,14 +262,3 @@ class TRM(RecursiveReasoningModel):
 
     def grad_part(self, x, y, z):
         return self.latent_recursion(x, y, z)
-
-
-def build_model(cfg: ModelConfig) -> RecursiveReasoningModel:
-    """The model a config names (``cfg.arch``)."""
-    if cfg.arch == "hrm":
-        from .hrm import HRM
-
-        return HRM(cfg)
-    if cfg.arch != "trm":
-        raise ValueError(f"unknown model arch {cfg.arch!r}; choose trm or hrm")
-    return TRM(cfg)

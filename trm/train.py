@@ -10,21 +10,28 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed
+from .arch import build_model
 from .config import RunConfig
-from .data.dataset import BatchIterator, load_split, read_metadata
+from .data.dataset import BatchIterator, configure_model, load_split
 from .distributed import all_gather_cat
 from .evaluate import evaluate, to_device
 from .losses import act_loss
-from .model import Carry, build_model
+from .model import Carry
 from .optim import EMA, AdamATan2, SparseSignSGD, warmup_lr
+from .plot import plot_metrics
 
 CHECKPOINT = "checkpoint.safetensors"
 _CARRY_FIELDS = ("y", "z", "steps", "halted")
@@ -52,14 +59,6 @@ def _data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
     return DistributedDataParallel(model, broadcast_buffers=False)
 
 
-def configure_model(cfg: RunConfig, data_dir: str | Path) -> None:
-    """Take vocabulary, sequence length and puzzle count from the dataset."""
-    meta = read_metadata(data_dir)
-    cfg.model.vocab_size = meta["vocab_size"]
-    cfg.model.seq_len = meta["seq_len"]
-    cfg.model.num_puzzle_identifiers = meta["num_puzzle_identifiers"]
-
-
 class Trainer:
     def __init__(
         self,
@@ -71,9 +70,7 @@ class Trainer:
         world_size: int = 1,
     ):
         configure_model(cfg, data_dir)
-        self.cfg, self.out_dir, self.data_dir, self.device = cfg, Path(out_dir), Path(data_dir), device
-        if rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.out_dir, self.data_dir, self.device = cfg, Path(out_dir), Path(data_dir).resolve(), device
         self.rank, self.world_size = rank, world_size
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every process
@@ -93,6 +90,8 @@ class Trainer:
         self.step = 0
         self.carry: Carry | None = None
         torch.manual_seed(t.seed + 1 + rank)  # the halting-exploration stream, one per process
+        if rank == 0:  # created only once everything above has been checked
+            self.out_dir.mkdir(parents=True, exist_ok=True)
 
     # one optimizer step -------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -188,7 +187,7 @@ class Trainer:
                 self.optimizer.state[p] = state
         self.step = int(meta["step"])
         self.batches.load_state(meta["data"])
-        if "carry.y" in tensors:
+        if tensors.get("carry.y") is not None and len(tensors["carry.y"]) == self.cfg.train.global_batch_size:
             local = self.cfg.train.global_batch_size // self.world_size
             rows = slice(self.rank * local, (self.rank + 1) * local)
             fields = {k: tensors[f"carry.{k}"][rows].to(self.device) for k in _CARRY_FIELDS}
@@ -224,23 +223,88 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after `step` (a crashed run's, which a resumed run logs
+        again); returns how many were dropped. Rewritten atomically."""
+        if not (self.enabled and self.path.exists()):
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if _record_step(line) <= step]
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        return len(lines) - len(keep)
 
-def fit(trainer: Trainer, show_progress: bool = True) -> dict[str, float]:
-    """Train to cfg.train.steps with a live progress bar; evaluate and checkpoint on schedule.
 
-    Returns the last evaluation. Metric sums stay on the device between log steps.
-    """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0  # a torn last line of a killed run: kept, the reader skips it
+
+
+class StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the current step (with a checkpoint);
+    a second one aborts at once. Handlers are installed only in the main thread."""
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, sig, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(sig).name
+        # written straight to the file descriptor: a handler that printed through the console
+        # could run inside the console's own write and repeat its buffer
+        message = f"\n{self.received}: stopping after this step with a checkpoint (again to abort at once)\n"
+        try:
+            os.write(sys.stderr.fileno(), message.encode())
+        except (OSError, ValueError, AttributeError):  # no usable stderr (a captured or closed stream)
+            pass
+
+
+def _progress_line(step: int, total: int, elapsed: float, done: int, m: dict[str, float]) -> str:
+    """One plain progress line; `done` steps took `elapsed` seconds in this process."""
+    left = elapsed / max(done, 1) * (total - step)
+    return (
+        f"step {step}/{total}  loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  "
+        f"steps {m['steps']:.1f}  elapsed {_duration(elapsed)}  left ~{_duration(left)}"
     )
 
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
+
+
+def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = None) -> dict[str, float]:
+    """Train to cfg.train.steps; log, evaluate and checkpoint on schedule. Returns the last evaluation.
+
+    Progress is a live bar on a terminal and one plain line per log interval otherwise (a
+    pipe, a log file, a job scheduler). Checkpoints are written every
+    ``checkpoint_interval`` steps, every ``checkpoint_minutes`` of wall time, at the end, and
+    when SIGINT or SIGTERM stops the run (``trainer.stopped_by`` then names the signal).
+    Metric sums stay on the device between log steps.
+    """
     t, main = trainer.cfg.train, trainer.rank == 0
+    console = console or Console(soft_wrap=True)
     log = MetricsLog(trainer.out_dir / "metrics.jsonl", main)
+    live = show_progress and main and console.is_terminal
     columns = (
         TextColumn("[bold]train"),
         BarColumn(),
@@ -251,30 +315,31 @@ def fit(trainer: Trainer, show_progress: bool = True) -> dict[str, float]:
     )
     last_eval: dict[str, float] = {}
     pending: dict[str, torch.Tensor] | None = None
-    since_log = 0
-    with Progress(*columns, disable=not (show_progress and main)) as bar:
+    since_log, first_step = 0, trainer.step
+    started = last_save = time.monotonic()
+    trainer.stopped_by = None
+    with Progress(*columns, console=console, disable=not live) as bar, StopSignals() as stop:
         task = bar.add_task("train", total=t.steps, completed=trainer.step, stats="")
         while trainer.step < t.steps:
             metrics = trainer.train_step()
             pending = metrics if pending is None else {k: pending[k] + metrics[k] for k in metrics}
             since_log += 1
             step, final = trainer.step, trainer.step == t.steps
-            if step % t.log_interval == 0 or final:
+            logged = step % t.log_interval == 0 or final
+            if logged:
                 m = reduce_metrics(pending)
                 for k in ("lm_loss", "halt_loss"):
                     m[k] /= since_log * t.global_batch_size
                 m["lr"] = trainer.optimizer.param_groups[0]["lr"]
                 log.write({"split": "train", "step": step, **m})
-                bar.update(
-                    task,
-                    completed=step,
-                    stats=(
+                if live:
+                    bar.update(task, completed=step, stats=(
                         f"loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  "
-                        f"steps {m['steps']:.1f}"
-                    ),
-                )
+                        f"steps {m['steps']:.1f}"))  # fmt: skip
+                elif show_progress and main:
+                    console.print(_progress_line(step, t.steps, time.monotonic() - started, step - first_step, m))
                 pending, since_log = None, 0
-            if step % t.eval_interval == 0 or final:
+            if (step % t.eval_interval == 0 or final) and len(trainer.test_split):
                 last_eval = trainer.evaluate()
                 log.write({"split": "test", "step": step, **last_eval})
                 if main:
@@ -282,10 +347,22 @@ def fit(trainer: Trainer, show_progress: bool = True) -> dict[str, float]:
                         f"step {step}: test exact accuracy {last_eval['exact_accuracy']:.4f}, "
                         f"token accuracy {last_eval['accuracy']:.4f} ({int(last_eval['count'])} puzzles)"
                     )
-            if step % t.checkpoint_interval == 0 or final:
+            # under several processes the wall clock and signals are agreed on at log steps only
+            stopping, overdue = (
+                stop.received is not None,
+                t.checkpoint_minutes > 0 and (time.monotonic() - last_save >= 60 * t.checkpoint_minutes),
+            )
+            if distributed.active():
+                flags = torch.tensor([stopping, overdue], dtype=torch.int32, device=trainer.device)
+                if logged:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stopping, overdue = (bool(v) for v in flags.tolist()) if logged else (False, False)
+            if step % t.checkpoint_interval == 0 or final or stopping or overdue:
                 trainer.save()
-    if main:
-        from .plot import plot_metrics
-
-        plot_metrics(trainer.out_dir / "metrics.jsonl", trainer.out_dir / "metrics.png")
+                last_save = time.monotonic()
+            if stopping:
+                trainer.stopped_by = stop.received or "a signal on another process"
+                break
+    if main and log.path.exists():
+        plot_metrics(log.path, trainer.out_dir / "metrics.png")
     return last_eval

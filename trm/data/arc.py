@@ -31,6 +31,7 @@ import numpy as np
 
 from ..config import DataConfig
 from .grids import INVERSE, dihedral
+from .store import write
 
 SIDE = 30
 PAD, EOS, COLOUR0 = 0, 1, 2
@@ -52,6 +53,11 @@ def _from_json(name: str, data: dict) -> Task:
         return [(np.array(p["input"], dtype=np.int64), np.array(p["output"], dtype=np.int64)) for p in items]
 
     return Task(name, pairs(data["train"]), pairs(data["test"]))
+
+
+def recorded_source(cfg: DataConfig) -> str:
+    """What an ARC dataset built from `cfg` records as its source."""
+    return ",".join([cfg.arc_dir or cfg.task, *extra_dirs(cfg)])
 
 
 def load_tasks(source: str) -> tuple[list[Task], list[Task]]:
@@ -177,8 +183,6 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     (per puzzle id: task, dihedral k, colour map) and ``test_targets.json`` (per test input:
     task, index, target grid), with test/groups.npy mapping test rows to test inputs.
     """
-    from .dataset import source_of, write
-
     rng = np.random.default_rng(cfg.seed)
     train_tasks, eval_tasks = load_tasks(cfg.arc_dir or cfg.task)
     train_tasks, eval_tasks = _pick(train_tasks, cfg.num_train, rng), _pick(eval_tasks, cfg.num_test, rng)
@@ -196,7 +200,8 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
         is_eval = any(task is t for t in eval_tasks)
         first_group = len(targets)
         if is_eval:
-            targets += [{"task": task.name, "index": i, "target": out.tolist()} for i, (_, out) in enumerate(task.test)]
+            targets += [{"task": task.name, "index": i, "input": inp.tolist(), "target": out.tolist()}
+                        for i, (inp, out) in enumerate(task.test)]  # fmt: skip
         for aug in augmentations(task, cfg.augmentations, rng):
             pid = len(identifiers)
             identifiers.append({"task": task.name, "k": aug.k, "colours": list(aug.colours)})
@@ -208,7 +213,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     splits = {name: {k: np.stack(v) if k in ("inputs", "labels") else np.asarray(v, dtype=np.int32)
                      for k, v in parts.items()} for name, parts in rows.items()}  # fmt: skip
     meta = {"task": cfg.task, "size": SIDE, "vocab_size": VOCAB, "seq_len": SIDE * SIDE,
-            "num_puzzle_identifiers": len(identifiers), "source": source_of(cfg), "seed": cfg.seed,
+            "num_puzzle_identifiers": len(identifiers), "source": recorded_source(cfg), "seed": cfg.seed,
             "augmentations": cfg.augmentations, "dihedral": cfg.dihedral, "ignore_label_id": PAD}  # fmt: skip
     out = write(out_dir, meta, splits)
     (out / "identifiers.json").write_text(json.dumps(identifiers))

@@ -1,129 +1,31 @@
-"""The on-disk dataset format, building it, and the seeded batch iterator.
+"""Building datasets (generated or from CSVs), and the seeded batch iterator.
 
-Format (one directory)::
-
-    metadata.json                      {"format": "trm-dataset/1", "task", "vocab_size", "seq_len",
-                                        "num_puzzle_identifiers", "pad_id": 0, "ignore_label_id": 0,
-                                        "splits": {"train": N, "test": M}, ...}
-    <split>/inputs.npy                 uint8 [N, seq_len]   token ids
-    <split>/labels.npy                 uint8 [N, seq_len]   token ids; ignore_label_id = no loss
-    <split>/puzzle_identifiers.npy     int32 [N]            row of the puzzle-embedding table
-    <split>/groups.npy                 int32 [N], optional  the original puzzle a row is a variant of
-
-ARC datasets also hold identifiers.json and test_targets.json (see trm/data/arc.py).
-
-Arrays are plain ``.npy`` files opened memory-mapped, so a split larger than memory is fine.
+The on-disk format is :mod:`trm.data.store`'s; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..config import DataConfig
+from ..config import DataConfig, RunConfig
 from . import arc, maze, sudoku
 from .grids import dihedral
+from .store import ARRAYS, FORMAT, DatasetError, Split, load_split, read_metadata, write
 
-FORMAT = "trm-dataset/1"
-ARRAYS = {"inputs": np.uint8, "labels": np.uint8, "puzzle_identifiers": np.int32}
-
-
-class DatasetError(ValueError):
-    """A dataset directory that is missing files or whose arrays are malformed."""
+__all__ = ["ARRAYS", "FORMAT", "DatasetError", "Split", "load_split", "read_metadata", "write", "BatchIterator",
+           "build", "configure_model", "source_of"]  # fmt: skip
 
 
-@dataclass
-class Split:
-    inputs: np.ndarray
-    labels: np.ndarray
-    puzzle_identifiers: np.ndarray
-    groups: np.ndarray | None = None  # optional int32 [N]: which original puzzle a row is a variant of
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows `index` as model inputs: labels equal to ignore_label_id (0) become -100."""
-        labels = self.labels[index].astype(np.int64)
-        labels[labels == 0] = -100
-        return {
-            "inputs": self.inputs[index].astype(np.int64),
-            "labels": labels,
-            "puzzle_identifiers": self.puzzle_identifiers[index].astype(np.int64),
-        }
-
-
-def write(out_dir: str | Path, metadata: dict, splits: dict[str, dict[str, np.ndarray]]) -> Path:
-    """Write a dataset directory. Refuses to overwrite an existing one."""
-    out = Path(out_dir)
-    if (out / "metadata.json").exists():
-        raise FileExistsError(f"{out} already holds a dataset; choose another --out or delete it first")
-    for name, arrays in splits.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
-        for key, dtype in ARRAYS.items():
-            np.save(out / name / f"{key}.npy", np.ascontiguousarray(arrays[key], dtype=dtype))
-        if "groups" in arrays:
-            np.save(out / name / "groups.npy", np.ascontiguousarray(arrays["groups"], dtype=np.int32))
-    meta = {"format": FORMAT, "pad_id": 0, "ignore_label_id": 0, **metadata}
-    meta["splits"] = {name: int(len(arrays["inputs"])) for name, arrays in splits.items()}
-    tmp = out / "metadata.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "metadata.json")  # written last: a half-built directory has none
-    return out
-
-
-def read_metadata(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "metadata.json"
-    if not path.is_file():
-        raise DatasetError(f"{data_dir} is not a dataset directory (no metadata.json); build one with `trm build`")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise DatasetError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    for key in ("vocab_size", "seq_len", "num_puzzle_identifiers", "splits"):
-        if key not in meta:
-            raise DatasetError(f"{path} lacks {key!r}")
-    return meta
-
-
-def load_split(data_dir: str | Path, split: str) -> Split:
-    """Open a split memory-mapped, checking shapes, dtypes and value ranges."""
+def configure_model(cfg: RunConfig, data_dir: str | Path) -> None:
+    """Take vocabulary, sequence length and puzzle count from the dataset."""
     meta = read_metadata(data_dir)
-    if split not in meta["splits"]:
-        raise DatasetError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
-    arrays = {}
-    for key, dtype in ARRAYS.items():
-        path = Path(data_dir) / split / f"{key}.npy"
-        try:
-            arrays[key] = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot read {path}: {e}") from None
-        if arrays[key].dtype != dtype:
-            raise DatasetError(f"{path} has dtype {arrays[key].dtype}, expected {np.dtype(dtype)}")
-    n, seq = meta["splits"][split], meta["seq_len"]
-    for key in ("inputs", "labels"):
-        if arrays[key].shape != (n, seq):
-            raise DatasetError(f"{data_dir}/{split}/{key}.npy has shape {arrays[key].shape}, expected {(n, seq)}")
-        if n and int(arrays[key].max()) >= meta["vocab_size"]:
-            raise DatasetError(f"{data_dir}/{split}/{key}.npy has token ids >= vocab_size {meta['vocab_size']}")
-    ids = arrays["puzzle_identifiers"]
-    if ids.shape != (n,):
-        raise DatasetError(f"{data_dir}/{split}/puzzle_identifiers.npy has shape {ids.shape}, expected {(n,)}")
-    if n and not 0 <= int(ids.min()) <= int(ids.max()) < meta["num_puzzle_identifiers"]:
-        raise DatasetError(f"{data_dir}/{split}/puzzle_identifiers.npy is outside [0, num_puzzle_identifiers)")
-    groups_path = Path(data_dir) / split / "groups.npy"
-    if groups_path.exists():
-        arrays["groups"] = np.load(groups_path, mmap_mode="r")
-        if arrays["groups"].shape != (n,):
-            raise DatasetError(f"{groups_path} has shape {arrays['groups'].shape}, expected {(n,)}")
-    return Split(**arrays)
+    cfg.model.vocab_size = meta["vocab_size"]
+    cfg.model.seq_len = meta["seq_len"]
+    cfg.model.num_puzzle_identifiers = meta["num_puzzle_identifiers"]
 
 
 class BatchIterator:
@@ -203,9 +105,7 @@ TASKS = {
 
 def source_of(cfg: DataConfig) -> str:
     """What a dataset built from `cfg` records as its source (and what reuse checks against)."""
-    if cfg.task in arc.SOURCES:
-        return ",".join([cfg.arc_dir or cfg.task, *arc.extra_dirs(cfg)])
-    return cfg.csv or "generator"
+    return arc.recorded_source(cfg) if cfg.task in arc.SOURCES else cfg.csv or "generator"
 
 
 def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
@@ -221,12 +121,20 @@ def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
         raise ValueError(f"cannot build {cfg.task!r} data; tasks: {', '.join([*TASKS, *arc.SOURCES])}")
     task = TASKS[cfg.task]
     rng = np.random.default_rng(cfg.seed)
-    if cfg.csv:
+    test_source = ""
+    if cfg.csv and cfg.test_csv:
         train_q, train_a = _subsample(*task.load_csv(cfg.csv, cfg.size), cfg.num_train, rng)
-        if cfg.test_csv:
-            test_q, test_a = _subsample(*task.load_csv(cfg.test_csv, cfg.size), cfg.num_test, rng)
-        else:
-            test_q, test_a = train_q[:0], train_a[:0]
+        test_q, test_a = _subsample(*task.load_csv(cfg.test_csv, cfg.size), cfg.num_test, rng)
+    elif cfg.csv:  # no test CSV: hold out num_test of the training CSV's puzzles
+        q, a = task.load_csv(cfg.csv, cfg.size)
+        if cfg.num_test >= len(q):
+            raise ValueError(f"{cfg.csv} has {len(q)} puzzles: too few to hold out data.num_test={cfg.num_test} "
+                             "for testing and train on the rest")  # fmt: skip
+        order = rng.permutation(len(q))
+        held, rest = np.sort(order[: cfg.num_test]), np.sort(order[cfg.num_test :])
+        test_q, test_a = q[held], a[held]
+        train_q, train_a = _subsample(q[rest], a[rest], cfg.num_train, rng)
+        test_source = f"held out from {cfg.csv}, disjoint from training" if cfg.num_test else "none: data.num_test=0"
     else:
         train_q, train_a, test_q, test_a = _generate_disjoint(task, cfg, rng, progress)
 
@@ -243,6 +151,8 @@ def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
     meta = {"task": cfg.task, "size": cfg.size, "vocab_size": task.vocab_size or cfg.size + 2,
             "seq_len": cfg.size**2, "num_puzzle_identifiers": 1, "source": source_of(cfg),
             "seed": cfg.seed, "augmentations": cfg.augmentations, "dihedral": cfg.dihedral}  # fmt: skip
+    if test_source:
+        meta["test_source"] = test_source
     return write(out_dir, meta, {"train": encode(train_q, train_a), "test": encode(test_q, test_a)})
 
 

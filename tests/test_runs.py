@@ -1,0 +1,135 @@
+"""A run never loses work: SIGINT/SIGTERM stop with a checkpoint that resumes exactly, checkpoints by
+wall time, metrics not logged twice after a crash, plain progress lines in a pipe, runs that find
+their data from any directory, and runs/<preset>-latest."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from trm import checkpoint
+from trm.cli import app
+from trm.train import Trainer, fit
+
+runner = CliRunner()
+TINY = ["--set", "model.hidden_size=32", "--set", "model.n_sup=2", "--set", "train.global_batch_size=32",
+        "--set", "train.log_interval=1", "--set", "train.lr_warmup_steps=2"]  # fmt: skip
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def train_losses(run_dir) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["lm_loss"]) for r in records if r["split"] == "train"]
+
+
+@pytest.fixture
+def data(sudoku4_data, tmp_path):
+    return sudoku4_data
+
+
+def test_sigint_stops_with_a_checkpoint_that_resumes_to_the_same_losses(data, tmp_path, monkeypatch):
+    code, out = run("train", "--data", data, "--out", tmp_path / "straight", *TINY, "--set", "train.steps=6")
+    assert code == 0, out
+
+    step = Trainer.train_step
+
+    def interrupted_at_3(self):
+        metrics = step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the run
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_3)
+    code, out = run("train", "--data", data, "--out", tmp_path / "cut", *TINY, "--set", "train.steps=6")
+    assert code == 130, out
+    assert f"trm train --resume --out {tmp_path / 'cut'}" in out
+    assert checkpoint.load(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", step)
+    code, out = run("train", "--resume", "--out", tmp_path / "cut")
+    assert code == 0, out
+    assert "resuming" in out and "at step 3 of 6" in out
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+
+
+def test_a_real_sigterm_in_a_pipe_stops_with_a_checkpoint_and_progress_lines(data, tmp_path):
+    """The CLI in its own process, stdout a pipe: plain progress lines, then SIGTERM."""
+    env = {**os.environ, "COLUMNS": "80"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trm", "train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY,
+         "--set", "train.steps=100000"],  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/100000"):
+            proc.send_signal(signal.SIGTERM)  # once: a second one aborts
+    assert proc.wait(timeout=120) == 143, "".join(lines)
+    text = "".join(lines)
+    assert re.search(r"^step 1/100000  loss \d+\.\d+  acc .* elapsed .* left ~", text, re.M), text
+    assert "stopped by SIGTERM" in text and "trm train --resume --out" in text
+    assert max(len(line) for line in lines) > 80  # not wrapped at 80 columns
+    step = checkpoint.load(tmp_path / "run" / "checkpoint.safetensors")[1]["step"]
+    assert step >= 3 and train_losses(tmp_path / "run")[-1][0] == step
+
+
+def test_checkpoints_are_also_written_by_wall_time(data, tmp_path, monkeypatch):
+    from trm.config import apply_overrides, preset
+
+    saved = []
+    save = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: saved.append(self.step) or save(self))
+    overrides = ["model.hidden_size=32", "model.n_sup=2", "train.global_batch_size=32", "train.steps=3",
+                 "train.checkpoint_interval=1000", "train.eval_interval=1000"]  # fmt: skip
+    for minutes, want in ((0.0, [3]), (1e-9, [1, 2, 3])):
+        cfg = apply_overrides(preset("sudoku4"), [*overrides, f"train.checkpoint_minutes={minutes}"])
+        saved.clear()
+        fit(Trainer(cfg, data, tmp_path / f"run-{minutes}", __import__("torch").device("cpu")), show_progress=False)
+        assert saved == want
+
+
+def test_a_resume_after_a_crash_does_not_log_steps_twice(data, tmp_path, monkeypatch):
+    save, kept = Trainer.save, tmp_path / "step2.safetensors"
+
+    def save_and_keep(self):
+        path = save(self)
+        if self.step == 2:
+            shutil.copy(path, kept)
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_and_keep)
+    args = ["--set", "train.checkpoint_interval=2", "--set", "train.steps=4"]
+    code, out = run("train", "--data", data, "--out", tmp_path / "run", *TINY, *args)
+    assert code == 0, out
+    shutil.copy(kept, tmp_path / "run" / "checkpoint.safetensors")  # died after step 4 was logged, saved at 2
+    code, out = run("train", "--resume", "--out", tmp_path / "run")
+    assert code == 0, out
+    assert "dropped" in out
+    assert [s for s, _ in train_losses(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_a_run_finds_its_data_from_any_directory_and_latest_points_at_the_newest(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    small = ["--set", "data.num_train=64", "--set", "data.num_test=8", "--set", "train.steps=1"]
+    code, out = run("train", *TINY, *small, "--no-progress")  # data/sudoku4 built, runs/sudoku4-<stamp>
+    assert code == 0, out
+    first = os.path.realpath("runs/sudoku4-latest")
+    code, out = run("train", *TINY, *small, "--no-progress")
+    assert code == 0, out
+    second = os.path.realpath("runs/sudoku4-latest")
+    assert first != second and os.path.isdir(second) and len(os.listdir("runs")) == 3
+    monkeypatch.chdir(tmp_path)
+    code, out = run("eval", work / "runs" / "sudoku4-latest")
+    assert code == 0 and "on 8 puzzles" in out, out
