@@ -26,7 +26,11 @@ TINY = [
 
 def run(*args):
     result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, re.sub(r"\s+", " ", result.output)
+    return result.exit_code, result.output
+
+
+def flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +85,111 @@ def test_existing_run_is_not_overwritten_and_resume_continues(trained):
         (["train", "--set", "train.lr"], "must look like section.field=value"),
         (["train", "--set", "train.nope=1"], "no field 'train.nope'"),
         (["train", "--set", "train.steps=many"], "expected a int"),
+        (["train", "--set", "train.steps=0"], "train.steps=0: must be >= 1"),
+        (["train", "--set", "train.log_interval=0"], "train.log_interval=0: must be >= 1"),
+        (["train", "--set", "train.eval_interval=-5"], "train.eval_interval=-5: must be >= 1"),
+        (["train", "--set", "train.checkpoint_interval=0"], "train.checkpoint_interval=0: must be >= 1"),
+        (["train", "--set", "train.checkpoint_minutes=-1"], "train.checkpoint_minutes=-1.0: must be >= 0"),
+        (["train", "--set", "train.global_batch_size=0"], "train.global_batch_size=0: must be >= 1"),
+        (["train", "--set", "train.eval_batch_size=0"], "train.eval_batch_size=0: must be >= 1"),
+        (["train", "--set", "train.global_batch_size=100000"], "would hold only 2000 training examples"),
+        (["train", "--set", "train.loss=mse"], "train.loss='mse': must be one of stablemax, softmax"),
+        (["train", "--set", "train.ema_rate=1"], "train.ema_rate=1.0: must be in [0, 1)"),
+        (["train", "--set", "train.lr=0"], "train.lr=0.0: must be > 0"),
+        (["train", "--set", "model.n_sup=0"], "model.n_sup=0: must be >= 1"),
+        (["train", "--set", "model.T=0"], "model.T=0: must be >= 1"),
+        (["train", "--set", "model.num_heads=3"], "model.hidden_size=64: must be divisible by model.num_heads=3"),
+        (["train", "--set", "model.arch=gpt"], "model.arch='gpt': must be one of trm, hrm"),
+        (["train", "--set", "model.forward_dtype=int8"], "model.forward_dtype='int8': must be one of"),
+        (["train", "--set", "model.halt_exploration_prob=2"], "must be in [0, 1]"),
+        (["train", "--set", "data.size=5"], "data.size=5: must be one of 4, 6, 9"),
+        (["train", "--set", "data.task=chess"], "data.task='chess': must be one of"),
+        (["train", "--preset", "maze11", "--set", "data.size=3"], "data.size=3: must be >= 5"),
+        (["train", "--set", "data.num_train=0"], "data.num_train=0: must be >= 1"),
+        (["train", "--data", "no-such-dir"], "--data no-such-dir: no dataset there"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["train", "--resume", "--out", "no-such-run"], "no checkpoint at no-such-run"),
+        (["build", "--out", "d", "--test-csv", "t.csv"], "--test-csv needs --csv"),
+        (["build", "--out", "d", "--csv", "no.csv"], "--csv no.csv: no such file"),
+        (["build", "--out", "d", "--set", "data.augmentations=-1"], "data.augmentations=-1: must be >= 0"),
         (["eval", "/nonexistent"], "no checkpoint at /nonexistent"),
+        (["eval", "x", "--steps", "-1"], "--steps -1: must be >= 0"),
+        (["eval", "x", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["solve", "x", "1...", "--steps", "-2"], "--steps -2: must be >= 0"),
     ],
 )
-def test_bad_arguments_exit_with_a_message(args, message):
+def test_bad_arguments_exit_with_one_line_and_create_nothing(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     code, out = run(*args)
-    assert code == 2 and message in out
+    assert code == 2 and message in out, out
+    assert out.strip().count("\n") == 0 and out.startswith("error: "), out  # one line, no traceback
+    assert list(tmp_path.iterdir()) == [], "something was created"
+
+
+def test_settings_of_a_run_on_resume(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained / "run", copy)
+    before = (copy / "checkpoint.safetensors").read_bytes()
+    code, out = run("train", "--resume", "--out", copy, "--preset", "sudoku4")
+    assert code == 2 and "--preset cannot be combined with --resume" in out
+    code, out = run("train", "--resume", "--out", copy, "--set", "model.hidden_size=64")
+    assert code == 2 and "model.hidden_size cannot change on --resume" in out
+    code, out = run("train", "--resume", "--out", copy)
+    finished = re.search(r"is finished \(step (\d+) of \1\)", out)
+    assert code == 0 and finished and "--set train.steps=N" in out, out
+    assert (copy / "checkpoint.safetensors").read_bytes() == before
+    more = f"train.steps={int(finished.group(1)) + 1}"
+    code, out = run("train", "--resume", "--out", copy, "--set", more, "--set",
+                    "train.global_batch_size=16", "--no-progress")  # fmt: skip
+    assert code == 0, out
+    assert "train.global_batch_size changed from 32 to 16: the resumed run is no longer an exact continuation" in out
+
+
+def test_a_new_run_never_reuses_a_directory_that_holds_anything(trained, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, out = run("train", "--data", trained / "data", "--out", tmp_path, *TINY)
+    assert code == 2 and "already holds files" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_maze_without_start_or_goal_is_named(monkeypatch):
+    import typer
+
+    from trm import cli
+
+    messages = []
+    monkeypatch.setattr(cli, "_fail", lambda m: messages.append(m) or (_ for _ in ()).throw(typer.Exit(2)))
+    with pytest.raises(typer.Exit):
+        cli._parse_puzzle("maze", "######S  ##   ##   ######", 5)
+    assert "has 1 S and 0 G" in messages[0]
+
+
+def test_build_from_a_training_csv_alone_holds_out_a_test_split(tmp_path, rng):
+    from trm.data import dataset, sudoku
+
+    rows = ["source,question,answer,rating"]
+    seen = set()
+    while len(rows) < 41:
+        q, a = sudoku.generate(4, rng)
+        if q.tobytes() not in seen:
+            seen.add(q.tobytes())
+            rows.append("gen," + "".join(str(v) if v else "." for v in q.ravel()) + ","
+                        + "".join(map(str, a.ravel())) + ",0")  # fmt: skip
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    code, out = run("build", "--out", tmp_path / "d", "--csv", tmp_path / "train.csv", "--set", "data.size=4",
+                    "--set", "data.num_test=10", "--set", "data.augmentations=0")  # fmt: skip
+    assert code == 0, out
+    assert "holding out 10 of the CSV's puzzles as the test split" in out
+    assert "train: 30 examples" in out and "test:  10 examples (held out from" in out
+    train, test = dataset.load_split(tmp_path / "d", "train"), dataset.load_split(tmp_path / "d", "test")
+    assert not {r.tobytes() for r in train.inputs} & {r.tobytes() for r in test.inputs}
+
+
+def test_help_renders_as_plain_text():
+    code, out = run("--help")
+    assert code == 0 and "Commands:" in out and "``" not in out and "╭" not in out
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
