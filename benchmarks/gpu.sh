@@ -2,20 +2,21 @@
 # Everything only a GPU can show, in one script (run from the repository root on the
 # device machine, which has no network). Writes its logs and results under OUT_DIR.
 #
-#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: tests | ops | model[=CONFIG,...]
+#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: doctor | tests | ops | model[=CONFIG,...]
 #
-#   bash benchmarks/gpu.sh $OUT tests ops                             # CUDA tests, op table
+#   bash benchmarks/gpu.sh $OUT doctor tests ops                      # trm doctor, CUDA tests, op table
 #   bash benchmarks/gpu.sh $OUT model=sudoku-mlp,sudoku-att           # model table, profiled
 #   bash benchmarks/gpu.sh $OUT model=maze,hrm-sudoku
 #
-# tests: build the extension, then every test on CUDA (bf16 kernels, the extension,
+# doctor: `trm doctor` (environment, parity of every op and dtype, graphs, op speeds) in
+# OUT_DIR/doctor/. tests: build the extension, then every test on CUDA (bf16 kernels, the extension,
 # graph capture, graph vs eager). ops: results in OUT_DIR/ops/. model: results in
 # OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
 # results as they go, so a part stopped by a time limit (PART_TIMEOUT seconds, default
 # 540) keeps what it measured. Merge the parts of a session with
 # `python -m trm_benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
 set -uo pipefail
-out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR tests|ops|model[=CONFIGS]...}"
+out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR doctor|tests|ops|model[=CONFIGS]...}"
 shift
 limit="${PART_TIMEOUT:-540}"
 mkdir -p "$out"
@@ -35,6 +36,8 @@ tail -3 "$out/build.log"
 
 for part in "$@"; do
   case "$part" in
+    doctor)
+      timeout "$limit" trm doctor --out "$out/doctor" 2>&1 | tee "$out/doctor.log" | tail -5 ;;
     tests)
       # 8 workers where pytest-xdist is installed: Triton compiles each kernel variant the
       # tests reach (a second or so each), and that, not the GPU, is what takes the time
@@ -48,6 +51,6 @@ for part in "$@"; do
       [[ "$part" == model=* ]] && configs=(--configs "${part#model=}")
       timeout "$limit" python3 -m trm_benchmarks.run --out "$out/model" --only model --profile "${configs[@]}" 2>&1 \
         | tee "$out/bench-model.log" | tail -5 ;;
-    *) echo "unknown part: $part (tests, ops, model[=CONFIGS])"; exit 2 ;;
+    *) echo "unknown part: $part (doctor, tests, ops, model[=CONFIGS])"; exit 2 ;;
   esac
 done

@@ -19,10 +19,11 @@ from typing import TypeVar
 import torch
 import trm_kernels as K
 
+from trm.arch import build_model
 from trm.config import ModelConfig, preset
 from trm.layers import intermediate_size
 from trm.losses import act_loss
-from trm.model import Carry, RecursiveReasoningModel, build_model
+from trm.model import Carry, RecursiveReasoningModel
 from trm.optim import AdamATan2
 
 from .breakdown import profile_step

@@ -1,6 +1,6 @@
 """Op-level benchmarks: every fused op against eager PyTorch, torch.compile and SDPA.
 
-Shapes are TRM's (KERNELS.md): rows = B*S with B = 768, S = 97 and 916, hidden 512;
+Shapes are TRM's: rows = B*S with B = 768, S = 97 and 916, hidden 512;
 attention with B*H = 768*8, d = 64. ``quick`` shrinks everything for a CPU smoke run.
 """
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, verify  # noqa: F401  (trm_kernels.verify: the parity guard)
 from .backend import available, call, get_backend, register, set_backend, use_backend
+from .verify import get_verify, set_verify, use_verify
 
 __all__ = [
     "add_rmsnorm",
@@ -34,6 +35,9 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "get_verify",
+    "set_verify",
+    "use_verify",
 ]
 
 rope_cos_sin = reference.rope_cos_sin

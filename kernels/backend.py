@@ -5,7 +5,8 @@ kernels, registered by their own modules when importable). The choice, in order 
 precedence: the ``backend=`` argument of an op call, :func:`set_backend` /
 :func:`use_backend`, the ``TRM_BACKEND`` environment variable, then ``auto``: the fastest
 registered backend for the tensor's device that supports the call (dtype, shape), which on
-CPU is always ``reference``.
+CPU is always ``reference``. In ``auto`` mode a fused backend is trusted only once it has
+matched the reference on a signature (:mod:`trm_kernels.verify`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+
+from . import verify
 
 BACKENDS = ("reference", "triton", "cuda")
 _CHOICES = ("auto", *BACKENDS)
@@ -81,9 +84,10 @@ def call(op: str, device: torch.device, backend: str | None, *args):
         if chosen not in impls:
             raise RuntimeError(f"backend {name!r} is not available for op {op!r} (available: {', '.join(impls)})")
         return impls[chosen][0](*args)
+    reference = impls["reference"][0]
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         if candidate in impls:
             fn, supports = impls[candidate]
             if supports is None or supports(*args):
-                return fn(*args)
-    return impls["reference"][0](*args)
+                return fn(*args) if candidate == "reference" else verify.guarded(op, candidate, fn, reference, args)
+    return reference(*args)

@@ -1,4 +1,5 @@
-"""The tolerance rule of the kernel tests, in one place (and OpLog, a record of dispatched ops).
+"""The kernel tests' oracle: the package's tolerance rule (trm_kernels.verify, which the parity
+guard applies at run time too) as an assertion, and OpLog, a record of dispatched ops.
 
 The fused result's error against a float64 oracle may be at most 2x the error the
 reference op makes in the same dtype, plus two units of rounding of the output dtype: a
@@ -10,16 +11,12 @@ element got unlucky in a reduction order, the norm what the op computes.
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from trm_kernels.verify import tolerance_problem
 
 
 def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
-    oracle = oracle.double()
-    scale = oracle.norm().item() or 1.0
-    err_fused = (fused.double() - oracle).norm().item() / scale
-    err_ref = (ref.double() - oracle).norm().item() / scale
-    assert torch.isfinite(fused).all(), f"{what}: non-finite values"
-    bound = 2 * err_ref + 2 * torch.finfo(fused.dtype).eps
-    assert err_fused <= bound, f"{what}: fused relative error {err_fused:.3g} vs reference {err_ref:.3g}"
+    problem = tolerance_problem(fused, ref, oracle, what)
+    assert problem is None, problem
 
 
 def run_op(fn, inputs, grad_seed=0):

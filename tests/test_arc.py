@@ -126,13 +126,20 @@ def test_extra_training_directories_are_searched_recursively(tmp_path, rng):
         dataset.build(dataclasses.replace(base, arc_extra=str(tmp_path / "missing")), tmp_path / "data2")
 
 
-def test_arc_trains_evaluates_and_writes_a_submission(tmp_path):
+# The README's ARC pipeline check on a CPU (a tiny model on a handful of tasks; it does not learn ARC)
+ARC_ON_A_CPU = [f"--set={kv}" for kv in ("model.hidden_size=64", "model.num_heads=2", "model.puzzle_emb_len=1",
+                "model.T=2", "model.n=1", "model.n_sup=2", "train.global_batch_size=16", "train.eval_batch_size=32",
+                "train.lr=1e-3", "train.lr_warmup_steps=5")]  # fmt: skip
+
+
+def test_arc_trains_evaluates_and_writes_a_submission(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset builds its data in data/arc1
     from typer.testing import CliRunner
 
     from trm.cli import app
 
     runner = CliRunner()
-    args = ["train", "--preset", "arc-small", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+    args = ["train", "--preset", "arc1", "--out", str(tmp_path / "run"), *ARC_ON_A_CPU,
             "--set", "train.steps=2", "--set", "data.num_train=2", "--set", "data.num_test=1",
             "--set", "data.augmentations=1", "--no-progress"]  # fmt: skip
     result = runner.invoke(app, args)
@@ -144,7 +151,7 @@ def test_arc_trains_evaluates_and_writes_a_submission(tmp_path):
     assert result.exit_code == 0, result.output
     assert "ARC pass@1" in result.output
     sub = json.loads((tmp_path / "run" / "submission.json").read_text())
-    targets = json.loads((tmp_path / "data" / "test_targets.json").read_text())
+    targets = json.loads((tmp_path / "data" / "arc1" / "test_targets.json").read_text())
     assert sum(len(v) for v in sub.values()) == len(targets)
     assert all(set(a) == {"attempt_1", "attempt_2"} for v in sub.values() for a in v)
     assert (tmp_path / "arc.png").stat().st_size > 0

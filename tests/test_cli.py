@@ -104,7 +104,7 @@ def test_existing_run_is_not_overwritten_and_resume_continues(trained):
         (["train", "--set", "model.halt_exploration_prob=2"], "must be in [0, 1]"),
         (["train", "--set", "data.size=5"], "data.size=5: must be one of 4, 6, 9"),
         (["train", "--set", "data.task=chess"], "data.task='chess': must be one of"),
-        (["train", "--preset", "maze11", "--set", "data.size=3"], "data.size=3: must be >= 5"),
+        (["train", "--preset", "maze7", "--set", "data.size=3"], "data.size=3: must be >= 5"),
         (["train", "--set", "data.num_train=0"], "data.num_train=0: must be >= 1"),
         (["train", "--data", "no-such-dir"], "--data no-such-dir: no dataset there"),
         (["train", "--resume"], "--resume needs --out"),

@@ -4,10 +4,10 @@ import pytest
 import torch
 import trm_kernels as K
 
+from trm.arch import build_model
 from trm.config import ModelConfig, apply_overrides, preset
 from trm.hrm import HRM
 from trm.losses import act_loss
-from trm.model import build_model
 
 
 def test_hrm_sudoku_parameter_count_matches_the_reference():

@@ -1,4 +1,4 @@
-"""The ACT loss head against a float64 hand computation of SPEC section 5."""
+"""The ACT loss head against a float64 hand computation of the paper's loss."""
 
 import math
 

@@ -101,12 +101,13 @@ def test_built_maze_dataset_with_dihedral_augmentation(tmp_path):
         maze.check_pair(q.reshape(9, 9).astype(np.int64) - 1, a.reshape(9, 9).astype(np.int64) - 1)
 
 
-def test_maze_trains_and_evaluates_through_the_cli(tmp_path):
+def test_maze_trains_and_evaluates_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset builds its data in data/maze7
     from typer.testing import CliRunner
 
     from trm.cli import app
 
-    args = ["train", "--preset", "maze11", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+    args = ["train", "--preset", "maze7", "--out", str(tmp_path / "run"),
             "--set", "data.num_train=64", "--set", "data.num_test=8", "--set", "data.size=9",
             "--set", "train.steps=3", "--set", "train.global_batch_size=32", "--no-progress"]  # fmt: skip
     result = CliRunner().invoke(app, args)
@@ -114,13 +115,14 @@ def test_maze_trains_and_evaluates_through_the_cli(tmp_path):
     assert "test exact accuracy" in result.output and "8 held-out puzzles" in result.output
 
 
-def test_solve_and_eval_draw_mazes(tmp_path, rng):
+def test_solve_and_eval_draw_mazes(tmp_path, rng, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from typer.testing import CliRunner
 
     from trm.cli import app
 
     runner = CliRunner()
-    args = ["train", "--preset", "maze11", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+    args = ["train", "--preset", "maze7", "--out", str(tmp_path / "run"),
             "--set", "data.num_train=32", "--set", "data.num_test=4", "--set", "data.size=7",
             "--set", "train.steps=2", "--set", "train.global_batch_size=32", "--no-progress"]  # fmt: skip
     assert runner.invoke(app, args).exit_code == 0

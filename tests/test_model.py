@@ -1,4 +1,4 @@
-"""TRM structure and recursion semantics, against SPEC's numbers and hand-written loops."""
+"""TRM structure and recursion semantics, against the paper's numbers and hand-written loops."""
 
 import contextlib
 import copy

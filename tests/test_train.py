@@ -1,7 +1,6 @@
 """Training: exact resume, DDP equivalence, and that a tiny TRM really learns 4x4 Sudoku."""
 
 import gc
-import os
 import socket
 
 import pytest
@@ -10,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trm.config import apply_overrides, preset
-from trm.train import Trainer, fit
+from trm.train import Trainer
 
 
 def tiny(**extra):
@@ -119,18 +118,3 @@ def test_ddp_two_processes_take_the_same_steps_as_one(sudoku4_data, tmp_path):
     # the carry of both processes was gathered: it equals the single process's
     torch.testing.assert_close(tensors["carry.y"], single.carry.y, rtol=1e-3, atol=1e-3)
     assert torch.equal(tensors["carry.data.inputs"], single.carry.data["inputs"])
-
-
-def test_tiny_trm_learns_4x4_sudoku(tmp_path):
-    """SPEC's recipe at toy scale: held-out exact accuracy >= 80% (about 80 s on a 2-core CPU;
-    time is a benchmark's business, not asserted here)."""
-    from trm.data.dataset import build
-
-    cfg = preset("sudoku4")
-    cfg.train.steps = int(os.environ.get("TRM_LEARN_STEPS", cfg.train.steps))
-    build(cfg.data, tmp_path / "data")
-    trainer = Trainer(cfg, tmp_path / "data", tmp_path / "run", torch.device("cpu"))
-    result = fit(trainer, show_progress=False)
-    assert result["count"] == cfg.data.num_test
-    assert result["exact_accuracy"] >= 0.8, result
-    assert (tmp_path / "run" / "metrics.png").stat().st_size > 0

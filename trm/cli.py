@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -15,6 +17,7 @@ import typer
 from rich.console import Console
 
 from . import checkpoint, render
+from . import doctor as doctor_module
 from .config import PRESETS, RunConfig, apply_overrides, preset, validate
 from .data import dataset, maze, sudoku
 from .evaluate import evaluate, evaluate_arc, model_from_checkpoint, to_device, write_model_checkpoint
@@ -428,6 +431,29 @@ def solve(
         panels.append((f"step {step}", answer, {"givens": grid} if task == "sudoku" else {}))
     if png is not None:
         console.print(f"wrote {render.save_png(png, [panels], task)}")
+
+
+@app.command()
+def doctor(
+    out: Annotated[Path | None, typer.Option(help="write doctor.json and doctor.md here")] = None,
+    quick: Annotated[bool, typer.Option(help="small shapes only (a CPU runs this in a few minutes)")] = False,
+) -> None:
+    """Check this machine: environment, every fused op against the reference, CUDA graphs, speed.
+
+    Exit code 0 when every check passed, 1 when any failed (listed first)."""
+    if out is not None and out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; pass a directory")
+    if doctor_module.needs_interpreter():  # the Triton kernels, on a CPU: in a child process
+        argv = [sys.executable, "-m", "trm.doctor", *(["--out", str(out)] if out else []), *(["--quick"] * quick)]
+        console.print("no GPU: checking the Triton kernels in the interpreter (TRITON_INTERPRET=1, a child process)")
+        code = subprocess.run(argv, env={**os.environ, "TRITON_INTERPRET": "1"}).returncode
+        raise typer.Exit(code)
+    with console.status("trm doctor") as status:
+        report = doctor_module.run(out, quick, lambda what: status.update(f"checking {what}"))
+    console.print(doctor_module.markdown(report), markup=False, highlight=False)
+    if out is not None:
+        console.print(f"wrote {out / 'doctor.json'} and {out / 'doctor.md'}")
+    raise typer.Exit(1 if report["failed"] else 0)
 
 
 @app.command("import-reference")

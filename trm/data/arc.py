@@ -1,6 +1,6 @@
 """ARC-AGI-1 and -2: tasks, the 30x30 encoding, augmentation, building, voting and pass@K.
 
-Encoding (SPEC section 6): a grid of colours 0..9 becomes tokens 2..11 on a 30x30 canvas of
+Encoding (the reference implementation's): a grid of colours 0..9 becomes tokens 2..11 on a 30x30 canvas of
 pads (0) at offset (r, c), with the end-of-grid marker (1) on the row just below the grid
 and the column just right of it. Training pairs sit at a random offset (the same for
 input and output); test inputs at (0, 0).
@@ -175,7 +175,7 @@ def _translated(inp: np.ndarray, out: np.ndarray, rng: np.random.Generator) -> t
 
 
 def build(cfg: DataConfig, out_dir: str | Path) -> Path:
-    """Write an ARC dataset (SPEC section 6), see the module docstring.
+    """Write an ARC dataset, see the module docstring.
 
     cfg.num_train / cfg.num_test limit the training / evaluation tasks (0: all), picked
     with cfg.seed; the tasks under cfg.arc_extra are all added to training;

@@ -1,0 +1,208 @@
+"""The parity guard: a fused implementation is checked against the reference before it is trusted.
+
+In ``auto`` mode, the first call a fused backend (triton, cuda) takes with a new signature
+(op, backend, device, dtypes, shapes, whether a gradient is needed) also runs the reference
+on a slice of the same inputs (the first ``ROWS`` batch rows) and compares under the
+tolerance rule below: forward, and backward where a gradient is needed. An exception
+(compile error, out of resources, launch failure) or a mismatch disables that fused
+implementation for that signature for the rest of the process: the call, and every later
+one with the signature, returns the reference's result, and one warning names the op, the
+backend, the signature and the error. Bounded cost: once per signature, on a few rows.
+
+Setting: ``TRM_VERIFY`` = ``first`` (default) | ``always`` (every call; for debugging) |
+``off``; or :func:`set_verify` / :func:`use_verify`. The check never runs inside CUDA-graph
+capture or ``torch.compile`` tracing: there a disabled signature still gets the reference,
+an unchecked one the fused kernel. Graph capture in ``trm.graphs`` warms the function up
+eagerly first, so its signatures are checked before capture.
+
+Tolerance rule (the test suite's too): the fused result's error against a float64 oracle
+may be at most 2x the error the reference op makes in the same dtype, plus two units of
+rounding of the output dtype. Error is the relative norm ``||out - oracle|| / ||oracle||``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("first", "always", "off")
+ROWS = 2  # batch rows compared per check
+# the arguments of each op that are batched along dim 0 (the rest are weights, tables, scalars)
+BATCHED: dict[str, tuple[int, ...]] = {
+    "add_rmsnorm": (0, 1),
+    "inject": (0, 1, 2),
+    "swiglu": (0,),
+    "token_mlp_rmsnorm": (0,),
+    "rope_attention": (0,),
+    "stablemax_cross_entropy": (0, 1),
+    "softmax_cross_entropy": (0, 1),
+}
+_override: str | None = None
+
+
+class ParityWarning(RuntimeWarning):
+    """A fused implementation failed its check and was disabled for a signature."""
+
+
+@dataclass
+class Record:
+    op: str
+    backend: str
+    signature: str
+    ok: bool
+    detail: str  # the measured error against the bound, or the exception
+
+
+verified: dict[tuple, Record] = {}  # signature -> its check, passed or not (what `trm doctor` reports)
+
+
+def get_verify() -> str:
+    if _override is not None:
+        return _override
+    mode = os.environ.get("TRM_VERIFY", "first").strip().lower() or "first"
+    if mode not in MODES:
+        raise ValueError(f"TRM_VERIFY={mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
+def set_verify(mode: str) -> None:
+    global _override
+    if mode not in MODES:
+        raise ValueError(f"unknown verify mode {mode!r}; choose one of {', '.join(MODES)}")
+    _override = mode
+
+
+@contextlib.contextmanager
+def use_verify(mode: str) -> Iterator[None]:
+    global _override
+    previous = _override
+    set_verify(mode)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def reset() -> None:
+    """Forget every check (the next call of each signature is checked again)."""
+    verified.clear()
+
+
+def relative_error(out: torch.Tensor, oracle: torch.Tensor) -> float:
+    oracle = oracle.double()
+    return (out.double() - oracle).norm().item() / (oracle.norm().item() or 1.0)
+
+
+def tolerance_problem(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> str | None:
+    """None when `fused` passes the rule against `oracle`, else what failed (with the numbers)."""
+    if fused.shape != oracle.shape:
+        return f"{what}: shape {tuple(fused.shape)}, expected {tuple(oracle.shape)}"
+    if not torch.isfinite(fused).all():
+        return f"{what}: non-finite values"
+    err_fused, err_ref = relative_error(fused, oracle), relative_error(ref, oracle)
+    bound = 2 * err_ref + 2 * torch.finfo(fused.dtype).eps
+    if err_fused > bound:
+        return f"{what}: relative error {err_fused:.3g} > bound {bound:.3g} (reference {err_ref:.3g})"
+    return None
+
+
+def _capturing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        grad = ", grad" if value.requires_grad and torch.is_grad_enabled() else ""
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}{grad}"
+    return repr(value)
+
+
+def signature(op: str, backend: str, args: tuple) -> tuple:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = str(tensors[0].device) if tensors else "?"
+    return (op, backend, device, tuple(_describe(a) for a in args))
+
+
+def _rows(args: tuple, op: str, n: int) -> list:
+    batched = BATCHED.get(op, ())
+    return [a[:n] if i in batched and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+
+
+def _leaves(args, dtype: torch.dtype | None = None) -> list:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            t = a.detach().clone()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out.append(t.requires_grad_(a.requires_grad and t.is_floating_point()))
+        else:
+            out.append(a)
+    return out
+
+
+def _backward(fn: Callable, args: list, seed: int = 0) -> list[torch.Tensor | None]:
+    with torch.enable_grad():
+        out = fn(*args)
+        g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(seed), device=out.device)
+        (out * g.to(out.dtype)).sum().backward()
+    return [a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args]
+
+
+def _check(op: str, fused: Callable, reference: Callable, args: tuple) -> tuple[torch.Tensor, str | None]:
+    """The fused call's real output, and what failed against the reference (None: passed)."""
+    out = fused(*args)
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    n = min(ROWS, first.shape[0]) if first.dim() else 1
+    rows = _rows(args, op, n)
+    with torch.no_grad():
+        ref = reference(*_leaves(rows))
+        oracle = reference(*_leaves(rows, torch.float64))
+    problem = tolerance_problem(out.detach()[:n], ref, oracle, "forward")
+    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if problem is None and needs_grad:
+        grads = zip(_backward(fused, _leaves(rows)), _backward(reference, _leaves(rows)),
+                    _backward(reference, _leaves(rows, torch.float64)), strict=True)  # fmt: skip
+        for i, (f, r, o) in enumerate(grads):
+            if o is not None and problem is None:
+                problem = (
+                    tolerance_problem(f, r, o, f"backward (gradient of argument {i})")
+                    if f is not None
+                    else (f"backward: no gradient for argument {i}")
+                )
+    return out, problem
+
+
+def guarded(op: str, backend: str, fused: Callable, reference: Callable, args: tuple):
+    """Run `fused` on `args` under the guard (see the module docstring)."""
+    mode = get_verify()
+    if mode == "off":
+        return fused(*args)
+    key = signature(op, backend, args)
+    record = verified.get(key)
+    if record is not None and not record.ok:
+        return reference(*args)
+    if _capturing() or (record is not None and mode == "first"):
+        return fused(*args)
+    try:
+        out, problem = _check(op, fused, reference, args)
+    except Exception as e:  # any failure of a fused kernel: compile, resources, launch, wrong shapes
+        out, problem = None, f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    described = ", ".join(key[3])
+    verified[key] = Record(op, backend, described, problem is None, problem or "within tolerance")
+    if problem is None:
+        return out
+    warnings.warn(
+        f"trm_kernels: the {backend} {op} failed its check against the reference and is disabled for "
+        f"({described}) on {key[2]}: {problem}. The reference runs instead; `trm doctor` reproduces the check.",
+        ParityWarning,
+        stacklevel=3,
+    )
+    return reference(*args)

@@ -1,0 +1,217 @@
+"""The parity guard by fault injection through the package's own registration API: a fused
+implementation that raises, one that is wrong (forward or backward), one that is right; and a
+CUDA-graph capture that fails."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import trm_kernels as K
+from trm_kernels import backend, reference, verify
+
+from trm.graphs import GraphWarning, StaticGraph
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    """`auto` on CPU tries a 'triton' implementation first, where a test registers one (the real
+    Triton kernels are left out); registrations and checks are undone after."""
+    only_reference = {op: {"reference": impls["reference"]} for op, impls in backend._REGISTRY.items()}
+    monkeypatch.setattr(backend, "_REGISTRY", only_reference)
+    monkeypatch.setitem(backend.AUTO_ORDER, "cpu", ("triton", "reference"))
+    monkeypatch.setattr(verify, "verified", {})
+    monkeypatch.delenv("TRM_BACKEND", raising=False)
+    with verify.use_verify("first"), K.use_backend("auto"):
+        yield
+
+
+class Counted:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def raising(*args):
+    raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+
+def parity_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, verify.ParityWarning)]
+
+
+def test_a_raising_a_wrong_and_a_right_implementation(fused_on_cpu):
+    broken, wrong = Counted(raising), Counted(lambda x, r, dim, eps: reference.add_rmsnorm(x, r, dim, eps) * 1.01)
+    right = Counted(reference.inject)
+    backend.register("swiglu", "triton", broken)
+    backend.register("add_rmsnorm", "triton", wrong)
+    backend.register("inject", "triton", right)
+    x, r = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(K.swiglu(x), reference.swiglu(x), rtol=0, atol=0)
+            torch.testing.assert_close(K.add_rmsnorm(x, r), reference.add_rmsnorm(x, r), rtol=0, atol=0)
+            torch.testing.assert_close(K.inject(x, r), reference.inject(x, r), rtol=0, atol=0)
+    messages = parity_warnings(record)
+    assert len(messages) == 2  # one per disabled signature, not one per call
+    assert "triton swiglu" in messages[0] and "out of resource" in messages[0] and "float32[4, 6, 8]" in messages[0]
+    assert "triton add_rmsnorm" in messages[1] and "relative error" in messages[1] and "trm doctor" in messages[1]
+    assert broken.calls == 1 and wrong.calls == 1  # disabled after their first call
+    assert right.calls == 3  # checked once, then trusted
+    assert [r.ok for r in verify.verified.values()] == [False, False, True]
+    with warnings.catch_warnings(record=True) as record:  # another signature is checked on its own
+        warnings.simplefilter("always")
+        K.swiglu(torch.randn(2, 8))
+    assert len(parity_warnings(record)) == 1 and broken.calls == 2
+
+
+def test_off_lets_a_wrong_result_through_and_always_checks_every_call(fused_on_cpu):
+    wrong = Counted(lambda x, r, dim, eps: reference.add_rmsnorm(x, r, dim, eps) * 1.01)
+    backend.register("add_rmsnorm", "triton", wrong)
+    x = torch.randn(3, 16)
+    with K.use_verify("off"):
+        assert not torch.equal(K.add_rmsnorm(x), reference.add_rmsnorm(x))  # so the guard tests can fail
+    right = Counted(reference.add_rmsnorm)
+    backend.register("add_rmsnorm", "triton", right)
+    with K.use_verify("always"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            K.add_rmsnorm(x)
+    assert len(verify.verified) == 1 and right.calls == 3
+
+
+class _WrongBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up, dim):
+        ctx.save_for_backward(gate_up)
+        ctx.dim = dim
+        return reference.swiglu(gate_up, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = gate_up.detach().requires_grad_()
+            (g,) = torch.autograd.grad(reference.swiglu(x, ctx.dim), x, grad)
+        return 2 * g, None
+
+
+def test_a_wrong_backward_is_caught_where_a_gradient_is_needed(fused_on_cpu):
+    backend.register("swiglu", "triton", _WrongBackward.apply)
+    x = torch.randn(4, 10)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        K.swiglu(x)  # no grad needed: the forward is right
+        assert parity_warnings(record) == []
+        leaf = x.clone().requires_grad_()
+        K.swiglu(leaf).sum().backward()
+    messages = parity_warnings(record)
+    assert len(messages) == 1 and "backward" in messages[0]
+    want = x.clone().requires_grad_()
+    reference.swiglu(want).sum().backward()
+    torch.testing.assert_close(leaf.grad, want.grad, rtol=0, atol=0)  # the reference's gradient
+
+
+def test_the_check_runs_on_a_few_rows(fused_on_cpu, monkeypatch):
+    seen = []
+    real = verify._rows
+    monkeypatch.setattr(verify, "_rows", lambda args, op, n: seen.append(n) or real(args, op, n))
+    backend.register("add_rmsnorm", "triton", reference.add_rmsnorm)
+    K.add_rmsnorm(torch.randn(64, 5, 8))
+    assert seen == [verify.ROWS]
+
+
+def test_tiny_trm_learns_4x4_sudoku_even_with_a_broken_fused_op(fused_on_cpu, tmp_path):
+    """The sudoku4 preset end to end, twice (about 80 s each on 2 cores): it learns (held-out
+    exact accuracy >= 80%), and with a deliberately broken fused add + RMSNorm the run is the
+    reference path's, loss for loss, with one warning per signature the broken op took."""
+    from trm.config import preset
+    from trm.data.dataset import build
+    from trm.train import Trainer, fit
+
+    cfg = preset("sudoku4")
+    build(cfg.data, tmp_path / "data")
+
+    def run(name):
+        trainer = Trainer(preset("sudoku4"), tmp_path / "data", tmp_path / name, torch.device("cpu"))
+        result = fit(trainer, show_progress=False)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return result, [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+    backend.AUTO_ORDER["cpu"] = ("reference",)
+    want, want_log = run("reference")
+    backend.AUTO_ORDER["cpu"] = ("triton", "reference")
+    backend.register("add_rmsnorm", "triton", lambda x, r, dim, eps: reference.add_rmsnorm(x, r, dim, eps) + 0.5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got, got_log = run("broken")
+    assert want["count"] == cfg.data.num_test and want["exact_accuracy"] >= 0.8, want
+    assert (tmp_path / "reference" / "metrics.png").stat().st_size > 0
+    assert got == want
+    assert got_log == want_log  # every logged loss and accuracy, bit for bit
+    # one signature per distinct call shape (training and evaluation batches), one warning each
+    messages = parity_warnings(record)
+    assert 1 <= len(messages) == sum(not r.ok for r in verify.verified.values()) <= 4
+    assert all("triton add_rmsnorm failed its check" in m for m in messages)
+
+
+def test_a_failing_cuda_graph_capture_falls_back_to_the_eager_path(monkeypatch):
+    def step(x):
+        return (x * 2,)
+
+    graph = StaticGraph(step)
+    monkeypatch.setattr(StaticGraph, "_can_capture", lambda self, t: True)
+    monkeypatch.setattr(StaticGraph, "_captured", lambda self, static: raising())
+    with pytest.warns(GraphWarning, match="capture of step failed.*out of resource"):
+        (out,) = graph(torch.ones(3))
+    torch.testing.assert_close(out, torch.full((3,), 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls reuse the eager entry
+        (out,) = graph(torch.full((3,), 5.0))
+    torch.testing.assert_close(out, torch.full((3,), 10.0))
+
+
+def test_doctor_quick_on_a_cpu_reports_every_op_and_exits_0(tmp_path):
+    from typer.testing import CliRunner
+
+    from trm.cli import app
+
+    result = CliRunner().invoke(app, ["doctor", "--quick", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d" / "doctor.json").read_text())
+    assert (tmp_path / "d" / "doctor.md").read_text().startswith("# trm doctor on ")
+    env = report["environment"]
+    for key in ("device", "torch", "cuda", "triton", "numpy", "cuda_extension", "auto_order", "settings", "verify"):
+        assert key in env, key
+    parity = [c for c in report["checks"] if c["kind"] == "parity"]
+    ops = {op for op in backend._REGISTRY}
+    assert {c["name"] for c in parity} == ops
+    expected_backends = {"reference", "triton"} if "triton" in K.available("swiglu") else {"reference"}
+    for op in ops:
+        assert {c["backend"] for c in parity if c["name"] == op} == expected_backends, op
+    assert {c["dtype"] for c in parity} == {"float32", "float16"}
+    assert all(c["passed"] and c["numbers"]["forward_error"] >= 0 for c in parity)
+    assert [c["name"] for c in report["checks"] if c["kind"] == "graphs"] == [
+        "training step, no-grad cycles",
+        "evaluation step",
+    ]
+    assert report["failed"] == 0 and any("speed: not measured" in s for s in report["skipped"])
+
+
+def test_doctor_lists_a_failing_op_first_and_exits_1(fused_on_cpu, tmp_path):
+    from typer.testing import CliRunner
+
+    from trm.cli import app
+
+    backend.register("inject", "triton", lambda h, a, b: reference.inject(h, a, b) * 1.5)
+    result = CliRunner().invoke(app, ["doctor", "--quick", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1, result.output
+    checks = json.loads((tmp_path / "d" / "doctor.json").read_text())["checks"]
+    failed = [c for c in checks if c["passed"] is False]
+    assert failed and checks[: len(failed)] == failed  # failures first
+    assert {(c["name"], c["backend"]) for c in failed} == {("inject", "triton")}
+    assert "relative error" in failed[0]["detail"]

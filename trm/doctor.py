@@ -1,0 +1,362 @@
+"""``trm doctor``: what this machine runs, and whether every fused op matches the reference here.
+
+One report a user can attach to a bug: the environment; every op on every backend available
+here, in fp32, fp16 and bf16 where supported, at TRM's shapes and awkward ones, forward and
+backward, each error against the reference and float64 under the package's tolerance rule
+(``trm_kernels.verify``); a small TRM training and evaluation step through the CUDA-graph
+path against eager; and on a GPU the speed of each op, fused against eager. Written as
+``doctor.json`` and ``doctor.md``; failures are listed first. On a CPU the Triton kernels
+run in the interpreter (a child process with ``TRITON_INTERPRET=1``), and speed is not
+measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import trm_kernels as K
+from trm_kernels import backend, verify
+from trm_kernels.verify import relative_error, tolerance_problem
+
+from .arch import build_model
+from .config import ModelConfig
+
+
+@dataclass
+class Check:
+    kind: str  # parity | graphs | speed
+    name: str
+    backend: str
+    dtype: str
+    shape: str
+    passed: bool | None  # None: measured, nothing to pass (speed)
+    detail: str
+    numbers: dict = field(default_factory=dict)
+
+
+def environment() -> dict:
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "numpy": np.__version__,
+        "triton": _version("triton"),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "settings": {k: v for k, v in os.environ.items() if k.startswith("TRM_")},
+        "backend": K.get_backend(),
+        "verify": K.get_verify(),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env |= {"device": p.name, "compute_capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "driver": _driver()}  # fmt: skip
+    else:
+        env["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    env["cuda_extension"] = _extension()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env["auto_order"] = {op: [b for b in backend.AUTO_ORDER.get(device, ()) if b in K.available(op)]
+                         for op in backend._REGISTRY}  # fmt: skip
+    return env
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _extension() -> str:
+    """How trm_kernels._C was obtained, or why not."""
+    try:
+        from trm_kernels import _C  # noqa: F401
+
+        return "built by the install (trm_kernels._C)"
+    except ImportError:
+        pass
+    if torch.version.cuda is None:
+        return "not built: this torch has no CUDA (the cuda backend is unavailable)"
+    if not torch.cuda.is_available():
+        return "not built: no GPU visible"
+    from trm_kernels import cuda_ext
+
+    return "JIT-built on first use" if cuda_ext.load() is not None else "unavailable (see the warning); Triton runs"
+
+
+# ---- parity ----------------------------------------------------------------------------------
+
+
+def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[torch.dtype], tuple]]]:
+    """(op, shape label, make(dtype) -> args) at TRM shapes and awkward ones."""
+
+    def rand(*shape, scale=1.0):
+        return lambda dt: (torch.randn(*shape, device=device) * scale).to(dt)
+
+    def args(*makers):
+        return lambda dt: tuple(m(dt) if callable(m) else m for m in makers)
+
+    # TRM's shapes (hidden 512, S = 97, head_dim 64, the mlp_t sizes); --quick keeps S = 97 and
+    # shrinks the rest, so that a CPU runs it in the interpreter in a few minutes
+    batch, d, heads, hd, inter, wide = (2, 64, 2, 32, 64, 96) if quick else (8, 512, 8, 64, 512, 3072)
+    cos, sin = K.rope_cos_sin(97, hd)
+    cos_odd, sin_odd = K.rope_cos_sin(13, 32)
+    logits_labels = lambda b, s, v: lambda dt: (torch.randn(b, s, v, device=device).to(dt),  # noqa: E731
+                                                torch.randint(0, v, (b, s), device=device))  # fmt: skip
+    trm = f"[{batch}, 97, {d}]"
+    cases = [
+        ("add_rmsnorm", f"{trm}, hidden", args(rand(batch, 97, d), rand(batch, 97, d), -1, 1e-5)),
+        ("add_rmsnorm", f"{trm}, sequence", args(rand(batch, 97, d), rand(batch, 97, d), -2, 1e-5)),
+        ("add_rmsnorm", "[3, 7, 33], hidden", args(rand(3, 7, 33), rand(3, 7, 33), -1, 1e-5)),
+        ("inject", trm, args(rand(batch, 97, d), rand(batch, 97, d), rand(batch, 97, d))),
+        ("swiglu", f"[{batch}, 97, {wide}]", args(rand(batch, 97, wide), -1)),
+        ("swiglu", f"[{batch}, {2 * inter}, {d}], sequence", args(rand(batch, 2 * inter, d), -2)),
+        ("swiglu", "[3, 5, 18]", args(rand(3, 5, 18), -1)),
+        ("token_mlp_rmsnorm", f"{trm}, I {inter}",
+         args(rand(batch, 97, d), rand(2 * inter, 97, scale=97**-0.5), rand(97, inter, scale=inter**-0.5), 1e-5)),
+        ("token_mlp_rmsnorm", "[2, 13, 40], I 24",
+         args(rand(2, 13, 40), rand(48, 13, scale=13**-0.5), rand(13, 24, scale=24**-0.5), 1e-5)),
+        ("rope_attention", f"[{batch}, 97, {heads}x{hd}]",
+         args(rand(batch, 97, 3 * heads * hd), cos.to(device), sin.to(device), heads)),
+        ("rope_attention", "[2, 13, 2x32]", args(rand(2, 13, 3 * 64), cos_odd.to(device), sin_odd.to(device), 2)),
+        ("stablemax_cross_entropy", f"[{batch}, 97, 11]", lambda dt: (*logits_labels(batch, 97, 11)(dt), -100)),
+        ("softmax_cross_entropy", f"[{batch}, 97, 11]", lambda dt: (*logits_labels(batch, 97, 11)(dt), -100)),
+    ]  # fmt: skip
+    if not quick:
+        cos_l, sin_l = K.rope_cos_sin(916, 64)
+        cases.append(("rope_attention", "[2, 916, 8x64]",
+                      args(rand(2, 916, 3 * 512), cos_l.to(device), sin_l.to(device), 8)))  # fmt: skip
+    return cases
+
+
+def _dtypes(device: torch.device) -> list[torch.dtype]:
+    if device.type == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float16]  # the interpreter's types; bf16 needs a GPU
+
+
+def _run(op: str, backend_name: str, args: tuple, grad: bool):
+    fn, batched = getattr(K, op), verify.BATCHED[op]  # gradients of the activations, not of tables like cos/sin
+    leaves = [a.detach().clone().requires_grad_(grad and i in batched and a.is_floating_point())
+              if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]  # fmt: skip
+    with torch.enable_grad() if grad else torch.no_grad():
+        out = fn(*leaves, backend=backend_name)
+        grads = []
+        if grad:
+            g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(0), device=out.device)
+            (out * g.to(out.dtype)).sum().backward()
+            grads = [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+            if any(g is None for g in grads):
+                raise RuntimeError("backward left an input without a gradient")
+    return out.detach(), grads
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def _compare(fused, ref, oracle) -> tuple[str | None, dict]:
+    """What failed of (output, input gradients) against the reference and float64, and the errors."""
+    (out, grads), (ref_out, ref_grads), (ora_out, ora_grads) = fused, ref, oracle
+    problems = [tolerance_problem(out, ref_out, ora_out, "forward")]
+    for i, (g, r, o) in enumerate(zip(grads, ref_grads, ora_grads, strict=True)):
+        problems.append(tolerance_problem(g, r, o, f"gradient {i}"))
+    numbers = {
+        "forward_error": relative_error(out, ora_out),
+        "reference_forward_error": relative_error(ref_out, ora_out),
+        "gradient_errors": [relative_error(g, o) for g, o in zip(grads, ora_grads, strict=True)],
+        "reference_gradient_errors": [relative_error(r, o) for r, o in zip(ref_grads, ora_grads, strict=True)],
+    }
+    return next((p for p in problems if p), None), numbers
+
+
+def parity(device: torch.device, quick: bool, progress: Callable[[str], None]) -> list[Check]:
+    checks = []
+    for op, label, make in _cases(device, quick):
+        for dtype in _dtypes(device):
+            torch.manual_seed(0)
+            args = make(dtype)
+            wide = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+            ref_out, ref_grads = _run(op, "reference", args, True)
+            ora_out, ora_grads = _run(op, "reference", wide, True)
+            for name in [b for b in K.available(op) if b != "reference"] + ["reference"]:
+                progress(f"{op} {label} {str(dtype)[6:]} {name}")
+                if name == "cuda" and device.type != "cuda":
+                    continue
+                try:
+                    problem, numbers = _compare(_run(op, name, args, True), (ref_out, ref_grads), (ora_out, ora_grads))
+                except Exception as e:  # a kernel that cannot run here is a failed check, not a crash
+                    problem, numbers = f"raised {type(e).__name__}: {_first_line(e)}", {}
+                detail = (
+                    problem
+                    or "forward {forward_error:.2e} (reference {reference_forward_error:.2e}), "
+                    "fwd+bwd within tolerance".format(**numbers)
+                )
+                checks.append(Check("parity", op, name, str(dtype)[6:], label, problem is None, detail, numbers))
+    return checks
+
+
+# ---- CUDA graphs -----------------------------------------------------------------------------
+
+
+def graphs(device: torch.device, progress: Callable[[str], None]) -> list[Check]:
+    """A small TRM's no-grad training cycles and evaluation step through trm.graphs (captured
+    on a GPU; the static-buffer path on a CPU) against the same functions run directly."""
+    progress("CUDA graphs: a small TRM's training cycles and evaluation step")
+    cfg = ModelConfig(vocab_size=11, seq_len=16, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=3, n=2, n_sup=2)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    inputs = torch.randint(1, 11, (4, 16), device=device)
+    x = model.embed(inputs, torch.zeros(4, dtype=torch.long, device=device))
+    y, z = (t.contiguous() for t in model.initial_y_z(4))
+    label = "captured" if device.type == "cuda" else "static buffers (no GPU: not captured)"
+    checks = []
+    for step, name, direct in (("training step, no-grad cycles", "no_grad_part", model._no_grad_part),
+                               ("evaluation step", "eval_step", model._eval_step)):  # fmt: skip
+        try:
+            want = [t.float().clone() for t in direct(x, y, z)]
+            got = [t.float().clone() for t in model.graphs[name](x, y, z)]
+            err = max(relative_error(g, w) for g, w in zip(got, want, strict=True))
+            passed, detail = err <= 1e-2, f"largest relative difference {err:.2e} over {len(got)} outputs"
+        except Exception as e:
+            passed, detail, err = False, f"raised {type(e).__name__}: {_first_line(e)}", None
+        checks.append(Check("graphs", step, "graphed vs eager", str(model.dtype)[6:], label, passed, detail,
+                            {"relative_difference": err}))  # fmt: skip
+    return checks
+
+
+# ---- speed -----------------------------------------------------------------------------------
+
+
+def speed(device: torch.device, quick: bool, progress: Callable[[str], None]) -> list[Check]:
+    if device.type != "cuda":
+        return []
+    checks = []
+    for op, label, make in _cases(device, quick):
+        args = make(torch.bfloat16)
+        for name in ["reference", *[b for b in K.available(op) if b != "reference"]]:
+            progress(f"timing {op} {label} {name}")
+            fn = getattr(K, op)
+            try:
+                ms = _time(lambda fn=fn, name=name, args=args: fn(*args, backend=name))
+            except Exception as e:
+                checks.append(Check("speed", op, name, "bfloat16", label, False, f"raised {type(e).__name__}: {e}"))
+                continue
+            nbytes = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+            checks.append(Check("speed", op, name, "bfloat16", label, None,
+                                f"{ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s (inputs read once)",
+                                {"ms": ms, "input_gbps": nbytes / ms / 1e6}))  # fmt: skip
+    return checks
+
+
+def _time(fn: Callable, reps: int = 20) -> float:
+    """Median milliseconds of `fn` by CUDA events, warm-up excluded."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def run(out: Path | None, quick: bool, progress: Callable[[str], None]) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.time()
+    with K.use_verify("off"):  # the doctor checks every backend itself, explicitly
+        checks = parity(device, quick, progress) + graphs(device, progress) + speed(device, quick, progress)
+    skipped = []
+    if device.type != "cuda":
+        skipped.append("speed: not measured on a CPU")
+        skipped.append("bf16 and the CUDA extension: need a GPU")
+        if "triton" not in {c.backend for c in checks}:
+            skipped.append("Triton kernels: triton is not installed or its interpreter cannot run here")
+    checks.sort(key=lambda c: c.passed is not False)  # failures first
+    report = {"environment": environment(), "seconds": round(time.time() - started, 1), "skipped": skipped,
+              "failed": sum(c.passed is False for c in checks), "checks": [asdict(c) for c in checks]}  # fmt: skip
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "doctor.json").write_text(json.dumps(report, indent=2))
+        (out / "doctor.md").write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# trm doctor on {env['device']}", "",
+             f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, numpy {env['numpy']}, "
+             f"Python {env['python']}; {env['platform']}.",
+             f"CUDA extension: {env['cuda_extension']}. Backend {env['backend']}, parity guard {env['verify']}.",
+             "", f"**{report['failed']} failed** of {len(report['checks'])} checks "
+             f"({report['seconds']} s)."]  # fmt: skip
+    if "compute_capability" in env:
+        lines.insert(3, f"GPU: compute capability {env['compute_capability']}, {env['sm_count']} SMs, "
+                        f"{env['memory_gib']} GiB, driver {env['driver']}.")  # fmt: skip
+    for item in report["skipped"]:
+        lines.append(f"- skipped: {item}")
+    lines += ["", "| result | check | op / step | backend | dtype | shape | detail |", "|---|---|---|---|---|---|---|"]
+    for c in report["checks"]:
+        verdict = {True: "pass", False: "**FAIL**", None: "measured"}[c["passed"]]
+        lines.append(f"| {verdict} | {c['kind']} | {c['name']} | {c['backend']} | {c['dtype']} | {c['shape']} | "
+                     f"{c['detail']} |")  # fmt: skip
+    lines += ["", "`auto` tries, per op on this device: "
+              + "; ".join(f"{op}: {' > '.join(order)}" for op, order in env["auto_order"].items())]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def needs_interpreter() -> bool:
+    """On a machine without a GPU, the Triton kernels can only be checked in the interpreter,
+    which must be chosen before they are imported: in a child process."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        import triton
+        from trm_kernels._triton import interpreter_problem
+    except ImportError:
+        return False
+    return interpreter_problem(triton.__version__, np.__version__) is None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trm.doctor [--out DIR] [--quick]``: run and print; exit 1 when a check failed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    report = run(args.out, args.quick, lambda s: print(f"checking {s}", file=sys.stderr, flush=True))
+    print(markdown(report))
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
