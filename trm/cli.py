@@ -27,7 +27,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich
 console = Console(soft_wrap=True)  # lines are not wrapped at 80 columns in a pipe or a log file
 errors = Console(stderr=True, soft_wrap=True)
 
-PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help=f"one of: {', '.join(PRESETS)}")]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help=f"one of: {', '.join(PRESETS)} (default: sudoku4)")
+]
+ImportPresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="the run's preset (default: sudoku-mlp)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. train.lr=3e-4 (repeatable)")]
 DEFAULT_PRESET = "sudoku4"
 # train.* fields that change what a run does next, not what it computes: a resume may change them freely
@@ -436,7 +439,7 @@ def solve(
 @app.command()
 def doctor(
     out: Annotated[Path | None, typer.Option(help="write doctor.json and doctor.md here")] = None,
-    quick: Annotated[bool, typer.Option(help="small shapes only (a CPU runs this in a few minutes)")] = False,
+    quick: Annotated[bool, typer.Option(help="small shapes only (seconds on a CPU)")] = False,
 ) -> None:
     """Check this machine: environment, every fused op against the reference, CUDA graphs, speed.
 
@@ -461,7 +464,7 @@ def import_reference(
     source: Annotated[Path, typer.Argument(help="reference checkpoint (torch.save'd state dict)")],
     out: Annotated[Path, typer.Option(help="run directory to write")],
     data: Annotated[Path | None, typer.Option(help="dataset the model was trained on (for eval/solve)")] = None,
-    preset_name: PresetOpt = None,  # sudoku-mlp
+    preset_name: ImportPresetOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """Convert a reference-implementation checkpoint into a run directory usable by eval/solve."""

@@ -45,7 +45,7 @@ def _sudoku_panel(ax, grid: np.ndarray, givens: np.ndarray | None, target: np.nd
 
     size = grid.shape[0]
     box_rows, box_cols = sudoku.BOX.get(size, (size, size))
-    ax.imshow(np.ones_like(grid, dtype=float), cmap="Greys", vmin=0, vmax=1)
+    ax.imshow(np.zeros_like(grid, dtype=float), cmap="Greys", vmin=0, vmax=1)  # white
     for (r, c), v in np.ndenumerate(grid):
         given = givens is not None and givens[r, c] != 0
         wrong = target is not None and not given and v != target[r, c]
