@@ -263,15 +263,19 @@ class StopSignals:
 
     def _handle(self, sig, frame) -> None:
         if self.received is not None:
+            _say("\naborted: the run keeps its last checkpoint, if it wrote one (trm train --resume continues it)\n")
             raise KeyboardInterrupt
         self.received = signal.Signals(sig).name
-        # written straight to the file descriptor: a handler that printed through the console
-        # could run inside the console's own write and repeat its buffer
-        message = f"\n{self.received}: stopping after this step with a checkpoint (again to abort at once)\n"
-        try:
-            os.write(sys.stderr.fileno(), message.encode())
-        except (OSError, ValueError, AttributeError):  # no usable stderr (a captured or closed stream)
-            pass
+        _say(f"\n{self.received}: stopping after this step with a checkpoint (again to abort at once)\n")
+
+
+def _say(message: str) -> None:
+    """Straight to the file descriptor: a signal handler that printed through the console
+    could run inside the console's own write and repeat its buffer."""
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    except (OSError, ValueError, AttributeError):  # no usable stderr (a captured or closed stream)
+        pass
 
 
 def _progress_line(step: int, total: int, elapsed: float, done: int, m: dict[str, float]) -> str:
