@@ -215,3 +215,19 @@ def test_doctor_lists_a_failing_op_first_and_exits_1(fused_on_cpu, tmp_path):
     assert failed and checks[: len(failed)] == failed  # failures first
     assert {(c["name"], c["backend"]) for c in failed} == {("inject", "triton")}
     assert "relative error" in failed[0]["detail"]
+
+
+def test_doctor_times_a_small_training_step_per_backend(monkeypatch):
+    """The GPU-only timing path, run once on a CPU with a stand-in timer."""
+    from trm import doctor
+
+    calls = []
+    monkeypatch.setattr(doctor, "_time", lambda fn, reps=20: calls.append(fn()) or 1.5)
+    checks = doctor._step_speed(torch.device("cpu"), lambda what: None, batch=2)
+    assert [(c.name, c.backend, c.passed) for c in checks] == [
+        ("sudoku-mlp training step", "reference", None),
+        ("sudoku-mlp training step", "auto", None),
+        ("sudoku-att training step", "reference", None),
+        ("sudoku-att training step", "auto", None),
+    ]
+    assert len(calls) == 4 and checks[0].detail == "1.5 ms"

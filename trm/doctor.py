@@ -29,7 +29,8 @@ from trm_kernels import backend, verify
 from trm_kernels.verify import relative_error, tolerance_problem
 
 from .arch import build_model
-from .config import ModelConfig
+from .config import ModelConfig, preset
+from .losses import act_loss
 
 
 @dataclass
@@ -266,6 +267,39 @@ def speed(device: torch.device, quick: bool, progress: Callable[[str], None]) ->
             checks.append(Check("speed", op, name, "bfloat16", label, None,
                                 f"{ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s (inputs read once)",
                                 {"ms": ms, "input_gbps": nbytes / ms / 1e6}))  # fmt: skip
+    return checks + _step_speed(device, progress)
+
+
+def _step_speed(device: torch.device, progress: Callable[[str], None], batch: int = 16) -> list[Check]:
+    """A small-batch training step of the sudoku-mlp and sudoku-att models, reference ops
+    (eager) against the fused ops (auto), CUDA graphs off in both."""
+    checks = []
+    for name in ("sudoku-mlp", "sudoku-att"):
+        cfg = preset(name).model
+        cfg.vocab_size, cfg.seq_len, cfg.cuda_graphs = 11, 81, False
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).train()
+        data = {"inputs": torch.randint(1, 11, (batch, 81), device=device),
+                "labels": torch.randint(1, 11, (batch, 81), device=device),
+                "puzzle_identifiers": torch.zeros(batch, dtype=torch.long, device=device)}  # fmt: skip
+        carry = model.initial_carry(data)
+
+        def step(model=model, carry=carry, data=data):
+            after, out = model(carry, data)
+            loss, _ = act_loss(out, after)
+            loss.backward()
+            model.zero_grad()
+
+        for backend_name in ("reference", "auto"):
+            progress(f"timing a {name} training step at batch {batch}, {backend_name}")
+            try:
+                with K.use_backend(backend_name):
+                    ms = _time(step, reps=5)
+                checks.append(Check("speed", f"{name} training step", backend_name, "bfloat16", f"batch {batch}",
+                                    None, f"{ms:.1f} ms", {"ms": ms}))  # fmt: skip
+            except Exception as e:
+                checks.append(Check("speed", f"{name} training step", backend_name, "bfloat16", f"batch {batch}",
+                                    False, f"raised {type(e).__name__}: {_first_line(e)}"))  # fmt: skip
     return checks
 
 
