@@ -20,7 +20,14 @@ from . import checkpoint, render
 from . import doctor as doctor_module
 from .config import PRESETS, RunConfig, apply_overrides, preset, validate
 from .data import dataset, maze, sudoku
-from .evaluate import evaluate, evaluate_arc, model_from_checkpoint, to_device, write_model_checkpoint
+from .evaluate import (
+    evaluate,
+    evaluate_adaptive,
+    evaluate_arc,
+    model_from_checkpoint,
+    to_device,
+    write_model_checkpoint,
+)
 from .train import CHECKPOINT, MetricsLog, Trainer, fit, init_distributed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
@@ -308,16 +315,43 @@ def _load(run: Path, device: torch.device, ema: bool):
 def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="run directory or checkpoint file")],
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
-    steps: Annotated[int, typer.Option(help="supervision steps (default n_sup; more = test-time recursion)")] = 0,
+    steps: Annotated[
+        str,
+        typer.Option(
+            help="supervision steps (default n_sup; more = test-time recursion); "
+            "with --halt the most a puzzle may take, or a list (16,32,64) to sweep"
+        ),
+    ] = "0",
     batch_size: Annotated[int, typer.Option(help="evaluation batch size")] = 256,
     ema: Annotated[bool, typer.Option(help="use the EMA weights")] = True,
     png: Annotated[Path | None, typer.Option(help="draw the first test puzzles, targets and answers here")] = None,
     show: Annotated[int, typer.Option(help="how many puzzles --png draws")] = 4,
+    halt: Annotated[
+        bool,
+        typer.Option(
+            help="each puzzle stops when the model halts, and its slot takes the next puzzle (continuous batching)"
+        ),
+    ] = False,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            help="with --halt: halt when the halting logit exceeds this (0: the training rule; inf: fixed steps)"
+        ),
+    ] = 0.0,
+    sync_every: Annotated[int, typer.Option(help="with --halt: steps between reads of which slots halted")] = 1,
+    compare: Annotated[bool, typer.Option(help="with --halt: fixed-step evaluation of the same puzzles too")] = False,
+    plot: Annotated[Path | None, typer.Option(help="with --halt: a PNG of steps per puzzle (and the sweep)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON here")] = None,
 ) -> None:
     """Exact and token accuracy on a test split; for ARC, pass@1/2 with voting and a submission.json."""
-    _at_least("--steps", steps, 0, " (0: the model's n_sup)")
+    depths = _parse_steps(steps, halt)
     _at_least("--batch-size", batch_size, 1)
     _at_least("--show", show, 1)
+    _at_least("--sync-every", sync_every, 1)
+    if (compare or plot is not None or sync_every != 1 or threshold != 0.0) and not halt:
+        _fail("--compare, --plot, --threshold and --sync-every go with --halt")
+    if threshold != threshold:  # NaN
+        _fail("--threshold nan: must be a number (inf for fixed steps)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = _load(run, device, ema)
     data = _run_data(meta, data)
@@ -329,15 +363,73 @@ def evaluate_cmd(
         _fail(f"{data} has no test puzzles; pass --data with a dataset that has a test split")
     task = meta["config"]["data"]["task"]
     if task.startswith("arc"):
-        _evaluate_arc(model, data, batch_size, steps, run, png, show)
+        if halt:
+            _fail("--halt is not available for ARC yet (its voting needs each augmented input's halting step)")
+        _evaluate_arc(model, data, batch_size, depths[0], run, png, show)
         return
-    result = evaluate(model, split, batch_size, steps or None)
+    if halt:
+        _evaluate_halting(model, split, depths, batch_size, threshold, sync_every, compare, plot, json_out)
+    else:
+        result = evaluate(model, split, batch_size, depths[0] or None)
+        console.print(
+            f"exact accuracy {result['exact_accuracy']:.4f}, token accuracy {result['accuracy']:.4f} "
+            f"on {int(result['count'])} puzzles ({depths[0] or model.cfg.n_sup} supervision steps)"
+        )
+        if json_out is not None:
+            _write_json(json_out, {"mode": "fixed", "steps": depths[0] or model.cfg.n_sup, **result})
     if png is not None:
-        _draw_attempts(model, split, min(show, len(split)), steps, task, png)
-    console.print(
-        f"exact accuracy {result['exact_accuracy']:.4f}, token accuracy {result['accuracy']:.4f} "
-        f"on {int(result['count'])} puzzles ({steps or model.cfg.n_sup} supervision steps)"
-    )
+        _draw_attempts(model, split, min(show, len(split)), depths[0], task, png)
+
+
+def _parse_steps(text: str, halt: bool) -> list[int]:
+    try:
+        depths = [int(part) for part in text.split(",")]
+    except ValueError:
+        _fail(f"--steps {text}: expected a whole number, or with --halt a comma-separated list (16,32,64)")
+    for depth in depths:
+        _at_least("--steps", depth, 0, " (0: the model's n_sup)")
+    if len(depths) > 1 and not halt:
+        _fail(f"--steps {text}: a list of depths (a sweep) goes with --halt")
+    return depths
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {path}")
+
+
+def _evaluate_halting(model, split, depths, batch_size, threshold, sync_every, compare, plot, json_out) -> None:
+    """Adaptive evaluation at each depth; with --compare, fixed steps on the same puzzles too."""
+    rows = []
+    for depth in depths:
+        depth = depth or model.cfg.n_sup
+        adaptive_result = evaluate_adaptive(model, split, batch_size, depth, threshold, sync_every)
+        rows.append({"mode": "halting", "max_steps": depth, **adaptive_result})
+        if compare:  # the plain fixed-step evaluation (trm eval without --halt), timed the same way
+            started = time.perf_counter()
+            fixed = evaluate(model, split, batch_size, depth)
+            seconds = time.perf_counter() - started
+            rows.append({"mode": "fixed", "max_steps": depth, **fixed, "count": int(fixed["count"]),
+                         "steps_mean": depth, "steps_median": depth, "steps_p90": depth, "steps_max": depth,
+                         "steps_histogram": {depth: int(fixed["count"])}, "seconds": seconds,
+                         "puzzles_per_second": fixed["count"] / seconds})  # fmt: skip
+    console.print(f"{'mode':8} {'max steps':>9} {'exact':>7} {'token':>7} {'steps mean':>10} {'median':>6} {'p90':>5} "
+                  f"{'max':>4} {'puzzles/s':>10}")  # fmt: skip
+    for r in rows:
+        console.print(f"{r['mode']:8} {r['max_steps']:>9} {r['exact_accuracy']:>7.4f} {r['accuracy']:>7.4f} "
+                      f"{r['steps_mean']:>10.2f} {r['steps_median']:>6.1f} {r['steps_p90']:>5.1f} {r['steps_max']:>4} "
+                      f"{r['puzzles_per_second']:>10.1f}")  # fmt: skip
+    if compare:
+        for halting, fixed in zip(rows[::2], rows[1::2], strict=True):
+            speed = halting["puzzles_per_second"] / fixed["puzzles_per_second"]
+            points = 100 * (halting["exact_accuracy"] - fixed["exact_accuracy"])
+            console.print(f"max {halting['max_steps']} steps: halting runs {speed:.2f}x the puzzles/s of fixed steps, "
+                          f"exact accuracy {points:+.2f} points")  # fmt: skip
+    if plot is not None:
+        console.print(f"wrote {render.save_halting_png(plot, rows)}")
+    if json_out is not None:
+        _write_json(json_out, {"count": rows[0]["count"], "threshold": threshold, "sync_every": sync_every,
+                               "results": rows})  # fmt: skip
 
 
 def _evaluate_arc(model, data: Path, batch_size: int, steps: int, run: Path, png: Path | None, show: int) -> None:

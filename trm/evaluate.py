@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, distributed
+from . import adaptive, checkpoint, distributed
 from .arch import build_model
 from .config import RunConfig
 from .data import arc
@@ -57,6 +57,34 @@ def evaluate(
     model.train(was_training)
     examples, exact, correct, tokens = totals.tolist()
     return {"count": examples, "exact_accuracy": exact / max(examples, 1), "accuracy": correct / max(tokens, 1)}
+
+
+def evaluate_adaptive(
+    model: RecursiveReasoningModel,
+    split: Split,
+    batch_size: int,
+    steps: int | None = None,
+    threshold: float = 0.0,
+    sync_every: int = 1,
+) -> dict:
+    """Adaptive evaluation (trm.adaptive): each puzzle halts on its own and frees its slot.
+
+    Under several processes each solves a strided share; the per-puzzle results are gathered."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed.active() else (0, 1)
+    index = np.arange(rank, len(split), world)
+    rows = split.batch(index)
+    solved = adaptive.solve(model, torch.from_numpy(rows["inputs"]), torch.from_numpy(rows["puzzle_identifiers"]),
+                            batch_size, steps, threshold, sync_every)  # fmt: skip
+    labels = rows["labels"]
+    if distributed.active():
+        parts = [None] * world
+        dist.all_gather_object(parts, (solved, labels))
+        solved = adaptive.Solved(np.concatenate([p[0].answers for p in parts]),
+                                 np.concatenate([p[0].steps for p in parts]),
+                                 np.concatenate([p[0].halt_logit for p in parts]),
+                                 max(p[0].seconds for p in parts), max(p[0].model_steps for p in parts))  # fmt: skip
+        labels = np.concatenate([p[1] for p in parts])
+    return adaptive.summary(solved, labels, IGNORE_LABEL)
 
 
 def model_from_checkpoint(path, device: torch.device, ema: bool = True) -> tuple[RecursiveReasoningModel, dict]:

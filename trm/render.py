@@ -106,3 +106,40 @@ def save_png(path: str | Path, rows: list[list[Panel]], task: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def save_halting_png(path: str | Path, rows: list[dict]) -> Path:
+    """Adaptive evaluation: a histogram of the steps each puzzle took (per max depth), and for a
+    sweep over depths, exact accuracy and puzzles/s against the depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    halting = [r for r in rows if r["mode"] == "halting"]
+    sweep = len(halting) > 1
+    fig, axes = plt.subplots(1, 3 if sweep else 1, figsize=(15 if sweep else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for r in halting:
+        hist = {int(k): v for k, v in r["steps_histogram"].items()}
+        ax.bar(list(hist), list(hist.values()), alpha=0.6, label=f"max {r['max_steps']} steps")
+    ax.set(xlabel="supervision steps taken", ylabel="puzzles", title="steps per puzzle (halting)")
+    ax.legend()
+    if sweep:
+        depths = [r["max_steps"] for r in halting]
+        axes[0][1].plot(depths, [r["exact_accuracy"] for r in halting], "o-", label="halting")
+        axes[0][2].plot(depths, [r["puzzles_per_second"] for r in halting], "o-", label="halting")
+        fixed = [r for r in rows if r["mode"] == "fixed"]
+        if fixed:
+            axes[0][1].plot([r["max_steps"] for r in fixed], [r["exact_accuracy"] for r in fixed], "s--", label="fixed")
+            axes[0][2].plot([r["max_steps"] for r in fixed], [r["puzzles_per_second"] for r in fixed], "s--",
+                            label="fixed")  # fmt: skip
+        axes[0][1].set(xlabel="max supervision steps", ylabel="exact accuracy", title="accuracy vs depth", xscale="log")
+        axes[0][2].set(xlabel="max supervision steps", ylabel="puzzles/s", title="throughput vs depth", xscale="log")
+        for a in axes[0][1:]:
+            a.grid(alpha=0.3)
+            a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

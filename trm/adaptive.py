@@ -1,0 +1,133 @@
+"""Adaptive evaluation: each puzzle halts when its head says so, and its batch slot takes the next
+puzzle at once (continuous batching).
+
+Every slot of a batch runs its own puzzle from the initial y/z, one supervision step at a
+time, until its halting logit crosses ``threshold`` (q_halt for TRM, q_halt - q_continue for
+HRM: the training rule at 0) or it has taken ``max_steps`` steps, which may exceed n_sup
+(test-time depth). The answer is the argmax at the step it halted. Slots are refilled by
+index and ``where`` on the device; the host reads which slots halted every ``sync_every``
+steps (a slot that halts between two reads keeps its answer and idles until the next). The
+step is the model's evaluation step, replayed as a CUDA graph on a GPU (refills happen
+around it). With ``threshold=inf`` every puzzle runs exactly ``max_steps`` steps: fixed-step
+evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import RecursiveReasoningModel
+
+
+@dataclass
+class Solved:
+    """What adaptive evaluation found for each puzzle, in the order of the inputs given."""
+
+    answers: np.ndarray  # [N, L] token ids at the halting step
+    steps: np.ndarray  # [N] supervision steps taken
+    halt_logit: np.ndarray  # [N] the halting logit at that step (sigmoid: the model's confidence)
+    seconds: float
+    model_steps: int  # batch steps run (each one evaluation step of the whole batch)
+
+
+def halting_logit(model: RecursiveReasoningModel, q: torch.Tensor) -> torch.Tensor:
+    return q[:, 0] - q[:, 1] if model.halt_on_q_continue else q[:, 0]
+
+
+@torch.no_grad()
+def solve(
+    model: RecursiveReasoningModel,
+    inputs: torch.Tensor,
+    puzzle_identifiers: torch.Tensor,
+    batch_size: int,
+    max_steps: int | None = None,
+    threshold: float = 0.0,
+    sync_every: int = 1,
+) -> Solved:
+    """Solve every row of `inputs` [N, L] (token ids, any device) with continuous batching."""
+    if batch_size < 1 or sync_every < 1:
+        raise ValueError(f"batch_size {batch_size} and sync_every {sync_every} must be >= 1")
+    max_steps = max_steps or model.cfg.n_sup
+    if max_steps < 1:
+        raise ValueError(f"max_steps {max_steps} must be >= 1")
+    device, n = model.y_init.device, len(inputs)
+    started = time.perf_counter()
+    answers = np.zeros(tuple(inputs.shape), dtype=np.int64)
+    steps_out, logit_out = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
+    width = min(batch_size, n)
+    if width == 0:
+        return Solved(answers, steps_out, logit_out, 0.0, 0)
+    was_training = model.training
+    model.eval()
+    slot_inputs = torch.zeros((width, inputs.shape[1]), dtype=torch.long, device=device)
+    slot_ids = torch.zeros(width, dtype=torch.long, device=device)
+    y0, z0 = model.initial_y_z(width)
+    y, z = y0.contiguous().clone(), z0.contiguous().clone()
+    x = model.embed(slot_inputs, slot_ids)
+    live = torch.zeros(width, dtype=torch.bool, device=device)
+    taken = torch.zeros(width, dtype=torch.long, device=device)
+    answer = torch.zeros_like(slot_inputs)
+    at_steps = torch.zeros(width, dtype=torch.long, device=device)
+    at_logit = torch.zeros(width, dtype=torch.float32, device=device)
+    owner = np.full(width, -1)  # the puzzle each slot works on (-1: free)
+    step = model.graphs["eval_step"] if model._graphed(x) else model._eval_step
+    queued, model_steps = 0, 0
+    while True:
+        free = np.flatnonzero(owner < 0)[: n - queued]
+        if len(free):
+            rows = torch.arange(queued, queued + len(free))
+            slots = torch.from_numpy(free).to(device)
+            slot_inputs[slots] = inputs[rows].to(device, torch.long)
+            slot_ids[slots] = puzzle_identifiers[rows].to(device, torch.long)
+            x[slots] = model.embed(slot_inputs[slots], slot_ids[slots])
+            y[slots], z[slots] = y0[: len(free)], z0[: len(free)]
+            live[slots], taken[slots] = True, 0
+            owner[free] = rows.numpy()
+            queued += len(free)
+        if not (owner >= 0).any():
+            break
+        for _ in range(sync_every):
+            y, z, logits, q = step(x, y, z)
+            model_steps += 1
+            taken += live
+            logit = halting_logit(model, q).float()
+            halts = live & ((logit > threshold) | (taken >= max_steps))
+            answer = torch.where(halts[:, None], logits.argmax(-1), answer)
+            at_steps = torch.where(halts, taken, at_steps)
+            at_logit = torch.where(halts, logit, at_logit)
+            live = live & ~halts
+        done = np.flatnonzero((owner >= 0) & ~live.cpu().numpy())  # the host reads the batch here
+        if len(done):
+            index = owner[done]
+            answers[index] = answer[done].cpu().numpy()
+            steps_out[index] = at_steps[done].cpu().numpy()
+            logit_out[index] = at_logit[done].cpu().numpy()
+            owner[done] = -1
+    model.train(was_training)
+    return Solved(answers, steps_out, logit_out, time.perf_counter() - started, model_steps)
+
+
+def summary(solved: Solved, labels: np.ndarray, ignore_label: int = -100) -> dict:
+    """Exact and token accuracy, steps per puzzle (mean, median, p90, max, histogram), puzzles/s."""
+    mask = labels != ignore_label
+    correct = mask & (solved.answers == labels)
+    n = len(labels)
+    steps = solved.steps
+    return {
+        "count": n,
+        "exact_accuracy": float((correct.sum(-1) == mask.sum(-1)).mean()) if n else 0.0,
+        "accuracy": float(correct.sum() / max(mask.sum(), 1)),
+        "steps_mean": float(steps.mean()) if n else 0.0,
+        "steps_median": float(np.median(steps)) if n else 0.0,
+        "steps_p90": float(np.percentile(steps, 90)) if n else 0.0,
+        "steps_max": int(steps.max()) if n else 0,
+        "steps_histogram": {int(k): int(v) for k, v in zip(*np.unique(steps, return_counts=True), strict=True)},
+        "seconds": solved.seconds,
+        "puzzles_per_second": n / solved.seconds if solved.seconds else math.inf,
+        "batch_steps": solved.model_steps,
+    }
