@@ -154,18 +154,6 @@ def test_a_new_run_never_reuses_a_directory_that_holds_anything(trained, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_a_maze_without_start_or_goal_is_named(monkeypatch):
-    import typer
-
-    from trm import cli
-
-    messages = []
-    monkeypatch.setattr(cli, "_fail", lambda m: messages.append(m) or (_ for _ in ()).throw(typer.Exit(2)))
-    with pytest.raises(typer.Exit):
-        cli._parse_puzzle("maze", "######S  ##   ##   ######", 5)
-    assert "has 1 S and 0 G" in messages[0]
-
-
 def test_build_from_a_training_csv_alone_holds_out_a_test_split(tmp_path, rng):
     from trm.data import dataset, sudoku
 

@@ -132,6 +132,9 @@ def test_solve_and_eval_draw_mazes(tmp_path, rng, monkeypatch):
     assert "step 1:" in result.output and (tmp_path / "s.png").stat().st_size > 0
     result = runner.invoke(app, ["solve", str(tmp_path / "run"), "#" * 48])
     assert result.exit_code == 2 and "has 48 characters, expected 49" in result.output
+    no_goal = maze.to_text(q).replace("G", " ")
+    result = runner.invoke(app, ["solve", str(tmp_path / "run"), no_goal])
+    assert result.exit_code == 2 and "has 1 S and 0 G; a maze needs exactly one of each" in result.output
     result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--png", str(tmp_path / "e.png"), "--show", "2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "e.png").stat().st_size > 0

@@ -18,8 +18,9 @@ from rich.console import Console
 
 from . import checkpoint, render
 from . import doctor as doctor_module
+from .api import PuzzleError, Solver
 from .config import PRESETS, RunConfig, apply_overrides, preset, validate
-from .data import dataset, maze, sudoku
+from .data import dataset, sudoku
 from .evaluate import (
     evaluate,
     evaluate_adaptive,
@@ -467,65 +468,39 @@ def _draw_attempts(model, split: dataset.Split, count: int, steps: int, task: st
     console.print(f"wrote {render.save_png(png, rows, task)}")
 
 
-def _parse_puzzle(task: str, text: str, size: int) -> np.ndarray:
-    """A puzzle given on the command line, as codes; exits with a message if it is malformed."""
-    try:
-        if task == "maze":
-            grid = maze.parse(text, size, labels=False)
-            starts, goals = int((grid == maze.START).sum()), int((grid == maze.GOAL).sum())
-            if (starts, goals) != (1, 1):
-                raise ValueError(f"has {starts} S and {goals} G; a maze needs exactly one of each")
-            return grid
-        return sudoku.parse(text, size, blanks=True)
-    except ValueError as e:
-        _fail(f"puzzle {e} (this model solves {size}x{size} {task})")
-
-
-def _answer_ok(task: str, answer: np.ndarray, question: np.ndarray) -> bool:
-    if task == "sudoku":
-        return sudoku.is_solution(answer, question)
-    try:
-        maze.check_pair(question, answer)
-        return True
-    except ValueError:
-        return False
-
-
 @app.command()
 def solve(
     run: Annotated[Path, typer.Argument(help="run directory or checkpoint file")],
     puzzle: Annotated[str, typer.Argument(help="the grid row by row: Sudoku with '.' or '0' blanks; maze in '# SG'")],
-    steps: Annotated[int, typer.Option(help="supervision steps (default n_sup)")] = 0,
+    steps: Annotated[int, typer.Option(help="the most supervision steps (default n_sup; more = test-time depth)")] = 0,
+    halt: Annotated[bool, typer.Option(help="stop when the model halts (--no-halt: take every step)")] = True,
     ema: Annotated[bool, typer.Option(help="use the EMA weights")] = True,
     png: Annotated[Path | None, typer.Option(help="also draw the puzzle and every step's answer here")] = None,
 ) -> None:
     """Solve one puzzle (Sudoku or maze), printing the answer after every supervision step."""
     _at_least("--steps", steps, 0, " (0: the model's n_sup)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = _load(run, device, ema)
-    task = meta["config"]["data"]["task"]
-    if task not in ("sudoku", "maze"):
-        _fail(f"trm solve takes Sudoku and maze puzzles; this model was trained on {task} (use trm eval)")
-    size = int(round(model.cfg.seq_len**0.5))
-    grid = _parse_puzzle(task, puzzle.strip(), size)
-    if task == "sudoku":
-        solutions = len(sudoku.solve(grid, limit=2).solutions)
-        if solutions == 0:
-            _fail("this puzzle has no solution (its givens cannot all be kept)")
-        if solutions > 1:
-            _warn("this puzzle has more than one solution")
-    tokens = torch.from_numpy(grid.reshape(1, -1) + 1).to(device)
-    batch = {"inputs": tokens, "puzzle_identifiers": torch.zeros(1, dtype=torch.long, device=device)}
+    solver = Solver(*_load(run, device, ema))
+    if solver.task not in ("sudoku", "maze"):
+        _fail(f"trm solve takes Sudoku and maze puzzles; this model was trained on {solver.task} (use trm eval)")
+    try:
+        grid = solver.parse(puzzle)
+    except PuzzleError as e:
+        _fail(str(e))
+    if solver.task == "sudoku" and len(sudoku.solve(grid, limit=2).solutions) > 1:
+        _warn("this puzzle has more than one solution")
     previous, panels = None, [("puzzle", grid)]
-    for step, (logits, q_halt) in enumerate(model.solve(batch, steps or None), 1):
-        answer = (logits.argmax(-1)[0].cpu().numpy() - 1).clip(0).reshape(size, size)
-        status = "[green]valid[/]" if _answer_ok(task, answer, grid) else "[yellow]not yet valid[/]"
-        console.print(f"step {step}: P(halt) {torch.sigmoid(q_halt[0]).item():.3f}, {status}")
-        console.print(render.text(answer, task, grid if task == "sudoku" else None, previous))
-        previous = answer
-        panels.append((f"step {step}", answer, {"givens": grid} if task == "sudoku" else {}))
+    for s in solver.trace(grid, steps or None):
+        status = "[green]valid[/]" if s.valid else "[yellow]not yet valid[/]"
+        console.print(f"step {s.steps}: P(halt) {s.confidence:.3f}, {status}")
+        console.print(render.text(s.answer, solver.task, grid if solver.task == "sudoku" else None, previous))
+        previous = s.answer
+        panels.append((f"step {s.steps}", s.answer, {"givens": grid} if solver.task == "sudoku" else {}))
+        if halt and s.confidence > 0.5:
+            console.print(f"the model halted after step {s.steps} (--no-halt takes every step)")
+            break
     if png is not None:
-        console.print(f"wrote {render.save_png(png, [panels], task)}")
+        console.print(f"wrote {render.save_png(png, [panels], solver.task)}")
 
 
 @app.command()

@@ -232,12 +232,18 @@ class RecursiveReasoningModel(nn.Module):
         no early halting. Yields (logits, q_halt) after each step; the last is the answer.
         On a GPU the step is a CUDA graph: each yielded pair is overwritten by the next step.
         """
+        for logits, q in self.solve_steps(batch, steps):
+            yield logits, q[:, 0]
+
+    @torch.no_grad()
+    def solve_steps(self, batch: Batch, steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """As ``solve``, yielding both q logits [B, 2] (halt, continue) after each step."""
         x = self.embed(batch["inputs"], batch["puzzle_identifiers"])
         y, z = self.initial_y_z(x.shape[0])
         step = self.graphs["eval_step"] if self._graphed(x) else self._eval_step
         for _ in range(steps or self.cfg.n_sup):
             y, z, logits, q = step(x, y, z)
-            yield logits, q[:, 0]
+            yield logits, q
 
 
 class TRM(RecursiveReasoningModel):
