@@ -116,3 +116,19 @@ def test_eval_halt_compare_sweep_and_json_through_the_cli(tmp_path, sudoku4_data
                          (["--halt", "--sync-every", "0"], "--sync-every 0: must be >= 1")):  # fmt: skip
         out = runner.invoke(app, ["eval", str(tmp_path / "run"), *bad])
         assert out.exit_code == 2 and message in out.output, out.output
+
+
+def test_training_evaluates_adaptively_when_asked(sudoku4_data, tmp_path):
+    from trm.config import apply_overrides, preset
+    from trm.train import Trainer
+
+    base = ["model.hidden_size=32", "train.global_batch_size=32", "train.eval_batch_size=16"]
+    fixed = Trainer(apply_overrides(preset("sudoku4"), base), sudoku4_data, tmp_path / "a", torch.device("cpu"))
+    fixed.train_step()
+    halting = Trainer(apply_overrides(preset("sudoku4"), [*base, "train.eval_halt=true",
+                                                          "train.eval_halt_threshold=inf"]),
+                      sudoku4_data, tmp_path / "b", torch.device("cpu"))  # fmt: skip
+    halting.train_step()
+    want, got = fixed.evaluate(), halting.evaluate()
+    assert got["steps_mean"] == 4 and got["count"] == want["count"] == 64
+    assert (got["exact_accuracy"], got["accuracy"]) == pytest.approx((want["exact_accuracy"], want["accuracy"]))

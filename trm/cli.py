@@ -44,7 +44,7 @@ DEFAULT_PRESET = "sudoku4"
 # train.* fields that change what a run does next, not what it computes: a resume may change them freely
 BOOKKEEPING = {"train.steps", "train.eval_interval", "train.eval_steps", "train.eval_batch_size",
                "train.checkpoint_interval", "train.checkpoint_minutes", "train.log_interval",
-               "model.cuda_graphs"}  # fmt: skip
+               "train.eval_halt", "train.eval_halt_threshold", "model.cuda_graphs"}  # fmt: skip
 
 
 def _fail(message: str) -> NoReturn:

@@ -46,6 +46,8 @@ class TrainConfig:
     eval_interval: int = 10_000
     eval_steps: int = 0  # supervision steps at evaluation; 0 = n_sup
     eval_batch_size: int = 768
+    eval_halt: bool = False  # evaluate adaptively: each puzzle stops when it halts (trm.adaptive)
+    eval_halt_threshold: float = 0.0  # with eval_halt: the halting logit above which a puzzle stops
     checkpoint_interval: int = 10_000
     checkpoint_minutes: float = 5.0  # also checkpoint when this much wall time has passed since the last; 0: never
     log_interval: int = 10
@@ -234,6 +236,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("beta1", "beta2", "ema_rate"):
         need(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "must be in [0, 1)")
     choice("train.loss", t.loss, ("stablemax", "softmax"))
+    need(t.eval_halt_threshold == t.eval_halt_threshold, "train.eval_halt_threshold", t.eval_halt_threshold,
+         "must be a number (inf: fixed steps)")  # fmt: skip
 
     choice("data.task", d.task, TASKS)
     if d.task == "sudoku" and not d.csv:

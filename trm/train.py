@@ -7,6 +7,7 @@ gloo on CPU). A run directory holds ``config.json``, ``metrics.jsonl``,
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -27,7 +28,7 @@ from .arch import build_model
 from .config import RunConfig
 from .data.dataset import BatchIterator, configure_model, load_split
 from .distributed import all_gather_cat
-from .evaluate import evaluate, to_device
+from .evaluate import evaluate, evaluate_adaptive, to_device
 from .losses import act_loss
 from .model import Carry
 from .optim import EMA, AdamATan2, SparseSignSGD, warmup_lr
@@ -126,12 +127,15 @@ class Trainer:
             self.ema.update(self.model)
 
     def evaluate(self, steps: int | None = None) -> dict[str, float]:
-        """Test-split accuracy with the EMA weights."""
-        steps = steps or self.cfg.train.eval_steps or None
-        if self.ema is None:
-            return evaluate(self.model, self.test_split, self.cfg.train.eval_batch_size, steps)
-        with self.ema.applied(self.model):
-            return evaluate(self.model, self.test_split, self.cfg.train.eval_batch_size, steps)
+        """Test-split accuracy with the EMA weights (adaptive when train.eval_halt is set)."""
+        t = self.cfg.train
+        steps = steps or t.eval_steps or None
+        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+            if t.eval_halt:
+                result = evaluate_adaptive(self.model, self.test_split, t.eval_batch_size, steps,
+                                           t.eval_halt_threshold)  # fmt: skip
+                return {k: v for k, v in result.items() if k != "steps_histogram"}
+            return evaluate(self.model, self.test_split, t.eval_batch_size, steps)
 
     # checkpoints -----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
