@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import checkpoint, render
 from . import doctor as doctor_module
@@ -48,12 +49,12 @@ BOOKKEEPING = {"train.steps", "train.eval_interval", "train.eval_steps", "train.
 
 
 def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    errors.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(2)
 
 
 def _warn(message: str) -> None:
-    errors.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+    errors.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False)
 
 
 def _config(preset_name: str | None, overrides: list[str] | None) -> RunConfig:
