@@ -215,3 +215,15 @@ def test_import_reference_then_eval(trained, tmp_path):
     code, out = run("eval", tmp_path / "imported")
     assert code == 0 and "exact accuracy" in out
     assert checkpoint.load(tmp_path / "imported" / "checkpoint.safetensors")[1]["step"] == 0
+
+
+def test_changed_data_settings_get_their_own_default_dataset():
+    from trm import cli
+    from trm.config import apply_overrides, preset
+
+    assert cli._default_data(preset("sudoku4"), "sudoku4").as_posix() == "data/sudoku4"
+    six = cli._default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix()
+    assert re.fullmatch(r"data/sudoku4-[0-9a-f]{8}", six)
+    assert cli._default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix() == six
+    trained_only = apply_overrides(preset("sudoku4"), ["train.lr=1e-2", "model.hidden_size=32"])
+    assert cli._default_data(trained_only, "sudoku4").as_posix() == "data/sudoku4"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import hashlib
 import json
 import os
 import subprocess
@@ -136,6 +138,15 @@ def _check_data(cfg: RunConfig, data: Path, implicit: bool) -> None:
         _fail(f"{data} was built with other settings ({'; '.join(diff)}); pass another --data or --preset")
 
 
+def _default_data(cfg: RunConfig, preset_name: str) -> Path:
+    """data/<preset>, or data/<preset>-<digest of the data settings> when --set changed them
+    (so that `--set data.size=6` builds its own dataset instead of clashing with the preset's)."""
+    if cfg.data == preset(preset_name).data:
+        return Path("data") / preset_name
+    digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg.data), sort_keys=True).encode()).hexdigest()[:8]
+    return Path("data") / f"{preset_name}-{digest}"
+
+
 def _new_run_dir(preset_name: str) -> Path:
     """runs/<preset>-<date>-<time>, unique, and runs/<preset>-latest pointing at it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -215,7 +226,7 @@ def train(
             what = "a run; pass --resume to continue it" if (out / CHECKPOINT).exists() else "files"
             _fail(f"--out {out} already holds {what}; a new run needs a new or empty directory")
         implicit = data is None
-        data = data or Path("data") / preset_name
+        data = data or _default_data(cfg, preset_name)
         _check_data_everywhere(cfg, data, implicit)
     rank, world, device = init_distributed()
     if world > 1:  # rank 0 has checked (or built) the data
