@@ -8,8 +8,9 @@ HRM: the training rule at 0) or it has taken ``max_steps`` steps, which may exce
 index and ``where`` on the device; the host reads which slots halted every ``sync_every``
 steps (a slot that halts between two reads keeps its answer and idles until the next). The
 step is the model's evaluation step, replayed as a CUDA graph on a GPU (refills happen
-around it). With ``threshold=inf`` every puzzle runs exactly ``max_steps`` steps: fixed-step
-evaluation.
+around it). Once every puzzle has been queued and at most half the slots still work, an
+eager run continues with those slots only. With ``threshold=inf`` every puzzle runs
+exactly ``max_steps`` steps: fixed-step evaluation.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def solve(
     at_steps = torch.zeros(width, dtype=torch.long, device=device)
     at_logit = torch.zeros(width, dtype=torch.float32, device=device)
     owner = np.full(width, -1)  # the puzzle each slot works on (-1: free)
-    step = model.graphs["eval_step"] if model._graphed(x) else model._eval_step
+    graphed = model._graphed(x)
+    step = model.graphs["eval_step"] if graphed else model._eval_step
     queued, model_steps = 0, 0
     while True:
         free = np.flatnonzero(owner < 0)[: n - queued]
@@ -108,6 +110,13 @@ def solve(
             steps_out[index] = at_steps[done].cpu().numpy()
             logit_out[index] = at_logit[done].cpu().numpy()
             owner[done] = -1
+        busy = np.flatnonzero(owner >= 0)
+        if queued == n and 0 < len(busy) <= len(owner) // 2 and not graphed:
+            # nothing left to queue: run only the slots still working (eagerly; a CUDA graph keeps its shape)
+            keep = torch.from_numpy(busy).to(device)
+            x, y, z, live, taken = x[keep], y[keep], z[keep], live[keep], taken[keep]
+            answer, at_steps, at_logit = answer[keep], at_steps[keep], at_logit[keep]
+            owner = owner[busy]
     model.train(was_training)
     return Solved(answers, steps_out, logit_out, time.perf_counter() - started, model_steps)
 
