@@ -101,6 +101,16 @@ def test_built_maze_dataset_with_dihedral_augmentation(tmp_path):
         maze.check_pair(q.reshape(9, 9).astype(np.int64) - 1, a.reshape(9, 9).astype(np.int64) - 1)
 
 
+def test_no_test_maze_is_an_image_of_a_training_maze(tmp_path):
+    """7x7 mazes are few: without a check on all 8 images, 9 of maze7's 64 test mazes were
+    rotations or reflections of training mazes, which data.dihedral puts in the training split."""
+    cfg = DataConfig(task="maze", size=7, num_train=512, num_test=256, min_path_length=4, dihedral=True)
+    out = dataset.build(cfg, tmp_path / "maze")
+    seen = {row.tobytes() for row in dataset.load_split(out, "train").inputs}
+    test = dataset.load_split(out, "test").inputs
+    assert len(test) == 256 and not any(row.tobytes() in seen for row in test)
+
+
 def test_maze_trains_and_evaluates_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the preset builds its data in data/maze7
     from typer.testing import CliRunner

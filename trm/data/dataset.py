@@ -164,15 +164,22 @@ def _subsample(q: np.ndarray, a: np.ndarray, count: int, rng: np.random.Generato
     return q[keep], a[keep]
 
 
+def _canonical(grid: np.ndarray) -> bytes:
+    """One key for a grid and its 7 other dihedral images: a test maze is never an image of a
+    training maze (with data.dihedral those images are in the training split)."""
+    return min(dihedral(grid, k).tobytes() for k in range(8))
+
+
 def _generate_disjoint(task: GridTask, cfg: DataConfig, rng: np.random.Generator, progress=None):
     seen: set[bytes] = set()
     grids: list[tuple[np.ndarray, np.ndarray]] = []
     total = cfg.num_train + cfg.num_test
     while len(grids) < total:
         q, a = task.generate(cfg, rng)
-        if q.tobytes() in seen:
+        key = _canonical(q) if cfg.task == "maze" else q.tobytes()
+        if key in seen:
             continue
-        seen.add(q.tobytes())
+        seen.add(key)
         grids.append((q, a))
         if progress is not None:
             progress(len(grids), total)
