@@ -155,3 +155,48 @@ def test_arc_trains_evaluates_and_writes_a_submission(tmp_path, monkeypatch):
     assert sum(len(v) for v in sub.values()) == len(targets)
     assert all(set(a) == {"attempt_1", "attempt_2"} for v in sub.values() for a in v)
     assert (tmp_path / "arc.png").stat().st_size > 0
+
+
+def test_adaptive_arc_votes_with_each_inputs_halting_step(tmp_path, rng):
+    """Each augmented test input halts on its own; its vote is its answer and halting logit at that
+    step, as if it had been solved alone."""
+    import torch
+
+    from trm.arch import build_model
+    from trm.config import ModelConfig
+    from trm.evaluate import evaluate_arc
+
+    write_tasks(tmp_path / "tasks", rng)
+    cfg = DataConfig(task="arc1", arc_dir=str(tmp_path / "tasks"), augmentations=5, seed=0, num_train=0, num_test=0)
+    out = dataset.build(cfg, tmp_path / "data")
+    meta = dataset.read_metadata(out)
+    model_cfg = ModelConfig(vocab_size=12, seq_len=900, num_puzzle_identifiers=meta["num_puzzle_identifiers"],
+                            hidden_size=32, num_heads=2, num_layers=1, puzzle_emb_len=1, T=1, n=1, n_sup=2,
+                            mlp_t=True, forward_dtype="float64")  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(model_cfg).double().eval()
+    with torch.no_grad():
+        model.q_head.weight.normal_(0, 3.0)
+        model.q_head.bias.zero_()
+    result, votes = evaluate_arc(model, out, batch_size=2, steps=5, halt=True)
+
+    split = dataset.load_split(out, "test")
+    want = arc.Votes(json.loads((out / "identifiers.json").read_text()),
+                     json.loads((out / "test_targets.json").read_text()))  # fmt: skip
+    halting_steps = []
+    for i in range(len(split)):
+        batch = {k: torch.from_numpy(v) for k, v in split.batch(np.array([i])).items()}
+        for step, (logits, q) in enumerate(model.solve_steps(batch, 5), 1):
+            if q[0, 0] > 0 or step == 5:
+                want.add(logits.argmax(-1)[0].numpy(), int(split.puzzle_identifiers[i]), int(split.groups[i]),
+                         float(q[0, 0]))  # fmt: skip
+                halting_steps.append(step)
+                break
+    assert len(set(halting_steps)) > 1, "inputs should halt at different steps"
+    assert result["steps_mean"] == pytest.approx(np.mean(halting_steps))
+    for group in range(len(want.targets)):
+        assert [g.tolist() for g in votes.ranked(group)] == [g.tolist() for g in want.ranked(group)]
+        assert {k: (v[0], pytest.approx(v[1])) for k, v in votes.ballots[group].items()} == {
+            k: (v[0], v[1]) for k, v in want.ballots[group].items()
+        }
+    assert (result["pass@1"], result["pass@2"]) == (want.pass_at(1), want.pass_at(2))

@@ -376,9 +376,9 @@ def evaluate_cmd(
         _fail(f"{data} has no test puzzles; pass --data with a dataset that has a test split")
     task = meta["config"]["data"]["task"]
     if task.startswith("arc"):
-        if halt:
-            _fail("--halt is not available for ARC yet (its voting needs each augmented input's halting step)")
-        _evaluate_arc(model, data, batch_size, depths[0], run, png, show)
+        if len(depths) > 1 or compare or plot is not None:
+            _fail("for ARC, --halt takes one --steps and no --compare or --plot")
+        _evaluate_arc(model, data, batch_size, depths[0], run, png, show, halt, threshold)
         return
     if halt:
         _evaluate_halting(model, split, depths, batch_size, threshold, sync_every, compare, plot, json_out)
@@ -445,9 +445,12 @@ def _evaluate_halting(model, split, depths, batch_size, threshold, sync_every, c
                                "results": rows})  # fmt: skip
 
 
-def _evaluate_arc(model, data: Path, batch_size: int, steps: int, run: Path, png: Path | None, show: int) -> None:
+def _evaluate_arc(model, data: Path, batch_size: int, steps: int, run: Path, png: Path | None, show: int,
+                  halt: bool = False, threshold: float = 0.0) -> None:  # fmt: skip
     """Voting over augmentations, pass@1/2, submission.json next to the checkpoint; --png draws tasks."""
-    result, votes = evaluate_arc(model, data, batch_size, steps or None)
+    result, votes = evaluate_arc(model, data, batch_size, steps or None, halt, threshold)
+    if halt:
+        console.print(f"each input halted on its own: {result['steps_mean']:.2f} steps on average")
     target = (run if run.is_dir() else run.parent) / "submission.json"
     target.write_text(json.dumps(votes.submission()))
     console.print(f"ARC pass@1 {result['pass@1']:.4f}, pass@2 {result['pass@2']:.4f} on {result['count']} test "

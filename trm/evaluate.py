@@ -113,18 +113,40 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg, data_dir, target
 
 
 @torch.no_grad()
-def evaluate_arc(model: RecursiveReasoningModel, data_dir, batch_size: int, steps: int | None = None):
-    """ARC evaluation with de-augmentation and voting: (pass@1, pass@2, and the Votes)."""
+def evaluate_arc(
+    model: RecursiveReasoningModel,
+    data_dir,
+    batch_size: int,
+    steps: int | None = None,
+    halt: bool = False,
+    threshold: float = 0.0,
+):
+    """ARC evaluation with de-augmentation and voting: (pass@1, pass@2, and the Votes).
+
+    With `halt`, each augmented input stops on its own (trm.adaptive) and votes with its
+    answer and halting logit at the step it halted; otherwise every input runs `steps`."""
     split = load_split(data_dir, "test")
     identifiers = json.loads((Path(data_dir) / "identifiers.json").read_text())
     votes = arc.Votes(identifiers, json.loads((Path(data_dir) / "test_targets.json").read_text()))
-    device = model.y_init.device
     model.eval()
-    for start in range(0, len(split), batch_size):
-        index = np.arange(start, min(start + batch_size, len(split)))
-        batch = to_device(split.batch(index), device)
-        logits, q_halt = deque(model.solve(batch, steps), maxlen=1).pop()
-        tokens, q = logits.argmax(-1).cpu().numpy(), q_halt.float().cpu().numpy()
-        for row, i in enumerate(index):
-            votes.add(tokens[row], int(split.puzzle_identifiers[i]), int(split.groups[i]), float(q[row]))
-    return {"pass@1": votes.pass_at(1), "pass@2": votes.pass_at(2), "count": len(votes.targets)}, votes
+    if halt:
+        rows = split.batch(np.arange(len(split)))
+        solved = adaptive.solve(model, torch.from_numpy(rows["inputs"]), torch.from_numpy(rows["puzzle_identifiers"]),
+                                batch_size, steps, threshold)  # fmt: skip
+        for i in range(len(split)):
+            votes.add(solved.answers[i], int(split.puzzle_identifiers[i]), int(split.groups[i]),
+                      float(solved.halt_logit[i]))  # fmt: skip
+        steps_taken = solved.steps
+    else:
+        device = model.y_init.device
+        for start in range(0, len(split), batch_size):
+            index = np.arange(start, min(start + batch_size, len(split)))
+            batch = to_device(split.batch(index), device)
+            logits, q_halt = deque(model.solve(batch, steps), maxlen=1).pop()
+            tokens, q = logits.argmax(-1).cpu().numpy(), q_halt.float().cpu().numpy()
+            for row, i in enumerate(index):
+                votes.add(tokens[row], int(split.puzzle_identifiers[i]), int(split.groups[i]), float(q[row]))
+        steps_taken = np.full(len(split), steps or model.cfg.n_sup)
+    result = {"pass@1": votes.pass_at(1), "pass@2": votes.pass_at(2), "count": len(votes.targets),
+              "steps_mean": float(steps_taken.mean()) if len(split) else 0.0}  # fmt: skip
+    return result, votes
