@@ -137,6 +137,8 @@ def save_halting_png(path: str | Path, rows: list[dict]) -> Path:
         axes[0][1].set(xlabel="max supervision steps", ylabel="exact accuracy", title="accuracy vs depth", xscale="log")
         axes[0][2].set(xlabel="max supervision steps", ylabel="puzzles/s", title="throughput vs depth", xscale="log")
         for a in axes[0][1:]:
+            a.set_xticks(depths, [str(d) for d in depths])
+            a.minorticks_off()
             a.grid(alpha=0.3)
             a.legend()
     fig.tight_layout()
