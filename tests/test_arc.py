@@ -133,7 +133,7 @@ ARC_ON_A_CPU = [f"--set={kv}" for kv in ("model.hidden_size=64", "model.num_head
 
 
 def test_arc_trains_evaluates_and_writes_a_submission(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the preset builds its data in data/arc1
+    monkeypatch.chdir(tmp_path)  # the preset builds its data under data/
     from typer.testing import CliRunner
 
     from trm.cli import app
@@ -151,7 +151,8 @@ def test_arc_trains_evaluates_and_writes_a_submission(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "ARC pass@1" in result.output
     sub = json.loads((tmp_path / "run" / "submission.json").read_text())
-    targets = json.loads((tmp_path / "data" / "arc1" / "test_targets.json").read_text())
+    (data,) = (tmp_path / "data").glob("arc1-*")  # the overridden data settings' own default directory
+    targets = json.loads((data / "test_targets.json").read_text())
     assert sum(len(v) for v in sub.values()) == len(targets)
     assert all(set(a) == {"attempt_1", "attempt_2"} for v in sub.values() for a in v)
     assert (tmp_path / "arc.png").stat().st_size > 0
