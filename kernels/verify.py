@@ -135,25 +135,25 @@ def _rows(args: tuple, op: str, n: int) -> list:
     return [a[:n] if i in batched and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
 
 
-def _leaves(args, dtype: torch.dtype | None = None) -> list:
-    out = []
-    for a in args:
+def run_op(fn: Callable, args, grad_of: list[bool] | None = None, dtype: torch.dtype | None = None, seed: int = 0):
+    """fn's output (detached) on fresh copies of `args` (floating ones cast to `dtype` if given),
+    and the gradients of sum(out * g), g a fixed random tensor, for the args `grad_of` marks
+    (default: every floating tensor). The oracle of the checks here, of `trm doctor` and of the tests."""
+    if grad_of is None:
+        grad_of = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in args]
+    leaves = []
+    for a, want in zip(args, grad_of, strict=True):
         if isinstance(a, torch.Tensor):
-            t = a.detach().clone()
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            out.append(t.requires_grad_(a.requires_grad and t.is_floating_point()))
-        else:
-            out.append(a)
-    return out
-
-
-def _backward(fn: Callable, args: list, seed: int = 0) -> list[torch.Tensor | None]:
-    with torch.enable_grad():
-        out = fn(*args)
-        g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(seed), device=out.device)
-        (out * g.to(out.dtype)).sum().backward()
-    return [a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args]
+            a = a.detach().clone()
+            a = a.to(dtype) if dtype is not None and a.is_floating_point() else a
+            a.requires_grad_(want)
+        leaves.append(a)
+    with torch.enable_grad() if any(grad_of) else torch.no_grad():
+        out = fn(*leaves)
+        if any(grad_of):
+            g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(seed), device=out.device)
+            (out * g.to(out.dtype)).sum().backward()
+    return out.detach(), [a.grad for a, want in zip(leaves, grad_of, strict=True) if want]
 
 
 def _check(op: str, fused: Callable, reference: Callable, args: tuple) -> tuple[torch.Tensor, str | None]:
@@ -162,21 +162,17 @@ def _check(op: str, fused: Callable, reference: Callable, args: tuple) -> tuple[
     first = next(a for a in args if isinstance(a, torch.Tensor))
     n = min(ROWS, first.shape[0]) if first.dim() else 1
     rows = _rows(args, op, n)
-    with torch.no_grad():
-        ref = reference(*_leaves(rows))
-        oracle = reference(*_leaves(rows, torch.float64))
+    ref, _ = run_op(reference, rows, [False] * len(rows))
+    oracle, _ = run_op(reference, rows, [False] * len(rows), torch.float64)
     problem = tolerance_problem(out.detach()[:n], ref, oracle, "forward")
-    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if problem is None and needs_grad:
-        grads = zip(_backward(fused, _leaves(rows)), _backward(reference, _leaves(rows)),
-                    _backward(reference, _leaves(rows, torch.float64)), strict=True)  # fmt: skip
+    grad_of = [torch.is_grad_enabled() and isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+    if problem is None and any(grad_of):
+        grads = zip(run_op(fused, rows, grad_of)[1], run_op(reference, rows, grad_of)[1],
+                    run_op(reference, rows, grad_of, torch.float64)[1], strict=True)  # fmt: skip
         for i, (f, r, o) in enumerate(grads):
-            if o is not None and problem is None:
-                problem = (
-                    tolerance_problem(f, r, o, f"backward (gradient of argument {i})")
-                    if f is not None
-                    else (f"backward: no gradient for argument {i}")
-                )
+            if problem is None:
+                what = f"backward (gradient {i})"
+                problem = tolerance_problem(f, r, o, what) if f is not None else f"{what}: none computed"
     return out, problem
 
 

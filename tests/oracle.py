@@ -11,22 +11,12 @@ element got unlucky in a reduction order, the norm what the op computes.
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from trm_kernels.verify import tolerance_problem
+from trm_kernels.verify import run_op, tolerance_problem
 
 
 def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
     problem = tolerance_problem(fused, ref, oracle, what)
     assert problem is None, problem
-
-
-def run_op(fn, inputs, grad_seed=0):
-    """Output and input gradients of sum(out * g) for a fixed random g."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    out = fn(*leaves)
-    g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(grad_seed), device=out.device)
-    g = g.to(out.dtype)
-    (out * g).sum().backward()
-    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
 
 
 def compare(op_triton, op_ref, inputs, what):

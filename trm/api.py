@@ -121,7 +121,7 @@ class Solver:
         out = []
         for grid, answer, steps, logit in zip(grids, solved.answers, solved.steps, solved.halt_logit, strict=True):
             decoded = self.decode(answer)
-            out.append(Solution(grid, decoded, int(steps), float(1 / (1 + np.exp(-logit))), self.valid(decoded, grid)))
+            out.append(Solution(grid, decoded, int(steps), _sigmoid(logit), self.valid(decoded, grid)))
         return out
 
     def trace(self, puzzle, max_steps: int | None = None) -> Iterator[Solution]:
@@ -132,7 +132,11 @@ class Solver:
         for step, (logits, q) in enumerate(self.model.solve_steps(batch, max_steps), 1):
             answer = self.decode(logits.argmax(-1)[0].cpu().numpy())
             logit = adaptive.halting_logit(self.model, q.float())[0].item()
-            yield Solution(grid, answer, step, 1 / (1 + np.exp(-logit)), self.valid(answer, grid))
+            yield Solution(grid, answer, step, _sigmoid(logit), self.valid(answer, grid))
+
+
+def _sigmoid(logit: float) -> float:
+    return float(1 / (1 + np.exp(-logit)))
 
 
 def load(path: str | Path, device: str | torch.device | None = None, ema: bool = True) -> Solver:

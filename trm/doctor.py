@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import trm_kernels as K
 from trm_kernels import backend, verify
-from trm_kernels.verify import relative_error, tolerance_problem
+from trm_kernels.verify import relative_error, run_op, tolerance_problem
 
 from .arch import build_model
 from .config import ModelConfig, preset
@@ -156,20 +156,14 @@ def _dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32, torch.float16]  # the interpreter's types; bf16 needs a GPU
 
 
-def _run(op: str, backend_name: str, args: tuple, grad: bool):
-    fn, batched = getattr(K, op), verify.BATCHED[op]  # gradients of the activations, not of tables like cos/sin
-    leaves = [a.detach().clone().requires_grad_(grad and i in batched and a.is_floating_point())
-              if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]  # fmt: skip
-    with torch.enable_grad() if grad else torch.no_grad():
-        out = fn(*leaves, backend=backend_name)
-        grads = []
-        if grad:
-            g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(0), device=out.device)
-            (out * g.to(out.dtype)).sum().backward()
-            grads = [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
-            if any(g is None for g in grads):
-                raise RuntimeError("backward left an input without a gradient")
-    return out.detach(), grads
+def _run(op: str, backend_name: str, args: tuple):
+    """Output and the activations' gradients (not those of tables like cos/sin) of one op call."""
+    grad_of = [i in verify.BATCHED[op] and isinstance(a, torch.Tensor) and a.is_floating_point()
+               for i, a in enumerate(args)]  # fmt: skip
+    out, grads = run_op(lambda *a: getattr(K, op)(*a, backend=backend_name), args, grad_of)
+    if any(g is None for g in grads):
+        raise RuntimeError("backward left an input without a gradient")
+    return out, grads
 
 
 def _first_line(e: Exception) -> str:
@@ -198,14 +192,14 @@ def parity(device: torch.device, quick: bool, progress: Callable[[str], None]) -
             torch.manual_seed(0)
             args = make(dtype)
             wide = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-            ref_out, ref_grads = _run(op, "reference", args, True)
-            ora_out, ora_grads = _run(op, "reference", wide, True)
+            ref_out, ref_grads = _run(op, "reference", args)
+            ora_out, ora_grads = _run(op, "reference", wide)
             for name in [b for b in K.available(op) if b != "reference"] + ["reference"]:
                 progress(f"{op} {label} {str(dtype)[6:]} {name}")
                 if name == "cuda" and device.type != "cuda":
                     continue
                 try:
-                    problem, numbers = _compare(_run(op, name, args, True), (ref_out, ref_grads), (ora_out, ora_grads))
+                    problem, numbers = _compare(_run(op, name, args), (ref_out, ref_grads), (ora_out, ora_grads))
                 except Exception as e:  # a kernel that cannot run here is a failed check, not a crash
                     problem, numbers = f"raised {type(e).__name__}: {_first_line(e)}", {}
                 detail = (

@@ -8,6 +8,7 @@ gloo on CPU). A run directory holds ``config.json``, ``metrics.jsonl``,
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import json
 import os
@@ -90,6 +91,7 @@ class Trainer:
         self.batches = BatchIterator(self.train_split, t.global_batch_size, t.seed, rank, world_size)
         self.step = 0
         self.carry: Carry | None = None
+        self.stopped_by: str | None = None  # the signal that stopped the last fit(), if one did
         torch.manual_seed(t.seed + 1 + rank)  # the halting-exploration stream, one per process
         if rank == 0:  # created only once everything above has been checked
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,22 +284,15 @@ def _say(message: str) -> None:
         pass
 
 
+def _stats(m: dict[str, float]) -> str:
+    return f"loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  steps {m['steps']:.1f}"
+
+
 def _progress_line(step: int, total: int, elapsed: float, done: int, m: dict[str, float]) -> str:
     """One plain progress line; `done` steps took `elapsed` seconds in this process."""
     left = elapsed / max(done, 1) * (total - step)
-    return (
-        f"step {step}/{total}  loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  "
-        f"steps {m['steps']:.1f}  elapsed {_duration(elapsed)}  left ~{_duration(left)}"
-    )
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else (f"{seconds // 60}:{seconds % 60:02d}")
-    )
+    duration = lambda s: str(datetime.timedelta(seconds=int(s)))  # noqa: E731
+    return f"step {step}/{total}  {_stats(m)}  elapsed {duration(elapsed)}  left ~{duration(left)}"
 
 
 def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = None) -> dict[str, float]:
@@ -325,7 +320,6 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
     pending: dict[str, torch.Tensor] | None = None
     since_log, first_step = 0, trainer.step
     started = last_save = time.monotonic()
-    trainer.stopped_by = None
     with Progress(*columns, console=console, disable=not live) as bar, StopSignals() as stop:
         task = bar.add_task("train", total=t.steps, completed=trainer.step, stats="")
         while trainer.step < t.steps:
@@ -341,9 +335,7 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
                 m["lr"] = trainer.optimizer.param_groups[0]["lr"]
                 log.write({"split": "train", "step": step, **m})
                 if live:
-                    bar.update(task, completed=step, stats=(
-                        f"loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  "
-                        f"steps {m['steps']:.1f}"))  # fmt: skip
+                    bar.update(task, completed=step, stats=_stats(m))
                 elif show_progress and main:
                     console.print(_progress_line(step, t.steps, time.monotonic() - started, step - first_step, m))
                 pending, since_log = None, 0
@@ -360,17 +352,20 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
                 stop.received is not None,
                 t.checkpoint_minutes > 0 and (time.monotonic() - last_save >= 60 * t.checkpoint_minutes),
             )
-            if distributed.active():
+            if distributed.active() and not logged:
+                stopping = overdue = False
+            elif distributed.active():
                 flags = torch.tensor([stopping, overdue], dtype=torch.int32, device=trainer.device)
-                if logged:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stopping, overdue = (bool(v) for v in flags.tolist()) if logged else (False, False)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stopping, overdue = (bool(v) for v in flags.tolist())
             if step % t.checkpoint_interval == 0 or final or stopping or overdue:
                 trainer.save()
                 last_save = time.monotonic()
             if stopping:
                 trainer.stopped_by = stop.received or "a signal on another process"
                 break
+        else:
+            trainer.stopped_by = None
     if main and log.path.exists():
         plot_metrics(log.path, trainer.out_dir / "metrics.png")
     return last_eval
