@@ -58,7 +58,7 @@ class Record:
     detail: str  # the measured error against the bound, or the exception
 
 
-verified: dict[tuple, Record] = {}  # signature -> its check, passed or not (what `trm doctor` reports)
+verified: dict[tuple, Record] = {}  # signature -> its check, passed or not
 
 
 def get_verify() -> str:
@@ -125,9 +125,11 @@ def _describe(value) -> str:
 
 
 def signature(op: str, backend: str, args: tuple) -> tuple:
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    device = str(tensors[0].device) if tensors else "?"
-    return (op, backend, device, tuple(_describe(a) for a in args))
+    """What selects a kernel and its config: computed on every guarded call, so no strings."""
+    grad = torch.is_grad_enabled()
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    shapes = tuple((a.dtype, a.shape, grad and a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+    return (op, backend, device, shapes)
 
 
 def _rows(args: tuple, op: str, n: int) -> list:
@@ -191,7 +193,7 @@ def guarded(op: str, backend: str, fused: Callable, reference: Callable, args: t
         out, problem = _check(op, fused, reference, args)
     except Exception as e:  # any failure of a fused kernel: compile, resources, launch, wrong shapes
         out, problem = None, f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    described = ", ".join(key[3])
+    described = ", ".join(_describe(a) for a in args)
     verified[key] = Record(op, backend, described, problem is None, problem or "within tolerance")
     if problem is None:
         return out

@@ -65,14 +65,12 @@ def solve(
         return Solved(answers, steps_out, logit_out, 0.0, 0)
     was_training = model.training
     model.eval()
-    slot_inputs = torch.zeros((width, inputs.shape[1]), dtype=torch.long, device=device)
-    slot_ids = torch.zeros(width, dtype=torch.long, device=device)
     y0, z0 = model.initial_y_z(width)
     y, z = y0.contiguous().clone(), z0.contiguous().clone()
-    x = model.embed(slot_inputs, slot_ids)
+    answer = torch.zeros((width, inputs.shape[1]), dtype=torch.long, device=device)
+    x = model.embed(answer, answer[:, 0])  # each slot's embedded puzzle, filled by the refills
     live = torch.zeros(width, dtype=torch.bool, device=device)
     taken = torch.zeros(width, dtype=torch.long, device=device)
-    answer = torch.zeros_like(slot_inputs)
     at_steps = torch.zeros(width, dtype=torch.long, device=device)
     at_logit = torch.zeros(width, dtype=torch.float32, device=device)
     owner = np.full(width, -1)  # the puzzle each slot works on (-1: free)
@@ -84,9 +82,7 @@ def solve(
         if len(free):
             rows = torch.arange(queued, queued + len(free))
             slots = torch.from_numpy(free).to(device)
-            slot_inputs[slots] = inputs[rows].to(device, torch.long)
-            slot_ids[slots] = puzzle_identifiers[rows].to(device, torch.long)
-            x[slots] = model.embed(slot_inputs[slots], slot_ids[slots])
+            x[slots] = model.embed(inputs[rows].to(device, torch.long), puzzle_identifiers[rows].to(device, torch.long))
             y[slots], z[slots] = y0[: len(free)], z0[: len(free)]
             live[slots], taken[slots] = True, 0
             owner[free] = rows.numpy()

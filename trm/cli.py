@@ -21,14 +21,13 @@ from rich.markup import escape
 
 from . import checkpoint, render
 from . import doctor as doctor_module
-from .api import PuzzleError, Solver
+from .api import PuzzleError, Solver, load
 from .config import PRESETS, RunConfig, apply_overrides, preset, validate
 from .data import dataset, sudoku
 from .evaluate import (
     evaluate,
     evaluate_adaptive,
     evaluate_arc,
-    model_from_checkpoint,
     to_device,
     write_model_checkpoint,
 )
@@ -316,10 +315,10 @@ def _run_data(meta: dict, data: Path | None) -> Path:
     return recorded
 
 
-def _load(run: Path, device: torch.device, ema: bool):
-    path = run / "checkpoint.safetensors" if run.is_dir() else run
+def _load(run: Path, ema: bool) -> Solver:
+    """The run's model (on the GPU where there is one), as trm.load gives it."""
     try:
-        return model_from_checkpoint(path, device, ema)
+        return load(run, ema=ema)
     except checkpoint.CheckpointError as e:
         _fail(str(e))
 
@@ -365,8 +364,8 @@ def evaluate_cmd(
         _fail("--compare, --plot, --threshold and --sync-every go with --halt")
     if threshold != threshold:  # NaN
         _fail("--threshold nan: must be a number (inf for fixed steps)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta = _load(run, device, ema)
+    solver = _load(run, ema)
+    model, meta = solver.model, solver.meta
     data = _run_data(meta, data)
     try:
         split = dataset.load_split(data, "test")
@@ -494,8 +493,7 @@ def solve(
 ) -> None:
     """Solve one puzzle (Sudoku or maze), printing the answer after every supervision step."""
     _at_least("--steps", steps, 0, " (0: the model's n_sup)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    solver = Solver(*_load(run, device, ema))
+    solver = _load(run, ema)
     if solver.task not in ("sudoku", "maze"):
         _fail(f"trm solve takes Sudoku and maze puzzles; this model was trained on {solver.task} (use trm eval)")
     try:
