@@ -1,93 +1,106 @@
-"""Compile every Triton kernel for Hopper (sm_90) ahead of time, on any machine, and report
-what the PTX does: global loads and stores by width, matrix instructions, and (from
-``ptxas -v``) registers per thread, spill bytes and shared memory.
+"""Compile every Triton kernel for every NVIDIA architecture our users have, ahead of time
+and without a GPU, and hold what the compiler produced against each architecture's limits.
 
-    python -m trm_benchmarks.ptx            # JSON report on stdout
+    python -m trm_benchmarks.ptx                         # JSON on stdout: every arch, bf16 and fp16
+    python -m trm_benchmarks.ptx --out DIR               # DIR/report.json and DIR/report.md
+    python -m trm_benchmarks.ptx --arch 89,90 --dtype bf16
 
-This needs no GPU (Triton ships ptxas) and must run without TRITON_INTERPRET. It catches
-compile errors the interpreter cannot see, and shows whether memory-bound kernels move 16
-bytes per access. Argument hints are those a real launch at TRM shapes gets (16-byte
-aligned pointers; sizes divisible by 16 where TRM's are).
+Each kernel is compiled once per autotuner config and launch variant the package can
+choose, at TRM shapes, for sm_80, sm_86, sm_89, sm_90, sm_100 and sm_120 (``trm_kernels.arch``;
+an architecture the installed Triton cannot target is reported, not skipped silently).
+Per kernel and architecture: registers, spill bytes (``ptxas -v``), shared memory, the
+matrix instructions used (mma.sync, Hopper's wgmma, Blackwell's tcgen05), global accesses by
+width (16-byte ones counted apart), whether it can launch under the architecture's
+per-block limits, and its theoretical occupancy. Argument hints are those a real launch at
+TRM shapes gets (16-byte aligned pointers; sizes divisible by 16 where TRM's are). This
+needs no GPU (Triton ships ptxas) and must run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import concurrent.futures
+import datetime
 import importlib
 import json
+import multiprocessing
 import os
+import pathlib
 import re
 import subprocess
 import sys
 import tempfile
 
+DTYPES = ("bf16", "fp16")
 
-def _specs():
-    # by module name: trm_kernels.swiglu / .inject are the public op functions
+
+def _specs(dtype: str = "bf16"):
+    """name: (kernel, signature, constexprs, arguments hinted divisible by 16, launch options:
+    num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth)."""
     attention, cross_entropy, inject, rmsnorm, swiglu, token_mlp = (
         importlib.import_module(f"trm_kernels.{m}")
         for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "token_mlp")
     )
 
-    bf16 = "*bf16"
+    t = f"*{dtype}"
     # rows = 768 * 97 = 74496 and hidden 512 are multiples of 16; stride_outer is 0 on the hidden axis
     HIDDEN_DIV16 = {"N", "n_cols", "stride_outer", "stride_col"}  # noqa: N806
+    SEQUENCE_DIV16 = {"n_cols", "stride_outer", "stride_n"}  # noqa: N806
     norm = {"N": "i32", "n_cols": "i32", "stride_outer": "i32", "stride_col": "i32", "stride_n": "i32"}
-    token_mlp_sig = {"H": bf16, "WGU": bf16, "WD": bf16, "OUT": bf16, "B": "i32", "S": "i32", "D": "i32",
-                     "I_PAD": "i32", "eps": "fp32"}  # fmt: skip
+    norm_fwd = {"X": t, "R": t, "Y": t, "RSTD": "*fp32", **norm, "eps": "fp32"}
+    norm_bwd = {"DY": t, "X": t, "R": t, "RSTD": "*fp32", "DH": t, **norm}
+    hidden = {"stride_n": 1, "HAS_R": True, "BLOCK_N": 512, "BLOCK_C": 16}
+    sequence = {"stride_col": 1, "HAS_R": True, "BLOCK_N": 128, "BLOCK_C": 64}
+    token_mlp_sig = {"H": t, "WGU": t, "WD": t, "OUT": t, "B": "i32", "S": "i32", "D": "i32", "I_PAD": "i32",
+                     "eps": "fp32"}  # fmt: skip
     token_mlp_configs = {  # every config the autotuner may pick; Sudoku's mlp_t: S = 97, D = 512, I = 512
-        f"token_mlp_rmsnorm_fwd S<={block_s} {bd}x{bi}": (
+        token_mlp.config_name(block_s, bd, bi, warps): (
             token_mlp._token_mlp_rmsnorm_fwd, token_mlp_sig,
             {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32"}, {"D", "I_PAD"}, (warps, 2))
         for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles
     }  # fmt: skip
+    attn = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "OUT": t, "LSE": "*fp32", "S": "i32", "H": "i32", "scale": "fp32"}
+    attn_bwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "DOUT": t, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": t,
+                "S": "i32", "H": "i32", "scale": "fp32"}  # fmt: skip
+    attn_meta = {"HALF": 32, "BLOCK_M": attention.BLOCK_M, "BLOCK_N": attention.BLOCK_N, "PREC": "tf32"}
+    ce = {"LOGITS": t, "LABELS": "*i64", "LOSS": "*fp32", "DLOGITS": t, "n_rows": "i32", "V": "i32",
+          "ignore_index": "i32"}  # fmt: skip
     return token_mlp_configs | {
-        # name: (kernel, signature, constexprs, arguments hinted divisible by 16, launch options:
-        # num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth)
-        "add_rmsnorm_fwd hidden": (
-            rmsnorm._add_rmsnorm_fwd, {"X": bf16, "R": bf16, "Y": bf16, "RSTD": "*fp32", **norm, "eps": "fp32"},
-            {"stride_n": 1, "HAS_R": True, "BLOCK_N": 512, "BLOCK_C": 16}, HIDDEN_DIV16, 8),
-        "add_rmsnorm_fwd sequence": (
-            rmsnorm._add_rmsnorm_fwd, {"X": bf16, "R": bf16, "Y": bf16, "RSTD": "*fp32", **norm, "eps": "fp32"},
-            {"stride_col": 1, "HAS_R": True, "BLOCK_N": 128, "BLOCK_C": 64}, {"n_cols", "stride_outer", "stride_n"}, 8),
-        "add_rmsnorm_bwd hidden": (
-            rmsnorm._add_rmsnorm_bwd, {"DY": bf16, "X": bf16, "R": bf16, "RSTD": "*fp32", "DH": bf16, **norm},
-            {"stride_n": 1, "HAS_R": True, "BLOCK_N": 512, "BLOCK_C": 16}, HIDDEN_DIV16, 8),
-        "swiglu_fwd": (swiglu._swiglu_fwd, {"GU": bf16, "OUT": bf16, "n_out": "i32", "half": "i32"},
+        "add_rmsnorm_fwd hidden": (rmsnorm._add_rmsnorm_fwd, norm_fwd, hidden, HIDDEN_DIV16, 8),
+        "add_rmsnorm_fwd sequence": (rmsnorm._add_rmsnorm_fwd, norm_fwd, sequence, SEQUENCE_DIV16, 8),
+        "add_rmsnorm_bwd hidden": (rmsnorm._add_rmsnorm_bwd, norm_bwd, hidden, HIDDEN_DIV16, 8),
+        "add_rmsnorm_bwd sequence": (rmsnorm._add_rmsnorm_bwd, norm_bwd, sequence, SEQUENCE_DIV16, 8),
+        "swiglu_fwd": (swiglu._swiglu_fwd, {"GU": t, "OUT": t, "n_out": "i32", "half": "i32"},
                        {"BLOCK": swiglu.BLOCK}, {"n_out", "half"}, 4),
-        "swiglu_bwd": (swiglu._swiglu_bwd, {"DOUT": bf16, "GU": bf16, "DGU": bf16, "n_out": "i32", "half": "i32"},
+        "swiglu_bwd": (swiglu._swiglu_bwd, {"DOUT": t, "GU": t, "DGU": t, "n_out": "i32", "half": "i32"},
                        {"BLOCK": swiglu.BLOCK}, {"n_out", "half"}, 4),
-        "inject": (inject._inject, {"H": bf16, "A": bf16, "B": bf16, "OUT": bf16, "n": "i32"},
+        "inject": (inject._inject, {"H": t, "A": t, "B": t, "OUT": t, "n": "i32"},
                    {"HAS_B": True, "BLOCK": inject.BLOCK}, {"n"}, 4),
-        "cross_entropy_fwd": (
-            cross_entropy._ce_fwd, {"LOGITS": bf16, "LABELS": "*i64", "LOSS": "*fp32", "DLOGITS": bf16,
-                                    "n_rows": "i32", "V": "i32", "ignore_index": "i32"},
-            {"STABLEMAX": True, "BLOCK_R": 64, "BLOCK_V": 16}, set(), 4),
-        "attention_fwd": (
-            attention._attn_fwd, {"QKV": bf16, "COS": "*fp32", "SIN": "*fp32", "OUT": bf16, "LSE": "*fp32",
-                                  "S": "i32", "H": "i32", "scale": "fp32"},
-            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), (4, 2)),
-        "attention_bwd_dkdv": (
-            attention._attn_bwd_dkdv, {"QKV": bf16, "COS": "*fp32", "SIN": "*fp32", "DOUT": bf16, "LSE": "*fp32",
-                                       "DELTA": "*fp32", "DQKV": bf16, "S": "i32", "H": "i32", "scale": "fp32"},
-            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), (4, 1)),
-        "attention_bwd_dq": (
-            attention._attn_bwd_dq, {"QKV": bf16, "COS": "*fp32", "SIN": "*fp32", "DOUT": bf16, "LSE": "*fp32",
-                                     "DELTA": "*fp32", "DQKV": bf16, "S": "i32", "H": "i32", "scale": "fp32"},
-            {"HALF": 32, "BLOCK_M": 64, "BLOCK_N": 64, "PREC": "tf32"}, set(), (4, 1)),
+        "cross_entropy_fwd stablemax": (cross_entropy._ce_fwd, ce, {"STABLEMAX": True, "BLOCK_R": 64, "BLOCK_V": 16},
+                                        set(), 4),
+        "cross_entropy_fwd softmax": (cross_entropy._ce_fwd, ce, {"STABLEMAX": False, "BLOCK_R": 64, "BLOCK_V": 16},
+                                      set(), 4),
+        "attention_fwd": (attention._attn_fwd, attn, attn_meta, set(), (4, 2)),
+        "attention_bwd_delta": (
+            attention._attn_bwd_delta, {"OUT": t, "DOUT": t, "DELTA": "*fp32", "S": "i32", "H": "i32"},
+            {"D": 64, "BLOCK_M": attention.BLOCK_M}, set(), 4),
+        "attention_bwd_dkdv": (attention._attn_bwd_dkdv, attn_bwd, attn_meta, set(), (attention.DKDV_WARPS, 1)),
+        "attention_bwd_dkdv 8 warps": (attention._attn_bwd_dkdv, attn_bwd, attn_meta, set(), (8, 1)),
+        "attention_bwd_dq": (attention._attn_bwd_dq, attn_bwd, attn_meta, set(), (4, 1)),
     }  # fmt: skip
 
 
-def _resources(ptx: str, arch: str) -> dict:
+def _ptxas_resources(ptx: str, capability: int, target: str) -> dict:
     """Registers per thread and spill bytes, from ptxas -v on the kernel's PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(90).path  # get_ptxas(arch) since triton 3.6
+    ptxas = get_ptxas(capability).path
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        done = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "kernel.cubin")],
+        done = subprocess.run([ptxas, "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "kernel.cubin")],
                               capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         return {"ptxas_error": done.stderr.strip().splitlines()[-1][:300]}
@@ -101,14 +114,43 @@ def _resources(ptx: str, arch: str) -> dict:
     }
 
 
-def compile_all() -> dict[str, dict]:
+def _access_bytes(op: str) -> int:
+    """Bytes one thread moves in one global access: vector width times element width."""
+    vec = re.search(r"\.v(\d)", op)
+    bits = re.search(r"\.[bfsu](\d+)", op)
+    return (int(vec.group(1)) if vec else 1) * (int(bits.group(1)) // 8 if bits else 4)
+
+
+def _analyse(ptx: str) -> dict:
+    accesses = collections.Counter(re.findall(r"(?:ld|st)\.global[.a-z0-9]*", ptx))
+    loads = {op: n for op, n in accesses.items() if op.startswith("ld")}
+    stores = {op: n for op, n in accesses.items() if op.startswith("st")}
+    return {
+        "accesses": dict(accesses),
+        "loads_16B": sum(n for op, n in loads.items() if _access_bytes(op) == 16),
+        "stores_16B": sum(n for op, n in stores.items() if _access_bytes(op) == 16),
+        "vector_loads": sum(n for op, n in loads.items() if ".v" in op),
+        "scalar_loads": sum(n for op, n in loads.items() if ".v" not in op),
+        "other_loads": sum(n for op, n in loads.items() if _access_bytes(op) != 16),
+        "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),  # Hopper's warpgroup MMA
+        "tcgen05": len(re.findall(r"\btcgen05\.mma\b", ptx)),  # Blackwell's tensor-memory MMA
+        "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
+    }
+
+
+def compile_arch(capability: int, dtype: str) -> dict:
+    """Every kernel of `_specs(dtype)` compiled for one architecture, with its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
+    import trm_kernels.arch as A
+
+    arch = A.ARCHS[capability]
+    target = GPUTarget("cuda", capability, 32)
     report = {}
-    for name, (kernel, signature, constexprs, div16, launch) in _specs().items():
+    for name, (kernel, signature, constexprs, div16, launch) in _specs(dtype).items():
         warps, stages = launch if isinstance(launch, tuple) else (launch, None)
         options = {"num_warps": warps} | ({"num_stages": stages} if stages is not None else {})
         args = list(kernel.arg_names)
@@ -119,29 +161,141 @@ def compile_all() -> dict[str, dict]:
         try:
             compiled = triton.compile(src, target=target, options=options)
         except Exception as e:  # report every kernel, not just the first failure
-            report[name] = {"ok": False, "error": str(e).splitlines()[0][:300]}
+            report[name] = {"ok": False, "error": (str(e).strip().splitlines() or [repr(e)])[0][:300]}
             continue
         ptx = compiled.asm["ptx"]
-        accesses = collections.Counter(re.findall(r"(?:ld|st)\.global[.a-z0-9]*", ptx))
-        arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
-        report[name] = {
-            "ok": True,
-            "launch": options,
-            "accesses": dict(accesses),
-            "vector_loads": sum(n for op, n in accesses.items() if op.startswith("ld") and ".v" in op),
-            "scalar_loads": sum(n for op, n in accesses.items() if op.startswith("ld") and ".v" not in op),
-            "mma": len(re.findall(r"\b(?:w?gmma|mma)\.", ptx)),
-            "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),  # Hopper's warpgroup MMA
-            "shared_bytes": compiled.metadata.shared,
-            **_resources(ptx, arch.group(1) if arch else "sm_90a"),
-        }
+        ptx_target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+        entry = {"ok": True, "launch": options, "shared_bytes": compiled.metadata.shared, **_analyse(ptx)}
+        entry |= _ptxas_resources(ptx, capability, ptx_target.group(1) if ptx_target else arch.target)
+        if entry.get("registers") is not None:
+            problem = A.launch_problem(arch, entry["registers"], entry["shared_bytes"], warps)
+            entry["launchable"] = problem is None
+            if problem:
+                entry["launch_problem"] = problem
+            else:
+                entry["blocks_per_sm"], entry["occupancy_limit"] = A.occupancy(
+                    arch, entry["registers"], entry["shared_bytes"], warps
+                )
+                entry["warps_per_sm"] = entry["blocks_per_sm"] * warps
+        report[name] = entry
     return report
 
 
-def main() -> None:
+def compile_all(archs=None, dtypes=("bf16",), workers: int | None = None) -> dict:
+    """{"sm_XX": {dtype: {kernel: entry}}}, one process per (architecture, dtype)."""
+    import trm_kernels.arch as A
+
+    archs = list(archs or A.ARCHS)
+    jobs = [(c, d) for c in archs for d in dtypes]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    results: dict = {A.ARCHS[c].target: {} for c in archs}
+    if workers == 1:
+        for c, d in jobs:
+            results[A.ARCHS[c].target][d] = compile_arch(c, d)
+        return results
+    # spawn: each worker imports Triton afresh (nothing forked from a process holding torch's threads)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(compile_arch, c, d): (c, d) for c, d in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            c, d = futures[future]
+            results[A.ARCHS[c].target][d] = future.result()
+    return results
+
+
+def environment() -> dict:
+    import torch
+    import triton
+
+    return {"date": datetime.date.today().isoformat(), "triton": triton.__version__, "torch": torch.__version__,
+            "gpu": "none: compiled ahead of time, nothing ran"}  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    """The per-architecture tables of a report (``compile_all`` plus ``environment``)."""
+    import trm_kernels.arch as A
+
+    env = report["environment"]
+    lines = [
+        "# Triton kernels compiled for every target architecture, without a GPU",
+        "",
+        f"{env['date']}; `python -m trm_benchmarks.ptx --out DIR` with triton {env['triton']}, torch {env['torch']}.",
+        "Static analysis of the compiled PTX (TRM shapes: hidden 512, head_dim 64, Sudoku's S = 97) and of",
+        "`ptxas -v` on it. **No timings: nothing here ran on a GPU.** Whether a kernel can launch and its",
+        f"occupancy follow from each architecture's limits ({A.SOURCE}).",
+        "",
+        "| arch | cards | shared memory per block / per SM | threads per SM | blocks per SM | MMA |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for c, a in A.ARCHS.items():
+        lines.append(f"| {a.target} | {a.cards} | {a.shared_per_block // 1024} / {a.shared_per_sm // 1024} KB | "
+                     f"{a.threads_per_sm} | {a.blocks_per_sm} | {a.mma} |")  # fmt: skip
+    for target, by_dtype in report["archs"].items():
+        lines += ["", f"## {target}", ""]
+        rows = by_dtype.get("bf16") or next(iter(by_dtype.values()))
+        dtype = "bf16" if "bf16" in by_dtype else next(iter(by_dtype))
+        failed = [n for n, r in rows.items() if not r["ok"]]
+        if len(failed) == len(rows):
+            lines.append(f"Not supported by triton {env['triton']}: {rows[failed[0]]['error']}")
+            continue
+        lines += [
+            f"{dtype}. MMA: mma.sync / wgmma / tcgen05 instruction counts. 16-byte: loads / stores of 16 bytes.",
+            "",
+            "| kernel | warps/stages | registers | spill bytes | shared bytes | MMA | 16-byte ld / st | other ld | "
+            "launches | blocks per SM (limit) |",
+            "|---|---|---:|---:|---:|---|---:|---:|---|---|",
+        ]
+        for name, r in rows.items():
+            if not r["ok"]:
+                lines.append(f"| {name} | compile error: {r['error']} |||||||||")
+                continue
+            launch = r["launch"]
+            ws = f"{launch['num_warps']}" + (f"/{launch['num_stages']}" if "num_stages" in launch else "")
+            mma = f"{r['mma_sync']} / {r['wgmma']} / {r['tcgen05']}"
+            spill = (r.get("spill_store_bytes") or 0) + (r.get("spill_load_bytes") or 0)
+            launches = "yes" if r.get("launchable") else f"**no**: {r.get('launch_problem', r.get('ptxas_error'))}"
+            occ = f"{r['blocks_per_sm']} ({r['occupancy_limit']})" if r.get("launchable") else "-"
+            lines.append(f"| {name} | {ws} | {r.get('registers')} | {spill} | {r['shared_bytes']} | {mma} | "
+                         f"{r['loads_16B']} / {r['stores_16B']} | {r['other_loads']} | "
+                         f"{launches} | {occ} |")  # fmt: skip
+        others = [d for d in by_dtype if d != dtype]
+        for other in others:
+            diff = [n for n, r in by_dtype[other].items() if r.get("ok") and rows.get(n, {}).get("ok")
+                    and (r.get("launchable"), r["shared_bytes"]) != (rows[n].get("launchable"), rows[n]["shared_bytes"])]  # fmt: skip
+            fails = [n for n, r in by_dtype[other].items() if not r["ok"] or not r.get("launchable")]
+            lines += ["", f"{other}: " + (f"cannot launch: {', '.join(fails)}. " if fails else "every kernel launches. ")
+                      + (f"Shared memory or launchability differs from {dtype} for: {', '.join(diff)}."
+                         if diff else f"Shared memory and launchability as {dtype}.")]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import trm_kernels.arch as A
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=",".join(str(c) for c in A.ARCHS),
+                        help="compute capabilities, comma-separated (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--dtype", default=",".join(DTYPES), help="bf16 and/or fp16 (default: %(default)s)")
+    parser.add_argument("--out", type=pathlib.Path, help="write report.json and report.md here instead of stdout")
+    parser.add_argument("--workers", type=int, default=None, help="compiling processes (default: one per core)")
+    args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("trm_benchmarks.ptx compiles real kernels: run it without TRITON_INTERPRET=1")
-    print(json.dumps(compile_all(), indent=2))
+        parser.exit(2, "error: trm_benchmarks.ptx compiles real kernels: run it without TRITON_INTERPRET=1\n")
+    try:
+        archs = [int(c.strip().removeprefix("sm_")) for c in args.arch.split(",")]
+    except ValueError:
+        parser.exit(2, f"error: --arch {args.arch}: compute capabilities such as 80,89,90\n")
+    unknown = [c for c in archs if c not in A.ARCHS]
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    if unknown or not set(dtypes) <= set(DTYPES):
+        parser.exit(2, f"error: --arch from {sorted(A.ARCHS)}, --dtype from {DTYPES}\n")
+    report = {"environment": environment(), "archs": compile_all(archs, dtypes, args.workers)}
+    if args.out is None:
+        print(json.dumps(report, indent=2))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "report.md").write_text(markdown(report))
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,14 @@ needs (``trm_kernels.token_mlp_rmsnorm`` chooses).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import arch as _arch
 from . import reference
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
@@ -68,13 +71,32 @@ def _token_mlp_rmsnorm_fwd(
 
 
 # (BLOCK_D, BLOCK_I, num_warps) tried by the autotuner on a GPU, per sequence tile. All of
-# them compile for sm_90 with wgmma and without spills (trm_benchmarks.ptx); registers, shared
-# memory and so CTAs per SM differ, and which is fastest is measured, not guessed. The
+# them compile for every architecture in trm_kernels.arch (trm_benchmarks.ptx); registers,
+# shared memory and so CTAs per SM differ, and which is fastest is measured, not guessed. The
 # interpreter runs the first; FIXED_CONFIG, where set, runs everywhere (tests check each).
 CONFIGS = {
     128: [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 4)],
     256: [(64, 32, 8)],
 }
+# Shared memory each config's compiled kernel takes, per architecture (bf16 and fp16 alike),
+# as `python -m trm_benchmarks.ptx` reports it with triton 3.9 (3.6 gives the same on sm_90).
+# A smaller sequence tile takes less than the 128 row. On Hopper and Blackwell the MMA
+# operands are staged in shared memory (wgmma, tcgen05); elsewhere mma.sync takes them from
+# registers and the same tiles need less. tests/test_ptx.py fails if a compiled kernel
+# needs more than is written here.
+SHARED_BYTES = {
+    (128, 128, 64, 8): {80: 81920, 86: 81920, 89: 81920, 90: 131072, 100: 131120, 120: 81920},
+    (128, 128, 32, 8): {80: 57344, 86: 57344, 89: 57344, 90: 81920, 100: 81968, 120: 57344},
+    (128, 64, 64, 8): {80: 73728, 86: 73728, 89: 73728, 90: 114688, 100: 114736, 120: 73728},
+    (128, 64, 32, 4): {80: 45056, 86: 45056, 89: 45056, 90: 65536, 100: 65584, 120: 45056},
+    (256, 64, 32, 8): {80: 86016, 86: 86016, 89: 86016, 90: 131072, 100: 131120, 120: 86016},
+}
+
+
+def config_name(block_s: int, block_d: int, block_i: int, warps: int) -> str:
+    return f"token_mlp_rmsnorm_fwd S<={block_s} {block_d}x{block_i}" + (f" {warps} warps" if warps != 8 else "")
+
+
 I_ALIGN = 64  # the intermediate axis is padded to a multiple of every BLOCK_I
 FIXED_CONFIG: tuple[int, int, int] | None = None
 
@@ -83,14 +105,43 @@ def _block_s(seq: int) -> int:
     return max(16, next_pow2(seq))
 
 
-def _tiles(seq: int) -> list[tuple[int, int, int]]:
-    return CONFIGS[max(128, _block_s(seq))]
+@functools.cache
+def device_budget(device: torch.device) -> tuple[int, int] | None:
+    """(compute capability as 10 * major + minor, shared memory a block may use) of a CUDA
+    device, read from the device; None where no limit applies (the interpreter on CPU)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return 10 * props.major + props.minor, props.shared_memory_per_block_optin
+
+
+def shared_needed(seq_class: int, tile: tuple[int, int, int], capability: int) -> int:
+    """Shared memory of a config on `capability`: the listed architecture standing for it,
+    or, for an architecture none stands for, the most any listed one needs."""
+    row = SHARED_BYTES[(seq_class, *tile)]
+    stands_for = _arch.nearest(capability)
+    return row[stands_for.capability] if stands_for is not None else max(row.values())
+
+
+def launchable_tiles(seq: int, device: torch.device) -> list[tuple[int, int, int]]:
+    """The configs for this sequence length that the device can launch (all of them where
+    no limit applies); empty when none can, and the composed ops then run instead."""
+    seq_class, budget = max(128, _block_s(seq)), device_budget(device)
+    if budget is None:
+        return CONFIGS[seq_class]
+    capability, limit = budget
+    return [tile for tile in CONFIGS[seq_class] if shared_needed(seq_class, tile, capability) <= limit]
 
 
 def _prune(configs, named_args, **_):
-    """The configs built for this sequence's tile (see _autotuned)."""
-    block_s = _block_s(named_args["S"])
-    return [c for c in configs if c.kwargs["BLOCK_S"] == block_s]
+    """The configs built for this sequence's tile that this device can launch (see _autotuned)."""
+    seq = named_args["S"]
+    block_s, tiles = _block_s(seq), launchable_tiles(seq, named_args["H"].device)
+    return [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_S"] == block_s and (c.kwargs["BLOCK_D"], c.kwargs["BLOCK_I"], c.num_warps) in tiles
+    ]
 
 
 def _autotuned(do_bench=None):
@@ -124,14 +175,16 @@ def token_mlp_rmsnorm_fwd(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     batch, seq, hidden = h.shape
     if seq > MAX_SEQ:
         raise ValueError(f"token_mlp_rmsnorm: sequence length {seq} > {MAX_SEQ}, the most the fused kernel holds")
-    block_s = _block_s(seq)
+    block_s, tiles = _block_s(seq), launchable_tiles(seq, h.device)
+    if not tiles:
+        raise ValueError(f"token_mlp_rmsnorm: no config of the fused kernel fits the shared memory of {h.device}")
     wgu, wd, i_pad = padded_weights(w_gate_up, w_down, block_s, I_ALIGN)
     h = h.contiguous()
     out = torch.empty_like(h)
     prec = "ieee" if h.dtype == torch.float32 else "tf32"  # fp32 gets IEEE products, as torch.bmm
     args = (h, wgu, wd, out, batch, seq, hidden, i_pad, eps)
     if FIXED_CONFIG is not None or _KERNEL is _token_mlp_rmsnorm_fwd:  # one config, chosen here
-        block_d, block_i, warps = FIXED_CONFIG or _tiles(seq)[0]
+        block_d, block_i, warps = FIXED_CONFIG or tiles[0]
         _token_mlp_rmsnorm_fwd[(triton.cdiv(hidden, block_d), batch)](
             *args, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_I=block_i, PREC=prec, num_warps=warps, num_stages=2
         )
@@ -146,12 +199,13 @@ def _(h, w_gate_up, w_down, eps):
 
 
 def token_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
-    """The fused kernel where no gradient is needed and the sequence fits a tile; the
-    composition of the Triton SwiGLU and add + RMSNorm kernels otherwise."""
+    """The fused kernel where no gradient is needed, the sequence fits a tile and the device
+    can launch one of its configs; the composition of the Triton SwiGLU and add + RMSNorm
+    kernels otherwise."""
     for name, t in (("h", h), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_input(name, t)
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
-    if needs_grad or h.shape[1] > MAX_SEQ:
+    if needs_grad or h.shape[1] > MAX_SEQ or not launchable_tiles(h.shape[1], h.device):
         return reference.token_mlp_rmsnorm(
             h, w_gate_up, w_down, eps, swiglu=_swiglu.swiglu, add_rmsnorm=_rmsnorm.add_rmsnorm
         )

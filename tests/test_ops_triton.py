@@ -135,6 +135,40 @@ def test_token_mlp_rmsnorm_through_the_autotuner(monkeypatch, seq):
         assert len(runs) == 2 * configs
 
 
+@pytest.mark.parametrize("seq", [97, 150])
+def test_token_mlp_rmsnorm_autotuner_prunes_what_the_device_cannot_launch(monkeypatch, seq):
+    """On a device that says it is an sm_89 with 60 KB of shared memory per block, the
+    autotuner times only the configs whose sm_89 kernels fit; with 10 KB none fits, and the
+    op runs the composed Triton ops instead (same answer, no fused kernel)."""
+    from trm_kernels import token_mlp
+
+    runs = []
+
+    def do_bench(kernel_call, quantiles):
+        kernel_call()
+        runs.append(1)
+        return [1.0 / len(runs)] * len(quantiles)
+
+    monkeypatch.setattr(token_mlp, "_KERNEL", token_mlp._autotuned(do_bench=do_bench))
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (89, 60 * 1024))
+    seq_class = 128 if seq <= 128 else 256
+    fits = [t for t in token_mlp.CONFIGS[seq_class] if token_mlp.SHARED_BYTES[(seq_class, *t)][89] <= 60 * 1024]
+    assert token_mlp.launchable_tiles(seq, torch.device("cpu")) == fits
+    inputs = _token_mlp_inputs(2, seq, 150, 80, DTYPES[-1])
+    if fits:
+        _check_fused_token_mlp(*inputs, f"pruned S={seq}")
+        if len(fits) > 1:  # (a lone config is timed by some Triton versions, not by others)
+            assert len(runs) == len(fits)
+    runs.clear()
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (89, 10 * 1024))
+    assert token_mlp.launchable_tiles(seq, torch.device("cpu")) == []
+    with OpLog() as log:
+        _check_fused_token_mlp(*inputs, f"no config fits S={seq}")
+    assert runs == [] and log.count(torch.ops.trm.token_mlp_rmsnorm) == 0 and log.count(torch.ops.trm.swiglu) > 0
+    with pytest.raises(ValueError, match="no config of the fused kernel fits"):
+        torch.ops.trm.token_mlp_rmsnorm(*inputs, 1e-5)
+
+
 def test_token_mlp_rmsnorm_runs_one_kernel_without_grad_and_the_composed_ops_with_grad():
     h, w_gu, w_down = _token_mlp_inputs(2, 9, 16, 8, torch.float32)
     with torch.no_grad(), OpLog() as no_grad:

@@ -1,0 +1,64 @@
+"""Per-architecture launch limits and occupancy, and the fused mlp_t kernel's configs against them."""
+
+import pytest
+import torch
+from trm_kernels import arch as A
+
+
+def test_occupancy_by_hand():
+    # sm_86, 32 registers x 4 warps: 4096 registers per block allow 16 blocks, 48 warps allow 12
+    assert A.occupancy(A.ARCHS[86], registers=32, shared=0, warps=4) == (12, "warps")
+    # sm_90, 255 registers x 8 warps: 32 x 256 per warp x 8 = 65536, the whole register file
+    assert A.occupancy(A.ARCHS[90], registers=255, shared=1024, warps=8) == (1, "registers")
+    # sm_89, 40 KB + 1 KB reserved per block in 100 KB: 2 blocks
+    assert A.occupancy(A.ARCHS[89], registers=64, shared=40 * 1024, warps=4) == (2, "shared memory")
+    # sm_80, a tiny kernel: the 32-block cap
+    assert A.occupancy(A.ARCHS[80], registers=16, shared=0, warps=1) == (32, "blocks")
+
+
+def test_launch_problems_name_the_limit():
+    assert A.launch_problem(A.ARCHS[90], 255, 227 * 1024, 8) is None
+    assert "shared memory" in A.launch_problem(A.ARCHS[89], 64, 100 * 1024, 4)
+    assert "threads" in A.launch_problem(A.ARCHS[90], 32, 0, 64)
+    assert "registers per block" in A.launch_problem(A.ARCHS[90], 255, 0, 16)
+
+
+def test_nearest_listed_architecture():
+    assert A.nearest(87).capability == 86 and A.nearest(103).capability == 100 and A.nearest(121).capability == 120
+    assert A.nearest(90).capability == 90 and A.nearest(75) is None and A.nearest(110) is None
+
+
+token_mlp = pytest.importorskip("trm_kernels.token_mlp", exc_type=ImportError)
+
+
+def test_every_config_has_a_shared_memory_row_for_every_architecture():
+    configs = {(seq_class, *tile) for seq_class, tiles in token_mlp.CONFIGS.items() for tile in tiles}
+    assert set(token_mlp.SHARED_BYTES) == configs
+    for row in token_mlp.SHARED_BYTES.values():
+        assert set(row) == set(A.ARCHS)
+
+
+def test_every_config_launches_somewhere_and_every_architecture_keeps_one_per_sequence_tile():
+    """At the most registers ptxas can give (255), so the register limits are checked too."""
+    for key, row in token_mlp.SHARED_BYTES.items():
+        warps = key[-1]
+        assert any(A.launch_problem(a, 255, row[c], warps) is None for c, a in A.ARCHS.items()), key
+    for capability, a in A.ARCHS.items():
+        for seq_class, tiles in token_mlp.CONFIGS.items():
+            ok = [t for t in tiles if A.launch_problem(a, 255, token_mlp.SHARED_BYTES[(seq_class, *t)][capability],
+                                                        t[-1]) is None]  # fmt: skip
+            assert ok, (a.target, seq_class)
+
+
+def test_pruning_reads_the_device_budget(monkeypatch):
+    cpu = torch.device("cpu")
+    assert token_mlp.launchable_tiles(97, cpu) == token_mlp.CONFIGS[128]  # no limit where nothing launches
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (90, 100 * 1024))
+    # on Hopper the 128x64 and 64x64 tiles take 128 and 112 KB: over a 100 KB budget
+    assert token_mlp.launchable_tiles(97, cpu) == [(128, 32, 8), (64, 32, 4)]
+    assert token_mlp.launchable_tiles(200, cpu) == []
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (86, 99 * 1024))
+    assert token_mlp.launchable_tiles(97, cpu) == token_mlp.CONFIGS[128]  # mma.sync kernels are smaller
+    # an architecture nothing listed stands for: the most any listed one needs
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (75, 100 * 1024))
+    assert token_mlp.launchable_tiles(97, cpu) == [(128, 32, 8), (64, 32, 4)]
