@@ -142,10 +142,9 @@ def _analyse(ptx: str) -> dict:
 def compile_arch(capability: int, dtype: str) -> dict:
     """Every kernel of `_specs(dtype)` compiled for one architecture, with its resources."""
     import triton
+    import trm_kernels.arch as A
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    import trm_kernels.arch as A
 
     arch = A.ARCHS[capability]
     target = GPUTarget("cuda", capability, 32)
@@ -226,7 +225,7 @@ def markdown(report: dict) -> str:
         "| arch | cards | shared memory per block / per SM | threads per SM | blocks per SM | MMA |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for c, a in A.ARCHS.items():
+    for a in A.ARCHS.values():
         lines.append(f"| {a.target} | {a.cards} | {a.shared_per_block // 1024} / {a.shared_per_sm // 1024} KB | "
                      f"{a.threads_per_sm} | {a.blocks_per_sm} | {a.mma} |")  # fmt: skip
     for target, by_dtype in report["archs"].items():
@@ -259,12 +258,17 @@ def markdown(report: dict) -> str:
                          f"{launches} | {occ} |")  # fmt: skip
         others = [d for d in by_dtype if d != dtype]
         for other in others:
+
+            def key(r):
+                return r.get("launchable"), r.get("shared_bytes")
+
             diff = [n for n, r in by_dtype[other].items() if r.get("ok") and rows.get(n, {}).get("ok")
-                    and (r.get("launchable"), r["shared_bytes"]) != (rows[n].get("launchable"), rows[n]["shared_bytes"])]  # fmt: skip
+                    and key(r) != key(rows[n])]  # fmt: skip
             fails = [n for n, r in by_dtype[other].items() if not r["ok"] or not r.get("launchable")]
-            lines += ["", f"{other}: " + (f"cannot launch: {', '.join(fails)}. " if fails else "every kernel launches. ")
-                      + (f"Shared memory or launchability differs from {dtype} for: {', '.join(diff)}."
-                         if diff else f"Shared memory and launchability as {dtype}.")]  # fmt: skip
+            launch = f"cannot launch: {', '.join(fails)}. " if fails else "every kernel launches. "
+            same = (f"Shared memory or launchability differs from {dtype} for: {', '.join(diff)}." if diff
+                    else f"Shared memory and launchability as {dtype}.")  # fmt: skip
+            lines += ["", f"{other}: {launch}{same}"]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 
 import torch
 import trm_kernels as K
@@ -28,8 +29,14 @@ from trm.model import TRM
 _VIEWS = {"aten._unsafe_view"}  # a view that is not tagged as one (func.is_view covers the rest)
 
 
-def _nbytes(tree) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements `t` addresses: a dimension of stride 0 (a broadcast, such
+    as a weight expanded over the batch) is read once, not once per index."""
+    return math.prod(n for n, stride in zip(t.shape, t.stride(), strict=True) if stride != 0) * t.element_size()
+
+
+def nbytes(tree) -> int:
+    return sum(tensor_bytes(t) for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
 class Traffic(TorchDispatchMode):
@@ -43,7 +50,7 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket)
         if not (func.is_view or name in _VIEWS):
-            self.bytes[name] += _nbytes((args, kwargs)) + _nbytes(out)
+            self.bytes[name] += nbytes((args, kwargs)) + nbytes(out)
         return out
 
 

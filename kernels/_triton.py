@@ -55,13 +55,15 @@ def takes(t: torch.Tensor, *_args) -> bool:
 
 
 def check_input(name: str, t: torch.Tensor) -> None:
-    """Triton kernels take fp32/fp16/bf16 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    """Triton kernels take fp32/fp16/bf16 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    Meta tensors pass too: they run the op's fake implementation, which gives the output
+    shapes without a kernel (how trm_benchmarks.roofline counts a step on any machine)."""
     if t.dtype not in FUSED_DTYPES:
         raise TypeError(
             f"{name} is {t.dtype}: the triton backend takes float32/float16/bfloat16; "
             "use backend='reference' for float64"
         )
-    if t.is_cuda or (t.device.type == "cpu" and interpreting()):
+    if t.is_cuda or t.is_meta or (t.device.type == "cpu" and interpreting()):
         return
     raise ValueError(
         f"{name} is on {t.device}: the triton backend needs CUDA tensors "

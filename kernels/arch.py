@@ -19,9 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-SOURCE = (
-    "CUDA C++ Programming Guide (CUDA 13), Compute Capabilities: Technical Specifications per Compute Capability"
-)
+SOURCE = "CUDA C++ Programming Guide (CUDA 13), Compute Capabilities: Technical Specifications per Compute Capability"
 REGISTERS_PER_SM = REGISTERS_PER_BLOCK = 64 * 1024
 REGISTERS_PER_THREAD = 255
 THREADS_PER_BLOCK = 1024

@@ -77,7 +77,7 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     wide = _compute_dtype(grad.dtype)
     if wide == grad.dtype:
         return torch.bmm(grad, x.transpose(1, 2)).sum(0)
-    if grad.is_cuda and _BMM_OUT_DTYPE:
+    if grad.device.type != "cpu" and _BMM_OUT_DTYPE:  # CUDA (and meta, which stands for it)
         products = torch.ops.aten.bmm.dtype(grad, x.transpose(1, 2), wide)
     else:
         products = torch.bmm(grad.to(wide), x.to(wide).transpose(1, 2))

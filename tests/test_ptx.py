@@ -65,7 +65,7 @@ def test_matrix_kernels_use_each_architectures_tensor_cores(report):
     matrix = ["attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"] + [
         token_mlp.config_name(*key) for key in token_mlp.SHARED_BYTES
     ]
-    for capability, a in A.ARCHS.items():
+    for a in A.ARCHS.values():
         for dtype, rows in report[a.target].items():
             for name in matrix:
                 assert rows[name][field[a.mma]] > 0, (a.target, dtype, name)

@@ -40,6 +40,55 @@ def halting_logit(model: RecursiveReasoningModel, q: torch.Tensor) -> torch.Tens
     return q[:, 0] - q[:, 1] if model.halt_on_q_continue else q[:, 0]
 
 
+@dataclass
+class Slots:
+    """The device state of a batch of slots: each slot's embedded puzzle, y and z, whether it
+    still works, steps taken, and the answer, step and halting logit it halted with."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    z: torch.Tensor
+    live: torch.Tensor
+    taken: torch.Tensor
+    answer: torch.Tensor
+    at_steps: torch.Tensor
+    at_logit: torch.Tensor
+    y0: torch.Tensor  # the initial y and z of every slot (views)
+    z0: torch.Tensor
+
+    @classmethod
+    def empty(cls, model: RecursiveReasoningModel, width: int, length: int) -> Slots:
+        device = model.y_init.device
+        y0, z0 = model.initial_y_z(width)
+        answer = torch.zeros((width, length), dtype=torch.long, device=device)
+        zeros = torch.zeros(width, dtype=torch.long, device=device)
+        return cls(model.embed(answer, answer[:, 0]), y0.contiguous().clone(), z0.contiguous().clone(),
+                   torch.zeros(width, dtype=torch.bool, device=device), zeros, answer, zeros.clone(),
+                   torch.zeros(width, dtype=torch.float32, device=device), y0, z0)  # fmt: skip
+
+    def refill(self, model: RecursiveReasoningModel, slots: torch.Tensor, inputs: torch.Tensor, ids: torch.Tensor):
+        """Load new puzzles (token ids, puzzle ids on the device) into `slots` (device indices)."""
+        self.x[slots] = model.embed(inputs, ids)
+        self.y[slots], self.z[slots] = self.y0[: len(slots)], self.z0[: len(slots)]
+        self.live[slots], self.taken[slots] = True, 0
+
+    def advance(self, model: RecursiveReasoningModel, step, max_steps: int, threshold: float) -> None:
+        """One supervision step of every slot; the slots that halt keep that step's answer."""
+        self.y, self.z, logits, q = step(self.x, self.y, self.z)
+        self.taken += self.live
+        logit = halting_logit(model, q).float()
+        halts = self.live & ((logit > threshold) | (self.taken >= max_steps))
+        self.answer = torch.where(halts[:, None], logits.argmax(-1), self.answer)
+        self.at_steps = torch.where(halts, self.taken, self.at_steps)
+        self.at_logit = torch.where(halts, logit, self.at_logit)
+        self.live = self.live & ~halts
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Only the slots at `index` from now on."""
+        for name in ("x", "y", "z", "live", "taken", "answer", "at_steps", "at_logit"):
+            setattr(self, name, getattr(self, name)[index])
+
+
 @torch.no_grad()
 def solve(
     model: RecursiveReasoningModel,
@@ -65,53 +114,35 @@ def solve(
         return Solved(answers, steps_out, logit_out, 0.0, 0)
     was_training = model.training
     model.eval()
-    y0, z0 = model.initial_y_z(width)
-    y, z = y0.contiguous().clone(), z0.contiguous().clone()
-    answer = torch.zeros((width, inputs.shape[1]), dtype=torch.long, device=device)
-    x = model.embed(answer, answer[:, 0])  # each slot's embedded puzzle, filled by the refills
-    live = torch.zeros(width, dtype=torch.bool, device=device)
-    taken = torch.zeros(width, dtype=torch.long, device=device)
-    at_steps = torch.zeros(width, dtype=torch.long, device=device)
-    at_logit = torch.zeros(width, dtype=torch.float32, device=device)
+    state = Slots.empty(model, width, inputs.shape[1])
     owner = np.full(width, -1)  # the puzzle each slot works on (-1: free)
-    graphed = model._graphed(x)
+    graphed = model._graphed(state.x)
     step = model.graphs["eval_step"] if graphed else model._eval_step
     queued, model_steps = 0, 0
     while True:
         free = np.flatnonzero(owner < 0)[: n - queued]
         if len(free):
             rows = torch.arange(queued, queued + len(free))
-            slots = torch.from_numpy(free).to(device)
-            x[slots] = model.embed(inputs[rows].to(device, torch.long), puzzle_identifiers[rows].to(device, torch.long))
-            y[slots], z[slots] = y0[: len(free)], z0[: len(free)]
-            live[slots], taken[slots] = True, 0
+            state.refill(model, torch.from_numpy(free).to(device), inputs[rows].to(device, torch.long),
+                         puzzle_identifiers[rows].to(device, torch.long))  # fmt: skip
             owner[free] = rows.numpy()
             queued += len(free)
         if not (owner >= 0).any():
             break
         for _ in range(sync_every):
-            y, z, logits, q = step(x, y, z)
+            state.advance(model, step, max_steps, threshold)
             model_steps += 1
-            taken += live
-            logit = halting_logit(model, q).float()
-            halts = live & ((logit > threshold) | (taken >= max_steps))
-            answer = torch.where(halts[:, None], logits.argmax(-1), answer)
-            at_steps = torch.where(halts, taken, at_steps)
-            at_logit = torch.where(halts, logit, at_logit)
-            live = live & ~halts
-        done = np.flatnonzero((owner >= 0) & ~live.cpu().numpy())  # the host reads the batch here
+        done = np.flatnonzero((owner >= 0) & ~state.live.cpu().numpy())  # the host reads the batch here
         if len(done):
             index = owner[done]
-            answers[index] = answer[done].cpu().numpy()
-            steps_out[index] = at_steps[done].cpu().numpy()
-            logit_out[index] = at_logit[done].cpu().numpy()
+            answers[index] = state.answer[done].cpu().numpy()
+            steps_out[index] = state.at_steps[done].cpu().numpy()
+            logit_out[index] = state.at_logit[done].cpu().numpy()
             owner[done] = -1
         busy = np.flatnonzero(owner >= 0)
         if queued == n and 0 < len(busy) <= len(owner) // 2 and not graphed:
             # nothing left to queue: run only the slots still working (eagerly; a CUDA graph keeps its shape)
-            keep = torch.from_numpy(busy).to(device)
-            x, y, z, live, taken = x[keep], y[keep], z[keep], live[keep], taken[keep]
-            answer, at_steps, at_logit = answer[keep], at_steps[keep], at_logit[keep]
+            state.keep(torch.from_numpy(busy).to(device))
             owner = owner[busy]
     model.train(was_training)
     return Solved(answers, steps_out, logit_out, time.perf_counter() - started, model_steps)

@@ -1,0 +1,525 @@
+"""Speed-of-light model of TRM's steps: what each step asks of a GPU, counted on any machine,
+and the fastest it could then run on each GPU (predicted, not measured).
+
+    python -m trm_benchmarks.roofline                          # markdown on stdout
+    python -m trm_benchmarks.roofline --out DIR                # DIR/roofline.json and DIR/roofline.md
+    python -m trm_benchmarks.roofline --configs sudoku-mlp --gpus h100-measured --batches 768
+    python -m trm_benchmarks.roofline --measured RESULTS_DIR   # with measured / predicted columns
+
+**Counted** (a measurement of our code; tests check it): one training step (forward, ACT
+loss, backward, optimizer step) and one evaluation step (a whole supervision step without
+grad, what evaluation repeats n_sup times) of each paper config run on the meta device,
+shapes only, with the ops each provider dispatches on a GPU: eager (the reference ops; the
+attention of ``F.scaled_dot_product_attention`` as PyTorch's flash kernel), fused (our
+Triton ops, as ``auto`` picks them on CUDA), and fused + CUDA graphs (the same ops, with
+the regions ``trm/graphs.py`` captures replayed as one graph). Per dispatched op: bytes read
+and written (the byte model: each tensor input read once, each output written once; views
+move nothing), matrix FLOPs (GEMMs via ``torch.utils.flop_counter``, attention and the fused
+``mlp_t`` kernel by the formulas below; elementwise arithmetic is not counted), and kernel
+launches (one per dispatched aten op that is not a view or an allocation; our ops as many as
+their implementations launch, ``LAUNCHES``).
+
+**Predicted** (not measured): each op's lower-bound time is the largest of bytes over memory
+bandwidth, FLOPs over the dense bf16 tensor rate, and a launch floor per kernel; the step's
+is their sum. The floors are assumptions, not measurements (``LAUNCH_US``): in eager mode the
+host's dispatch and launch of an op, inside a replayed graph the gap between two kernel
+nodes. ``trm doctor`` and ``trm_benchmarks.run`` on a GPU measure what this predicts; give
+their results with ``--measured`` to print measured / predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+import trm_kernels as K
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
+
+from trm.adaptive import Slots
+from trm.arch import build_model
+from trm.config import preset
+from trm.losses import act_loss
+from trm.optim import AdamATan2
+
+from .traffic import nbytes
+
+CONFIGS = ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku")
+PROVIDERS = ("eager", "fused", "fused + CUDA graphs")  # the model benchmark's names
+STEPS = ("train", "eval", "adaptive")
+# Adaptive evaluation (trm/adaptive.py) refills the slots that halted before each step: with
+# puzzles taking MEAN_STEPS steps on average, batch / MEAN_STEPS slots per step. An
+# assumption (the sudoku4 model took about 4.5 of its 16 on CPU); --mean-steps changes it.
+MEAN_STEPS = 4.0
+BATCHES = (768, 1)
+
+# Kernels each of our ops launches on a GPU, read from its implementation in kernels/.
+LAUNCHES = {
+    "trm.add_rmsnorm": 1,
+    "trm.add_rmsnorm_backward": 1,
+    "trm.swiglu": 1,
+    "trm.swiglu_backward": 1,
+    "trm.inject": 1,
+    "trm.cross_entropy": 1,
+    "trm.rope_attention": 1,
+    "trm.rope_attention_backward": 3,  # delta = rowsum(dO * O), dK/dV, dQ
+    "trm.token_mlp_rmsnorm": 5,  # two zero-padded weight copies (fill + copy each), the fused kernel
+}
+# Ops that launch no kernel: allocations, views not tagged as views, and the 0-dim tensor a
+# Python number becomes in torch.where(mask, 0, t) (a CPU wrapped number on CUDA).
+NO_LAUNCH = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+             "aten._unsafe_view", "aten.lift_fresh", "aten.scalar_tensor"}  # fmt: skip
+
+# Launch floors in microseconds: assumptions, not measurements (the host's CPU sets the eager
+# one); what a GPU run measures replaces them.
+LAUNCH_US = {"eager": 5.0, "graph node": 1.0, "graph replay": 10.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    bandwidth: float  # bytes/s
+    bf16: float  # dense bf16 tensor-core FLOP/s
+    source: str
+
+
+GPUS = {
+    "h100-measured": GPU("H100 SXM 80GB, ceilings measured here", 3.0e12, 798e12,
+                         "this workplace's H100, 2026-11-13: device-to-device copy 3.0 TB/s (bytes read + written), "
+                         "8192^3 bf16 GEMM on random data 798 TFLOP/s"),
+    "h100": GPU("H100 SXM 80GB", 3.35e12, 989e12, "NVIDIA H100 Tensor Core GPU datasheet: 3.35 TB/s; BF16 1,979 "
+                "TFLOPS with sparsity, 989 dense"),
+    "h200": GPU("H200 SXM 141GB", 4.8e12, 989e12, "NVIDIA H200 datasheet: 4.8 TB/s; BF16 as H100"),
+    "a100": GPU("A100 SXM 80GB", 2.039e12, 312e12, "NVIDIA A100 datasheet: 2,039 GB/s; BF16 312 TFLOPS dense"),
+    "l40s": GPU("L40S", 0.864e12, 362e12, "NVIDIA L40S datasheet: 864 GB/s; BF16 362 TFLOPS dense (733 sparse)"),
+    "rtx4090": GPU("RTX 4090", 1.008e12, 165e12, "NVIDIA Ada Lovelace architecture whitepaper: 1,008 GB/s; BF16 "
+                   "165.2 TFLOPS dense with FP32 accumulate"),
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Op:
+    """One dispatched op of a step."""
+
+    name: str
+    bytes: int
+    flops: int
+    launches: int
+    graphed: bool  # inside a region the graphs provider replays
+
+
+def _attention_width(qkv: torch.Tensor) -> tuple[int, int]:
+    """(B * H * d, S) of a packed qkv [B, S, 3 * H * d]."""
+    batch, seq, width = qkv.shape
+    return batch * width // 3, seq
+
+
+def trm_flops(name: str, args: tuple) -> int:
+    """Matrix FLOPs of one of our ops, by what its kernels compute."""
+    if name == "trm.rope_attention":  # q k^T and p v: 2 * 2 * S^2 * d per head
+        bhd, seq = _attention_width(args[0])
+        return 4 * bhd * seq * seq
+    if name == "trm.rope_attention_backward":  # dK/dV: q k^T, p^T dO, dO v^T, dS^T q; dQ: q k^T, dO v^T, dS k
+        bhd, seq = _attention_width(args[1])
+        return 14 * bhd * seq * seq
+    if name == "trm.token_mlp_rmsnorm":  # gate|up [2I, S] @ h and down [S, I] @ act, per batch element
+        h, w_gate_up = args[0], args[1]
+        batch, seq, hidden = h.shape
+        return 2 * batch * hidden * seq * w_gate_up.shape[0] + 2 * batch * hidden * seq * w_gate_up.shape[0] // 2
+    return 0
+
+
+def _rows_written(target: torch.Tensor, indices) -> int:
+    """Bytes index_put_ writes into `target`: the rows its first-axis index selects."""
+    index = indices[0] if len(indices) == 1 and indices[0] is not None else None
+    if index is None or index.dtype == torch.bool:
+        return nbytes(target)
+    return index.numel() * (target.numel() // max(1, target.shape[0])) * target.element_size()
+
+
+class Counter(TorchDispatchMode):
+    """Every dispatched op that moves memory, with its bytes, FLOPs and launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[Op] = []
+        self.graphed = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket)
+        # what stays on the host (a Python number wrapped as a CPU scalar tensor) launches nothing
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+        if func.is_view or name in NO_LAUNCH or not outputs:
+            return out
+        if name.startswith("trm."):
+            flops, launches = trm_flops(name, args), LAUNCHES[name]
+        else:
+            formula = flop_registry.get(func.overloadpacket)
+            operands = args[:2] if name in ("aten.mm", "aten.bmm") else args  # bmm.dtype: (a, b, out_dtype)
+            flops = formula(*operands, **kwargs, out_val=out) if formula is not None else 0
+            launches = 1
+        if name == "aten.index_put_":  # writes only the indexed rows: reads values and indices, writes rows
+            moved = nbytes(args[2]) + nbytes(args[1]) + _rows_written(args[0], args[1])
+        elif name == "aten.copy_":  # reads the source, writes the destination
+            moved = 2 * nbytes(args[1])
+        else:
+            moved = nbytes((args, kwargs)) + nbytes(out)
+        self.ops.append(Op(name, moved, int(flops), launches, self.graphed))
+        return out
+
+
+class _FlashAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` as PyTorch dispatches it on a GPU for TRM's shapes
+    (bf16, head_dim 64, no mask): the flash kernel, forward and backward, where the meta
+    device would otherwise take the unfused math path."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and not kwargs.get("attn_mask") and not kwargs.get("is_causal"):
+            q, k, v = args[:3]
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=kwargs.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _graph_regions(model, marks):
+    """Mark the ops of the regions trm/graphs.py captures (the no-grad cycles, the evaluation step)."""
+    originals = {name: getattr(model, name) for name in ("_no_grad_part", "_eval_step")}
+
+    def marked(fn):
+        def run(*args):
+            marks.graphed = True
+            try:
+                return fn(*args)
+            finally:
+                marks.graphed = False
+
+        return run
+
+    for name, fn in originals.items():
+        setattr(model, name, marked(fn))
+    try:
+        yield
+    finally:
+        for name in originals:
+            delattr(model, name)  # the class's methods again
+
+
+def _meta_model(config: str):
+    cfg = dataclasses.replace(preset(config).model, forward_dtype="bfloat16", cuda_graphs=False)
+    return cfg, build_model(cfg).to("meta")
+
+
+def _batch(cfg, size: int) -> dict[str, torch.Tensor]:
+    shape, meta = (size, cfg.seq_len), torch.device("meta")
+    return {
+        "inputs": torch.ones(shape, dtype=torch.long, device=meta),
+        "labels": torch.ones(shape, dtype=torch.long, device=meta),
+        "puzzle_identifiers": torch.zeros(size, dtype=torch.long, device=meta),
+    }
+
+
+def count_step(config: str, provider: str, step: str, batch: int, mean_steps: float = MEAN_STEPS) -> list[Op]:
+    """The ops of one step of `config` as `provider` runs it on a GPU, counted on the meta device.
+
+    train: what the model benchmark times (forward with ACT from a fresh carry, loss / batch,
+    backward, AdamATan2 step); eval: one whole supervision step without grad; adaptive: one
+    step of adaptive evaluation (the refill of batch / mean_steps slots, the evaluation step,
+    the halting bookkeeping, and the host's read of which slots halted)."""
+    counter = Counter()
+    run_step(config, provider, step, batch, counter, counter, mean_steps)
+    if step == "adaptive":  # the device-to-host copy of the live flags, one byte per slot
+        counter.ops.append(Op("host read of halted slots", 2 * batch, 0, 1, False))
+    return counter.ops
+
+
+def run_step(config: str, provider: str, step: str, batch: int, region, marks, mean_steps=MEAN_STEPS) -> None:
+    """Run one step on the meta device with `region` (a context manager) around exactly the
+    part that is counted; `marks.graphed` is set while a captured region runs."""
+    if step not in STEPS:
+        raise ValueError(f"step {step!r}: train or eval")
+    cfg, model = _meta_model(config)
+    data = _batch(cfg, batch)
+    backend = "reference" if provider == "eager" else "triton"
+    with K.use_backend(backend), _FlashAttention(), _graph_regions(model, marks):
+        if step == "train":
+            model.train()
+            opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1)
+            carry = model.initial_carry(data)
+            with region:
+                carry, outputs = model(carry, data)
+                loss, _ = act_loss(outputs, carry)
+                (loss / batch).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        elif step == "eval":
+            model.eval()
+            with torch.no_grad():
+                x = model.embed(data["inputs"], data["puzzle_identifiers"])
+                y, z = (t.contiguous() for t in model.initial_y_z(batch))  # as every step after the first
+                with region:
+                    model._eval_step(x, y, z)
+        else:
+            model.eval()
+            with torch.no_grad():
+                state = Slots.empty(model, batch, cfg.seq_len)
+                refills = max(1, min(batch, round(batch / mean_steps)))
+                slots = torch.arange(refills, device=data["inputs"].device)
+                with region:
+                    state.refill(model, slots, data["inputs"][:refills], data["puzzle_identifiers"][:refills])
+                    state.advance(model, model._eval_step, cfg.n_sup, 0.0)
+
+
+def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
+    """Predicted lower-bound time of a step, and per op name what bounds it."""
+    graphs = provider.endswith("CUDA graphs")
+    per_op: dict[str, dict] = collections.defaultdict(lambda: collections.Counter())
+    total, replays, in_region = 0.0, 0, False
+    for op in ops:
+        graphed = graphs and op.graphed
+        if graphed and not in_region:
+            replays += 1  # a new replay starts where a run of graphed ops begins
+        in_region = graphed
+        floor = op.launches * LAUNCH_US["graph node" if graphed else "eager"] * 1e-6
+        terms = {"memory": op.bytes / gpu.bandwidth, "compute": op.flops / gpu.bf16, "launch": floor}
+        bound = max(terms, key=terms.get)
+        seconds = terms[bound]
+        total += seconds
+        entry = per_op[op.name]
+        entry["calls"] += 1
+        entry["bytes"] += op.bytes
+        entry["flops"] += op.flops
+        entry["launches"] += op.launches
+        entry["seconds"] += seconds
+        entry[f"{bound}_seconds"] += seconds
+    total += replays * LAUNCH_US["graph replay"] * 1e-6
+    table = {}
+    for name, e in sorted(per_op.items(), key=lambda kv: -kv[1]["seconds"]):
+        bound = max(("memory", "compute", "launch"), key=lambda b: e[f"{b}_seconds"])
+        table[name] = {k: e[k] for k in ("calls", "bytes", "flops", "launches")} | {
+            "us": e["seconds"] * 1e6,
+            "bound": bound,
+        }
+    return {
+        "us": total * 1e6,
+        "launches": sum(op.launches for op in ops) if not graphs else _launches_with_graphs(ops),
+        "bytes": sum(op.bytes for op in ops),
+        "flops": sum(op.flops for op in ops),
+        "replays": replays,
+        "ops": table,
+    }
+
+
+def _launches_with_graphs(ops: list[Op]) -> int:
+    """Host launches when each run of graphed ops is one replay."""
+    launches, in_region = 0, False
+    for op in ops:
+        if op.graphed:
+            launches += 0 if in_region else 1
+        else:
+            launches += op.launches
+        in_region = op.graphed
+    return launches
+
+
+def _measured(results_dir: pathlib.Path | None) -> dict:
+    """{(config, step, provider, batch): ms} from a model benchmark's results.json."""
+    if results_dir is None:
+        return {}
+    from .common import read_results
+
+    out = {}
+    for row in read_results(results_dir).rows:
+        config, _, size = row.case.partition(" B=")
+        if not size.isdigit():
+            continue
+        if row.group == "training step":
+            out[(config, "train", row.provider, int(size))] = row.ms
+        elif row.group == "evaluation (full solve)":  # n_sup evaluation steps
+            out[(config, "eval", row.provider, int(size))] = row.ms / preset(config).model.n_sup
+    return out
+
+
+def run(
+    configs=CONFIGS, gpus=tuple(GPUS), batches=BATCHES, measured_dir=None, log=None, mean_steps: float = MEAN_STEPS
+) -> dict:
+    measured = _measured(measured_dir)
+    report = {
+        "header": "PREDICTED, NOT MEASURED: lower bounds from counted bytes, FLOPs and launches; see 'model'",
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "model": {
+            "launch_us (assumed)": LAUNCH_US,
+            "adaptive mean steps (assumed)": mean_steps,
+            "gpus": {k: dataclasses.asdict(GPUS[k]) for k in gpus},
+        },
+        "steps": [],
+    }
+    for config in configs:
+        seq_len = preset(config).model.seq_len
+        for step in STEPS:
+            for batch in batches:
+                for provider in PROVIDERS:
+                    ops = count_step(config, provider, step, batch, mean_steps)
+                    if log:
+                        log(f"{config} {step} B={batch} {provider}: {len(ops)} ops")
+                    for key in gpus:
+                        p = predict(ops, provider, GPUS[key])
+                        if key != gpus[0]:  # per-op tables for the first GPU only (the file stays small)
+                            del p["ops"]
+                        entry = {"config": config, "step": step, "batch": batch, "provider": provider, "gpu": key,
+                                 **p, "tokens_per_s": batch * seq_len / (p["us"] * 1e-6)}  # fmt: skip
+                        ms = measured.get((config, step, provider, batch))
+                        if ms is not None and key == "h100-measured":
+                            entry["measured_over_predicted"] = ms * 1e3 / p["us"]
+                        report["steps"].append(entry)
+    return report
+
+
+def _find(report, **key):
+    return next(
+        (s for s in report["steps"] if all(s[k] == v for k, v in key.items())),
+        None,
+    )
+
+
+def _fmt_us(us: float) -> str:
+    return f"{us / 1e3:.2f} ms" if us >= 1e3 else f"{us:.0f} µs"
+
+
+def markdown(report: dict) -> str:
+    gpus = list(report["model"]["gpus"])
+    configs = list(dict.fromkeys(s["config"] for s in report["steps"]))
+    batches = sorted({s["batch"] for s in report["steps"]}, reverse=True)
+    ref = gpus[0]  # the GPU whose per-op tables the report keeps
+    lines = [
+        "# Speed-of-light model of TRM's steps: PREDICTED, NOT MEASURED",
+        "",
+        f"{report['date']}; `python -m trm_benchmarks.roofline` (torch {report['torch']}, counted on the meta device).",
+        "Bytes, FLOPs and launches are counted from our code (tested); every time below is a lower bound",
+        "predicted from them: per op the largest of bytes / bandwidth, FLOPs / dense bf16 rate and an",
+        f"assumed launch floor ({LAUNCH_US['eager']:g} µs per eager launch, {LAUNCH_US['graph node']:g} µs per kernel "
+        f"inside a CUDA graph, {LAUNCH_US['graph replay']:g} µs per replay),",
+        "summed over the step. Training step: forward with ACT, loss, backward, optimizer step. Evaluation step:",
+        "one supervision step without grad (evaluation runs n_sup of them). Adaptive evaluation step: the refill",
+        f"of batch / {report['model']['adaptive mean steps (assumed)']:g} slots, the evaluation step, the halting "
+        "bookkeeping and the host's read of the halted slots (trm/adaptive.py).",
+        "",
+    ]
+    fused_train = _find(report, config=configs[0], step="train", batch=batches[0], provider="fused", gpu=ref)
+    if fused_train:
+        lines += [f"## Next fusion targets: the ops with most predicted time in the fused training step (batch "
+                  f"{batches[0]}, {ref})", ""]  # fmt: skip
+        for config in configs:
+            s = _find(report, config=config, step="train", batch=batches[0], provider="fused", gpu=ref)
+            top = list(s["ops"].items())[:3]
+            lines.append(f"- **{config}** ({_fmt_us(s['us'])} predicted): " + "; ".join(
+                f"`{n}` {_fmt_us(e['us'])} ({100 * e['us'] / s['us']:.0f}%, {e['bound']}-bound: {e['calls']} calls, "
+                f"{e['bytes'] / 1e9:.2f} GB, {e['flops'] / 1e12:.2f} TFLOP)" for n, e in top))  # fmt: skip
+        lines.append("")
+    titles = {"train": "training step", "eval": "evaluation step", "adaptive": "adaptive evaluation step"}
+    for config in configs:
+        for step in [s for s in STEPS if _find(report, config=config, step=s)]:
+            lines += [f"## {config}, {titles[step]}", "",
+                      "| GPU | batch | eager | fused | fused + CUDA graphs | fused / eager | graphs / eager | "
+                      "launches (eager / fused / graphs) | tokens/s, graphs |",
+                      "|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+            for gpu in gpus:
+                for batch in batches:
+                    e, f, g = (_find(report, config=config, step=step, batch=batch, provider=p, gpu=gpu)
+                               for p in PROVIDERS)  # fmt: skip
+                    if not (e and f and g):
+                        continue
+                    times = " | ".join(_fmt_us(x["us"]) for x in (e, f, g))
+                    launches = f"{e['launches']} / {f['launches']} / {g['launches']}"
+                    lines.append(f"| {gpu} | {batch} | {times} | {e['us'] / f['us']:.2f}x | {e['us'] / g['us']:.2f}x | "
+                                 f"{launches} | {g['tokens_per_s']:,.0f} |")  # fmt: skip
+            lines.append("")
+    adaptive = [c for c in configs if _find(report, config=c, step="adaptive")]
+    if adaptive:
+        mean = report["model"]["adaptive mean steps (assumed)"]
+        lines += [f"## Adaptive against fixed-step evaluation, fused + CUDA graphs (puzzles taking {mean:g} steps on "
+                  "average, assumed; fixed: n_sup steps)", "",
+                  "| config | GPU | batch | fixed puzzles/s | adaptive puzzles/s | adaptive / fixed |",
+                  "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for config in adaptive:
+            n_sup = preset(config).model.n_sup
+            for gpu in gpus:
+                for batch in batches:
+                    fixed = _find(report, config=config, step="eval", batch=batch, provider=PROVIDERS[2], gpu=gpu)
+                    step = _find(report, config=config, step="adaptive", batch=batch, provider=PROVIDERS[2], gpu=gpu)
+                    if fixed and step:
+                        a, f = batch / (mean * step["us"] * 1e-6), batch / (n_sup * fixed["us"] * 1e-6)
+                        lines.append(f"| {config} | {gpu} | {batch} | {f:,.0f} | {a:,.0f} | {a / f:.2f}x |")
+        lines.append("")
+    measured = [s for s in report["steps"] if "measured_over_predicted" in s]
+    if measured:
+        lines += ["## Measured / predicted", "", "| config | step | batch | provider | measured / predicted |",
+                  "|---|---|---:|---|---:|"]  # fmt: skip
+        lines += [f"| {s['config']} | {s['step']} | {s['batch']} | {s['provider']} | "
+                  f"{s['measured_over_predicted']:.2f} |" for s in measured]  # fmt: skip
+        lines.append("")
+    lines += ["## GPUs", "", "| key | GPU | bandwidth | dense bf16 | source |", "|---|---|---:|---:|---|"]
+    for key, g in report["model"]["gpus"].items():
+        lines.append(f"| {key} | {g['name']} | {g['bandwidth'] / 1e12:.2f} TB/s | {g['bf16'] / 1e12:.0f} TFLOP/s | "
+                     f"{g['source']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _names(text: str, allowed, what: str, parser) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        parser.exit(2, f"error: --{what} {text}: choose from {', '.join(map(str, allowed))}\n")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="default: %(default)s")
+    parser.add_argument("--gpus", default=",".join(GPUS), help="default: %(default)s")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="default: %(default)s")
+    parser.add_argument(
+        "--mean-steps",
+        type=float,
+        default=MEAN_STEPS,
+        help="adaptive evaluation: average steps a puzzle takes (default: %(default)s, assumed)",
+    )
+    parser.add_argument("--measured", type=pathlib.Path, help="a model benchmark's results (directory or JSON)")
+    parser.add_argument("--out", type=pathlib.Path, help="write roofline.json and roofline.md here")
+    args = parser.parse_args(argv)
+    configs = _names(args.configs, CONFIGS, "configs", parser)
+    gpus = _names(args.gpus, GPUS, "gpus", parser)
+    if not args.mean_steps >= 1:
+        parser.exit(2, f"error: --mean-steps {args.mean_steps}: at least 1\n")
+    batch_text = _names(args.batches, [t for t in args.batches.split(",") if t.strip().isdigit()
+                                       and int(t) > 0], "batches", parser)  # fmt: skip
+    try:
+        report = run(configs, gpus, [int(b) for b in batch_text], args.measured,
+                     log=lambda m: print(m, file=sys.stderr), mean_steps=args.mean_steps)  # fmt: skip
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    text = markdown(report)
+    if args.out is None:
+        print(text)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "roofline.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "roofline.md").write_text(text)
+    print(f"wrote {args.out / 'roofline.json'} and {args.out / 'roofline.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

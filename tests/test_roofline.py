@@ -1,0 +1,173 @@
+"""The speed-of-light model's counts: FLOPs against hand counts, launches against an
+independent count (the profiler's record of the same step), and its predictions' arithmetic."""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+import trm_kernels as K
+from torch.profiler import ProfilerActivity, profile
+from trm_benchmarks import roofline as R
+from trm_benchmarks.model import step_flops
+
+from trm.config import preset
+
+META = torch.device("meta")
+
+
+def _counted(fn, backend="reference"):
+    counter = R.Counter()
+    with K.use_backend(backend), R._FlashAttention(), counter:
+        fn()
+    return counter.ops
+
+
+def test_one_gemm_by_hand():
+    x, w = torch.empty(3, 5, 16, device=META), torch.empty(32, 16, device=META)
+    ops = _counted(lambda: F.linear(x, w))
+    assert [op.name for op in ops] == ["aten.mm"] and ops[0].flops == 2 * 15 * 16 * 32
+    assert ops[0].bytes == 4 * (15 * 16 + 32 * 16 + 15 * 32) and ops[0].launches == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_one_attention_call_by_hand(backend):
+    batch, seq, heads, d = 2, 7, 2, 32
+    qkv = torch.empty(batch, seq, 3 * heads * d, device=META, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = torch.empty(seq, d, device=META), torch.empty(seq, d, device=META)
+    ops = _counted(lambda: K.rope_attention(qkv, cos, sin, heads).sum().backward(), backend)
+    scores = batch * heads * seq * seq * d  # one S x S x d product per head: 2 * scores FLOPs
+    forward = [op for op in ops if op.name in ("aten._scaled_dot_product_flash_attention", "trm.rope_attention")]
+    assert len(forward) == 1 and forward[0].flops == 2 * 2 * scores  # q k^T, p v
+    backward = [op for op in ops if "backward" in op.name and "attention" in op.name]
+    # PyTorch's flash backward: 5 products (torch.utils.flop_counter); ours recomputes q k^T and
+    # dO v^T in both of its kernels: 7 products
+    assert len(backward) == 1 and backward[0].flops == (5 if backend == "reference" else 7) * 2 * scores
+    assert backward[0].launches == (1 if backend == "reference" else 3)
+
+
+@pytest.mark.parametrize("step", ["train", "eval"])
+def test_whole_step_gemm_flops_match_a_hand_count(step):
+    """Every GEMM of a sudoku-mlp step against trm_benchmarks.model.step_flops (the nets'
+    products by hand) plus what that formula leaves out: the 2-wide halting head, and the
+    output head over the puzzle-embedding positions, which it computes and then drops (as the
+    reference does), once forward and, in training, twice more backward."""
+    cfg, batch, train = preset("sudoku-mlp").model, 4, step == "train"
+    counted = sum(op.flops for op in R.count_step("sudoku-mlp", "eager", step, batch))
+    heads = 2 * batch * cfg.puzzle_emb_len * cfg.hidden_size * cfg.vocab_size + 2 * batch * cfg.hidden_size * 2
+    assert counted == step_flops(cfg, batch, train) + (3 if train else 1) * heads
+
+
+def _composite(overload: str) -> bool | None:
+    """Whether PyTorch decomposes this overload before any device kernel (None: not a dispatcher op)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(overload, "CompositeImplicitAutograd")
+    except RuntimeError:
+        return None
+
+
+def _profiled_launches(events) -> int:
+    """Launches as the profiler saw a step, from its record of every aten op called from
+    Python or autograd (an op nested in another is that op's own business): a composite op
+    (one PyTorch decomposes before any device kernel: linear, to, reshape, square, ...)
+    launches what its callees launch; views, allocations and ops returning no tensor launch
+    nothing; every other aten op launches one kernel; our ops what LAUNCHES says."""
+
+    def launches(e) -> int:
+        kind, _, name = e.name.partition("::")
+        if kind == "trm":
+            return R.LAUNCHES[f"trm.{name}"]
+        packet = getattr(torch.ops.aten, name)
+        composite = [
+            _composite(e.name + ("" if o == "default" else f".{o}")) for o in packet.overloads() if "out" not in o
+        ]
+        composite = [c for c in composite if c is not None]
+        if composite and all(composite):
+            return sum(launches(c) for c in e.cpu_children if c.name.startswith("aten::"))
+        schemas = [getattr(packet, o)._schema for o in packet.overloads()]
+        schemas = [s for s in schemas if s.returns and str(s.returns[0].type).startswith("Tensor")]
+        alias = [s.returns[0].alias_info for s in schemas]
+        if not schemas or all(a is not None and not a.is_write for a in alias):  # no tensor, or a view
+            return 0
+        return 0 if f"aten.{name}" in R.NO_LAUNCH or name.startswith("empty") else 1
+
+    def outermost(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith(("aten::", "trm::")):
+                return False
+            p = p.cpu_parent
+        return True
+
+    return sum(launches(e) for e in events if e.name.startswith(("aten::", "trm::")) and outermost(e))
+
+
+@pytest.mark.parametrize("provider", ["eager", "fused"])
+@pytest.mark.parametrize("step", R.STEPS)
+@pytest.mark.parametrize("config", R.CONFIGS)
+def test_launch_counts_equal_the_profilers_count_of_the_same_step(config, provider, step):
+    """The same step run twice: once counted, once recorded by the profiler."""
+    counted = sum(op.launches for op in R.count_step(config, provider, step, 2))
+    counted -= step == "adaptive"  # the host's read of the halted slots, added after the step
+    recorder = profile(activities=[ProfilerActivity.CPU])
+    R.run_step(config, provider, step, 2, recorder, types.SimpleNamespace(graphed=False))
+    assert counted == _profiled_launches(recorder.events())
+
+
+def test_graphs_collapse_each_captured_region_to_one_launch():
+    ops = R.count_step("sudoku-mlp", "fused", "eval", 2)
+    assert all(op.graphed for op in ops)
+    gpu = R.GPUS["h100"]
+    graphs, fused = R.predict(ops, "fused + CUDA graphs", gpu), R.predict(ops, "fused", gpu)
+    assert graphs["launches"] == 1 and graphs["replays"] == 1 and fused["launches"] == sum(op.launches for op in ops)
+    train = R.count_step("sudoku-mlp", "fused", "train", 2)
+    graphed = [op for op in train if op.graphed]
+    assert graphed and len(graphed) < len(train)
+    assert R.predict(train, "fused + CUDA graphs", gpu)["launches"] == 1 + sum(
+        op.launches for op in train if not op.graphed
+    )
+
+
+def test_an_adaptive_step_is_the_evaluation_step_plus_refills_and_bookkeeping():
+    fixed = R.count_step("sudoku-mlp", "fused", "eval", 64)
+    adaptive = R.count_step("sudoku-mlp", "fused", "adaptive", 64, mean_steps=4)
+    assert [(op.name, op.bytes) for op in adaptive if op.graphed] == [(op.name, op.bytes) for op in fixed]
+    around = [op for op in adaptive if not op.graphed]
+    assert {"aten.index_put_", "aten.where", "aten.argmax"} <= {op.name for op in around}
+    assert around[-1].name == "host read of halted slots" and around[-1].launches == 1
+
+    def refill_bytes(mean_steps):  # 64 / mean_steps slots refilled: their rows of x, y and z written
+        ops = R.count_step("sudoku-mlp", "fused", "adaptive", 64, mean_steps=mean_steps)
+        return sum(op.bytes for op in ops if op.name == "aten.index_put_")
+
+    cfg = preset("sudoku-mlp").model
+    row = (cfg.seq_len + cfg.puzzle_emb_len) * cfg.hidden_size * 2  # one slot's x, y or z in bf16
+    # x's new rows are read (the embedded puzzles) and written; y and z are written from the
+    # initial state, one row broadcast over the slots (read once whatever their number)
+    assert refill_bytes(4) - refill_bytes(8) == pytest.approx((2 + 1 + 1) * (16 - 8) * row, rel=0.01)
+
+
+def test_prediction_is_the_sum_of_each_ops_largest_term():
+    gpu = R.GPU("test", bandwidth=1e12, bf16=1e14, source="made up")
+    ops = [R.Op("memory", bytes=10**7, flops=0, launches=1, graphed=False),  # 10 µs of memory
+           R.Op("compute", bytes=0, flops=10**9, launches=1, graphed=False),  # 10 µs of compute
+           R.Op("launch", bytes=10, flops=10, launches=2, graphed=False)]  # fmt: skip
+    p = R.predict(ops, "eager", gpu)
+    assert p["us"] == pytest.approx(10 + 10 + 2 * R.LAUNCH_US["eager"])
+    assert {name: e["bound"] for name, e in p["ops"].items()} == {"memory": "memory", "compute": "compute",
+                                                                   "launch": "launch"}  # fmt: skip
+
+
+def test_report_is_labelled_predicted_and_names_the_next_targets(tmp_path):
+    R.main(["--configs", "sudoku-mlp", "--gpus", "h100-measured", "--batches", "2", "--out", str(tmp_path)])
+    text = (tmp_path / "roofline.md").read_text()
+    assert text.startswith("# Speed-of-light model") and "PREDICTED, NOT MEASURED" in text.splitlines()[0]
+    assert "Next fusion targets" in text and "h100-measured" in text
+
+
+def test_bad_arguments_exit_2_with_one_line(capsys):
+    for argv in (["--configs", "nope"], ["--gpus", "v100"], ["--batches", "0"]):
+        with pytest.raises(SystemExit) as e:
+            R.main(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
