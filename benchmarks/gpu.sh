@@ -2,11 +2,12 @@
 # Everything only a GPU can show, in one script (run from the repository root on the
 # device machine, which has no network). Writes its logs and results under OUT_DIR.
 #
-#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: doctor | tests | ops | model[=CONFIG,...]
+#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: doctor | tests | ops | model[=CONFIG,...] | adaptive
 #
 #   bash benchmarks/gpu.sh $OUT doctor tests ops                      # trm doctor, CUDA tests, op table
 #   bash benchmarks/gpu.sh $OUT model=sudoku-mlp,sudoku-att           # model table, profiled
 #   bash benchmarks/gpu.sh $OUT model=maze,hrm-sudoku
+#   bash benchmarks/gpu.sh $OUT adaptive                              # train sudoku4, adaptive vs fixed evaluation
 #
 # doctor: `trm doctor` (environment, parity of every op and dtype, graphs, op speeds) in
 # OUT_DIR/doctor/. tests: build the extension, then every test on CUDA (bf16 kernels, the extension,
@@ -16,7 +17,7 @@
 # 540) keeps what it measured. Merge the parts of a session with
 # `python -m trm_benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
 set -uo pipefail
-out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR doctor|tests|ops|model[=CONFIGS]...}"
+out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR doctor|tests|ops|model[=CONFIGS]|adaptive...}"
 shift
 limit="${PART_TIMEOUT:-540}"
 mkdir -p "$out"
@@ -51,6 +52,12 @@ for part in "$@"; do
       [[ "$part" == model=* ]] && configs=(--configs "${part#model=}")
       timeout "$limit" python3 -m trm_benchmarks.run --out "$out/model" --only model --profile "${configs[@]}" 2>&1 \
         | tee "$out/bench-model.log" | tail -5 ;;
-    *) echo "unknown part: $part (doctor, tests, ops, model[=CONFIGS])"; exit 2 ;;
+    adaptive)
+      # halting means nothing with random weights: train the sudoku4 preset (2048 test puzzles, enough for
+      # batch 768), then adaptive against fixed-step evaluation, eager and fused + CUDA graphs, batch 768 and 1
+      timeout "$limit" bash -c "trm train --preset sudoku4 --set data.num_test=2048 --out '$out/sudoku4-run' \
+          > '$out/sudoku4-train.log' 2>&1 && python3 -m trm_benchmarks.run --out '$out/adaptive' --only adaptive \
+          --adaptive-run '$out/sudoku4-run'" 2>&1 | tee "$out/bench-adaptive.log" | tail -8 ;;
+    *) echo "unknown part: $part (doctor, tests, ops, model[=CONFIGS], adaptive)"; exit 2 ;;
   esac
 done

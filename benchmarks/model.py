@@ -4,7 +4,8 @@ Providers: ``eager`` (the reference ops), ``torch.compile`` and
 ``torch.compile reduce-overhead`` (both of the reference ops), ``fused`` (the trm_kernels
 backend picked automatically) and ``fused + CUDA graphs`` (the no-grad recursion replayed).
 Figures: step time, tokens/s (one supervision step of the batch), MFU from an analytic
-FLOP count, peak memory.
+FLOP count, peak memory. With a trained run, ``adaptive_rows`` compares adaptive against
+fixed-step evaluation (puzzles/s, exact accuracy).
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 import trm_kernels as K
 
+from trm.api import load
 from trm.arch import build_model
 from trm.config import ModelConfig, preset
+from trm.data.store import Split, load_split
+from trm.evaluate import evaluate, evaluate_adaptive
 from trm.layers import intermediate_size
 from trm.losses import act_loss
 from trm.model import Carry, RecursiveReasoningModel
@@ -281,3 +287,52 @@ def run(results: Results, device: torch.device, quick: bool, compile_ok: bool, n
                     rows.append(row)
             results.rows += rows
             save()
+
+
+def adaptive_rows(run: Path, device: torch.device, batches=(768, 1), puzzles: int = 2048) -> list[Row]:
+    """Adaptive against fixed-step evaluation of a trained run, on the first `puzzles` of its
+    test split: puzzles/s and exact accuracy of each, per batch, eager and (on a GPU) fused +
+    CUDA graphs. Halting means nothing with random weights, so this needs a trained run
+    (`trm train --preset sudoku4` takes a few minutes on a CPU, less on a GPU)."""
+    solver = load(run, device=device)
+    model, meta = solver.model, solver.meta
+    full = load_split(Path(meta["data_dir"]), "test")
+    count = min(puzzles, len(full))
+    if count == 0:
+        raise ValueError(f"{run}: the run's dataset has no test puzzles")
+    split = Split(full.inputs[:count], full.labels[:count], full.puzzle_identifiers[:count])
+    name, n_sup = Path(run).name, model.cfg.n_sup
+    providers = [Provider("eager", "reference")]
+    if device.type == "cuda" and "triton" in K.available("add_rmsnorm"):
+        providers.append(Provider("fused + CUDA graphs", "auto", graphs=True))
+    rows = []
+    for provider in providers:
+        model.cfg = dataclasses.replace(model.cfg, cuda_graphs=provider.graphs)
+        with K.use_backend(provider.backend):
+            for batch in batches:
+                batch = min(batch, count)
+                warm = Split(split.inputs[:batch], split.labels[:batch], split.puzzle_identifiers[:batch])
+                evaluate_adaptive(model, warm, batch)  # compile, capture, parity checks
+                evaluate(model, warm, batch)
+                halting = evaluate_adaptive(model, split, batch)
+                _sync(device)
+                started = time.perf_counter()
+                fixed = evaluate(model, split, batch)
+                _sync(device)
+                fixed_s = time.perf_counter() - started
+                case = f"{name} B={batch}"
+                for mode, per_s, exact, steps in (
+                    ("halting", halting["puzzles_per_second"], halting["exact_accuracy"], halting["steps_mean"]),
+                    (f"fixed {n_sup} steps", count / fixed_s, fixed["exact_accuracy"], n_sup),
+                ):
+                    row = Row("adaptive evaluation", case, f"{provider.name}, {mode}", 1e3 / per_s,
+                              extra={"batch": batch, "puzzles": count, "puzzles_per_s": per_s,
+                                     "exact_accuracy": exact, "steps_mean": steps})  # fmt: skip
+                    print(f"{row.case:24s} {row.provider:34s} {per_s:10.1f} puzzles/s  exact {exact:.4f}", flush=True)
+                    rows.append(row)
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -27,6 +27,8 @@ _COLUMNS = [
     ("batch", lambda r, c, rows: str(r.extra["batch"]) if "batch" in r.extra else None),
     ("tokens/s", lambda r, c, rows: f"{r.extra['tokens_per_s']:,.0f}" if "tokens_per_s" in r.extra else None),
     ("puzzles/s", lambda r, c, rows: f"{r.extra['puzzles_per_s']:,.0f}" if "puzzles_per_s" in r.extra else None),
+    ("exact", lambda r, c, rows: f"{100 * r.extra['exact_accuracy']:.1f}%" if "exact_accuracy" in r.extra else None),
+    ("steps", lambda r, c, rows: f"{r.extra['steps_mean']:.2f}" if "steps_mean" in r.extra else None),
     ("GB/s", lambda r, c, rows: f"{r.gbps:.0f}" if r.gbps else None),
     ("% copy", lambda r, c, rows: f"{100 * r.gbps / c['copy_gbps']:.0f}%" if r.gbps else None),
     ("TFLOP/s", lambda r, c, rows: f"{r.tflops:.1f}" if r.tflops else None),

@@ -22,7 +22,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for the result files")
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
-    parser.add_argument("--only", choices=("ops", "model"), help="run one part")
+    parser.add_argument("--only", choices=("ops", "model", "adaptive"), help="run one part")
+    parser.add_argument(
+        "--adaptive-run",
+        type=Path,
+        metavar="RUN",
+        help="a trained run: adds adaptive against fixed-step evaluation rows (puzzles/s, accuracy)",
+    )
+    parser.add_argument("--adaptive-puzzles", type=int, default=2048, help="test puzzles for those rows (%(default)s)")
     parser.add_argument("--configs", help=f"model configs, comma-separated (default: {','.join(model.NAMES)})")
     parser.add_argument("--profile", action="store_true", help="profile a training step per config: where time goes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
@@ -37,6 +44,12 @@ def main(argv: list[str] | None = None) -> Path:
         write_results(args.out, results)
         print((args.out / "results.md").read_text())
         return args.out
+    if args.only == "adaptive" and args.adaptive_run is None:
+        parser.error("--only adaptive needs --adaptive-run RUN (a trained run directory)")
+    if args.adaptive_run is not None and not (args.adaptive_run / "checkpoint.safetensors").exists():
+        parser.error(f"--adaptive-run {args.adaptive_run}: no checkpoint.safetensors there")
+    if args.adaptive_puzzles < 1:
+        parser.error(f"--adaptive-puzzles {args.adaptive_puzzles}: at least 1")
     names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
     try:
         model.configs(False, names)
@@ -60,6 +73,10 @@ def main(argv: list[str] | None = None) -> Path:
         write_results(args.out, results)
     if args.only in (None, "model"):
         model.run(results, device, quick, compile_ok, names, args.profile, lambda: write_results(args.out, results))
+    if args.adaptive_run is not None and args.only in (None, "adaptive"):
+        batches = (768, 1) if device.type == "cuda" else (64, 1)
+        results.rows += model.adaptive_rows(args.adaptive_run, device, batches, args.adaptive_puzzles)
+        write_results(args.out, results)
     print((args.out / "results.md").read_text())
     return args.out
 

@@ -62,3 +62,11 @@ def test_pruning_reads_the_device_budget(monkeypatch):
     # an architecture nothing listed stands for: the most any listed one needs
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (75, 100 * 1024))
     assert token_mlp.launchable_tiles(97, cpu) == [(128, 32, 8), (64, 32, 4)]
+
+
+def test_doctor_says_what_ci_verified_for_the_users_architecture():
+    from trm.doctor import static_verification
+
+    assert "compiled and checked" in static_verification(89)
+    assert "sm_86 stands for it" in static_verification(87)
+    assert "not among" in static_verification(75)

@@ -8,7 +8,7 @@ import trm_kernels as K
 from trm_benchmarks import breakdown, common, model, report, run, targets
 from trm_benchmarks.common import Results, Row
 
-from trm.config import ModelConfig
+from trm.config import ModelConfig, preset
 from trm.losses import act_loss
 from trm.model import TRM
 
@@ -218,3 +218,35 @@ def test_traffic_census_per_batch_element(evaluate):
         assert fused["trm.token_mlp_rmsnorm"] == 2 * 2 * 3 * (2 * 32 * 64 * 4)
         assert "trm.swiglu" in fused  # the hidden-axis SwiGLU remains
     assert sum(fused.values()) < 0.6 * sum(ref.values())
+
+
+def test_adaptive_rows_compare_halting_with_fixed_steps_on_the_runs_test_puzzles(tmp_path):
+    """A (random, so halting early) sudoku4-sized model and its dataset: one halting and one
+    fixed-step row per batch, on the same puzzles; the fixed row's accuracy is trm.evaluate's."""
+    from trm.arch import build_model
+    from trm.config import RunConfig
+    from trm.data import dataset
+    from trm.data.store import load_split
+    from trm.evaluate import evaluate, write_model_checkpoint
+
+    cfg = preset("sudoku4")
+    cfg.data.num_train, cfg.data.num_test = 8, 12
+    data = dataset.build(cfg.data, tmp_path / "data")
+    dataset.configure_model(cfg, data)
+    cfg.model.hidden_size, cfg.model.num_heads, cfg.model.n_sup, cfg.model.T, cfg.model.n = 32, 2, 3, 1, 1
+    torch.manual_seed(0)
+    net = build_model(cfg.model)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_model_checkpoint(net.state_dict(), RunConfig.from_dict(cfg.to_dict()), data, run / "checkpoint.safetensors")
+    rows = model.adaptive_rows(run, torch.device("cpu"), batches=(5, 1), puzzles=10)
+    assert [(r.case, r.provider) for r in rows] == [
+        (f"run B={b}", f"eager, {mode}") for b in (5, 1) for mode in ("halting", "fixed 3 steps")
+    ]
+    split = load_split(data, "test")
+    head = type(split)(split.inputs[:10], split.labels[:10], split.puzzle_identifiers[:10])
+    want = evaluate(net.eval(), head, 10)["exact_accuracy"]
+    for r in rows:
+        assert r.extra["puzzles"] == 10 and r.extra["puzzles_per_s"] > 0 and 1 <= r.extra["steps_mean"] <= 3
+        if "fixed" in r.provider:
+            assert r.extra["exact_accuracy"] == want

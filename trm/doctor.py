@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import trm_kernels as K
-from trm_kernels import backend, verify
+from trm_kernels import arch, backend, verify
 from trm_kernels.verify import relative_error, run_op, tolerance_problem
 
 from .arch import build_model
@@ -62,7 +62,7 @@ def environment() -> dict:
         p = torch.cuda.get_device_properties(0)
         env |= {"device": p.name, "compute_capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
                 "memory_gib": round(p.total_memory / 2**30, 1),
-                "driver": _driver()}  # fmt: skip
+                "driver": _driver(), "static_verification": static_verification(10 * p.major + p.minor)}  # fmt: skip
     else:
         env["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     env["cuda_extension"] = _extension()
@@ -70,6 +70,18 @@ def environment() -> dict:
     env["auto_order"] = {op: [b for b in backend.AUTO_ORDER.get(device, ()) if b in K.available(op)]
                          for op in backend._REGISTRY}  # fmt: skip
     return env
+
+
+def static_verification(capability: int) -> str:
+    """What CI's ahead-of-time compilation (trm_benchmarks.ptx) says about this architecture."""
+    listed = arch.nearest(capability)
+    target = f"sm_{capability}"
+    if listed is None:
+        listed_targets = ", ".join(a.target for a in arch.ARCHS.values())
+        return f"{target} is not among the architectures CI compiles for ({listed_targets})"
+    if listed.capability == capability:
+        return f"{target}: every Triton kernel compiled and checked against its limits in CI"
+    return f"{target}: not compiled in CI; {listed.target} stands for it (same major version)"
 
 
 def _version(module: str) -> str | None:
@@ -347,7 +359,7 @@ def markdown(report: dict) -> str:
              f"({report['seconds']} s)."]  # fmt: skip
     if "compute_capability" in env:
         lines.insert(3, f"GPU: compute capability {env['compute_capability']}, {env['sm_count']} SMs, "
-                        f"{env['memory_gib']} GiB, driver {env['driver']}.")  # fmt: skip
+                        f"{env['memory_gib']} GiB, driver {env['driver']}. {env['static_verification']}.")  # fmt: skip
     for item in report["skipped"]:
         lines.append(f"- skipped: {item}")
     lines += ["", "| result | check | op / step | backend | dtype | shape | detail |", "|---|---|---|---|---|---|---|"]
