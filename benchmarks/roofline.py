@@ -248,22 +248,26 @@ def count_step(config: str, provider: str, step: str, batch: int, mean_steps: fl
 def run_step(config: str, provider: str, step: str, batch: int, region, marks, mean_steps=MEAN_STEPS) -> None:
     """Run one step on the meta device with `region` (a context manager) around exactly the
     part that is counted; `marks.graphed` is set while a captured region runs."""
-    if step not in STEPS:
-        raise ValueError(f"step {step!r}: train or eval")
+    if step not in (*STEPS, DOCTOR_STEP):
+        raise ValueError(f"step {step!r}: one of {', '.join(STEPS)}")
     cfg, model = _meta_model(config)
     data = _batch(cfg, batch)
     backend = "reference" if provider == "eager" else "triton"
     with K.use_backend(backend), _FlashAttention(), _graph_regions(model, marks):
-        if step == "train":
+        if step in ("train", DOCTOR_STEP):
             model.train()
             opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1)
             carry = model.initial_carry(data)
             with region:
                 carry, outputs = model(carry, data)
                 loss, _ = act_loss(outputs, carry)
-                (loss / batch).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                if step == DOCTOR_STEP:  # as trm doctor times it
+                    loss.backward()
+                    model.zero_grad()
+                else:
+                    (loss / batch).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
         elif step == "eval":
             model.eval()
             with torch.no_grad():
@@ -334,28 +338,66 @@ def _launches_with_graphs(ops: list[Op]) -> int:
     return launches
 
 
-def _measured(results_dir: pathlib.Path | None) -> dict:
-    """{(config, step, provider, batch): ms} from a model benchmark's results.json."""
-    if results_dir is None:
-        return {}
+DOCTOR_STEP = "train, no optimizer"  # what trm doctor times: forward with ACT, loss, backward
+
+
+def gpu_key(device_name: str) -> str | None:
+    """The GPUS entry for a device as torch names it ("NVIDIA H100 80GB HBM3" -> h100-measured)."""
+    name = device_name.upper()
+    for marker, key in (("H100", "h100-measured"), ("H200", "h200"), ("A100", "a100"), ("L40S", "l40s"),
+                        ("4090", "rtx4090")):  # fmt: skip
+        if marker in name:
+            return key
+    return None
+
+
+def measured_steps(path: pathlib.Path | None) -> tuple[str | None, dict]:
+    """(the device, {(config, step, provider, batch): ms}) from a model benchmark's results
+    (a directory or results.json) or from ``trm doctor``'s doctor.json."""
+    if path is None:
+        return None, {}
+    doctor = path / "doctor.json" if path.is_dir() else path
+    if doctor.name == "doctor.json" and doctor.exists():
+        report = json.loads(doctor.read_text())
+        out = {}
+        for c in report["checks"]:
+            if c["kind"] == "speed" and c["name"].endswith(" training step") and "ms" in c["numbers"]:
+                provider = "eager" if c["backend"] == "reference" else "fused"
+                batch = int(c["shape"].removeprefix("batch "))
+                out[(c["name"].removesuffix(" training step"), DOCTOR_STEP, provider, batch)] = c["numbers"]["ms"]
+        return report["environment"].get("device"), out
     from .common import read_results
 
+    results = read_results(path)
     out = {}
-    for row in read_results(results_dir).rows:
+    for row in results.rows:
         config, _, size = row.case.partition(" B=")
-        if not size.isdigit():
+        if not size.isdigit() or config not in CONFIGS:
             continue
         if row.group == "training step":
             out[(config, "train", row.provider, int(size))] = row.ms
         elif row.group == "evaluation (full solve)":  # n_sup evaluation steps
             out[(config, "eval", row.provider, int(size))] = row.ms / preset(config).model.n_sup
-    return out
+    return results.environment.get("device"), out
+
+
+def compare_measured(path: pathlib.Path, mean_steps: float = MEAN_STEPS) -> dict:
+    """Measured / predicted for every step a GPU run measured, predicted for that GPU."""
+    device, measured = measured_steps(path)
+    key = gpu_key(device or "")
+    if key is None:
+        return {"device": device, "note": "no GPU spec for this device: nothing to compare", "rows": []}
+    rows = []
+    for (config, step, provider, batch), ms in sorted(measured.items()):
+        predicted = predict(count_step(config, provider, step, batch, mean_steps), provider, GPUS[key])["us"]
+        rows.append({"config": config, "step": step, "provider": provider, "batch": batch, "measured_ms": ms,
+                     "predicted_ms": predicted / 1e3, "measured_over_predicted": ms * 1e3 / predicted})  # fmt: skip
+    return {"device": device, "gpu": key, "rows": rows}
 
 
 def run(
     configs=CONFIGS, gpus=tuple(GPUS), batches=BATCHES, measured_dir=None, log=None, mean_steps: float = MEAN_STEPS
 ) -> dict:
-    measured = _measured(measured_dir)
     report = {
         "header": "PREDICTED, NOT MEASURED: lower bounds from counted bytes, FLOPs and launches; see 'model'",
         "date": datetime.date.today().isoformat(),
@@ -381,10 +423,9 @@ def run(
                             del p["ops"]
                         entry = {"config": config, "step": step, "batch": batch, "provider": provider, "gpu": key,
                                  **p, "tokens_per_s": batch * seq_len / (p["us"] * 1e-6)}  # fmt: skip
-                        ms = measured.get((config, step, provider, batch))
-                        if ms is not None and key == "h100-measured":
-                            entry["measured_over_predicted"] = ms * 1e3 / p["us"]
                         report["steps"].append(entry)
+    if measured_dir is not None:
+        report["measured"] = compare_measured(measured_dir, mean_steps)
     return report
 
 
@@ -464,13 +505,20 @@ def markdown(report: dict) -> str:
                         a, f = batch / (mean * step["us"] * 1e-6), batch / (n_sup * fixed["us"] * 1e-6)
                         lines.append(f"| {config} | {gpu} | {batch} | {f:,.0f} | {a:,.0f} | {a / f:.2f}x |")
         lines.append("")
-    measured = [s for s in report["steps"] if "measured_over_predicted" in s]
+    measured = report.get("measured")
     if measured:
-        lines += ["## Measured / predicted", "", "| config | step | batch | provider | measured / predicted |",
-                  "|---|---|---:|---|---:|"]  # fmt: skip
-        lines += [f"| {s['config']} | {s['step']} | {s['batch']} | {s['provider']} | "
-                  f"{s['measured_over_predicted']:.2f} |" for s in measured]  # fmt: skip
-        lines.append("")
+        lines += [f"## Measured / predicted ({measured['device']})", ""]
+        if not measured["rows"]:
+            lines += [measured.get("note", "no comparable measurement"), ""]
+        else:
+            lines += [f"Predicted for `{measured['gpu']}`.", "",
+                      "| config | step | batch | provider | measured | predicted | measured / predicted |",
+                      "|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
+            for r in measured["rows"]:
+                lines.append(f"| {r['config']} | {r['step']} | {r['batch']} | {r['provider']} | "
+                             f"{r['measured_ms']:.2f} ms | {r['predicted_ms']:.2f} ms | "
+                             f"{r['measured_over_predicted']:.2f} |")  # fmt: skip
+            lines.append("")
     lines += ["## GPUs", "", "| key | GPU | bandwidth | dense bf16 | source |", "|---|---|---:|---:|---|"]
     for key, g in report["model"]["gpus"].items():
         lines.append(f"| {key} | {g['name']} | {g['bandwidth'] / 1e12:.2f} TB/s | {g['bf16'] / 1e12:.0f} TFLOP/s | "
@@ -497,7 +545,9 @@ def main(argv: list[str] | None = None) -> None:
         default=MEAN_STEPS,
         help="adaptive evaluation: average steps a puzzle takes (default: %(default)s, assumed)",
     )
-    parser.add_argument("--measured", type=pathlib.Path, help="a model benchmark's results (directory or JSON)")
+    parser.add_argument("--measured", type=pathlib.Path,
+                        help="a GPU run's results: the model benchmark's results.json or trm doctor's doctor.json "
+                             "(or their directory)")  # fmt: skip
     parser.add_argument("--out", type=pathlib.Path, help="write roofline.json and roofline.md here")
     args = parser.parse_args(argv)
     configs = _names(args.configs, CONFIGS, "configs", parser)
@@ -509,8 +559,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = run(configs, gpus, [int(b) for b in batch_text], args.measured,
                      log=lambda m: print(m, file=sys.stderr), mean_steps=args.mean_steps)  # fmt: skip
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+    except (ValueError, OSError, KeyError) as e:
+        parser.exit(2, f"error: --measured {args.measured}: {e}\n")
     text = markdown(report)
     if args.out is None:
         print(text)

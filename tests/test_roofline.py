@@ -1,6 +1,7 @@
 """The speed-of-light model's counts: FLOPs against hand counts, launches against an
 independent count (the profiler's record of the same step), and its predictions' arithmetic."""
 
+import json
 import types
 
 import pytest
@@ -171,3 +172,21 @@ def test_bad_arguments_exit_2_with_one_line(capsys):
             R.main(argv)
         assert e.value.code == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_measured_figures_are_held_against_the_prediction_for_their_gpu(tmp_path):
+    """A doctor.json from an L40S (numbers made up for the test): its batch-16 training steps
+    against the prediction for an L40S of the same step (no optimizer, as doctor times it)."""
+    checks = [{"kind": "speed", "name": "sudoku-mlp training step", "backend": b, "dtype": "bfloat16",
+               "shape": "batch 16", "passed": None, "detail": "", "numbers": {"ms": ms}}
+              for b, ms in (("reference", 20.0), ("auto", 10.0))]  # fmt: skip
+    (tmp_path / "doctor.json").write_text(json.dumps({"environment": {"device": "NVIDIA L40S"}, "checks": checks}))
+    result = R.compare_measured(tmp_path)
+    assert result["gpu"] == "l40s" and [r["provider"] for r in result["rows"]] == ["eager", "fused"]
+    for r, ms in zip(result["rows"], (20.0, 10.0), strict=True):
+        ops = R.count_step("sudoku-mlp", r["provider"], R.DOCTOR_STEP, 16)
+        assert r["predicted_ms"] == pytest.approx(R.predict(ops, r["provider"], R.GPUS["l40s"])["us"] / 1e3)
+        assert r["measured_over_predicted"] == pytest.approx(ms / r["predicted_ms"])
+    assert not any(op.name == "aten.atan2" for op in ops)  # no optimizer step in what doctor times
+    (tmp_path / "doctor.json").write_text(json.dumps({"environment": {"device": "Tesla T4"}, "checks": checks}))
+    assert R.compare_measured(tmp_path)["rows"] == []
