@@ -552,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configs = _names(args.configs, CONFIGS, "configs", parser)
     gpus = _names(args.gpus, GPUS, "gpus", parser)
+    if args.measured is not None and not args.measured.exists():
+        parser.exit(2, f"error: --measured {args.measured}: no such file or directory\n")
     if not args.mean_steps >= 1:
         parser.exit(2, f"error: --mean-steps {args.mean_steps}: at least 1\n")
     batch_text = _names(args.batches, [t for t in args.batches.split(",") if t.strip().isdigit()

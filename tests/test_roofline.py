@@ -167,7 +167,7 @@ def test_report_is_labelled_predicted_and_names_the_next_targets(tmp_path):
 
 
 def test_bad_arguments_exit_2_with_one_line(capsys):
-    for argv in (["--configs", "nope"], ["--gpus", "v100"], ["--batches", "0"]):
+    for argv in (["--configs", "nope"], ["--gpus", "v100"], ["--batches", "0"], ["--measured", "/nonexistent"]):
         with pytest.raises(SystemExit) as e:
             R.main(argv)
         assert e.value.code == 2
