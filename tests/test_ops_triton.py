@@ -114,10 +114,10 @@ def test_token_mlp_rmsnorm_every_autotuner_config(monkeypatch, config):
             _check_fused_token_mlp(*_token_mlp_inputs(*shape, dtype), f"token_mlp{shape} {dtype} config {config}")
 
 
-@pytest.mark.parametrize("seq", [97, 150])
-def test_token_mlp_rmsnorm_through_the_autotuner(monkeypatch, seq):
-    """The GPU's launch path (pruning by sequence tile, grid from the chosen config) with a
-    stand-in timer that runs each config once, each faster than the last, so the last is kept."""
+@pytest.fixture
+def timed_configs(monkeypatch):
+    """The fused mlp_t kernel behind Triton's autotuner with a stand-in timer that runs each
+    config once, each faster than the last (so the last is kept); the list grows by one per run."""
     from trm_kernels import token_mlp
 
     runs = []
@@ -128,6 +128,15 @@ def test_token_mlp_rmsnorm_through_the_autotuner(monkeypatch, seq):
         return [1.0 / len(runs)] * len(quantiles)
 
     monkeypatch.setattr(token_mlp, "_KERNEL", token_mlp._autotuned(do_bench=do_bench))
+    return runs
+
+
+@pytest.mark.parametrize("seq", [97, 150])
+def test_token_mlp_rmsnorm_through_the_autotuner(timed_configs, seq):
+    """The GPU's launch path (pruning by sequence tile, grid from the chosen config)."""
+    from trm_kernels import token_mlp
+
+    runs = timed_configs
     for batch in (2, 1):  # a new batch size is tuned again
         _check_fused_token_mlp(*_token_mlp_inputs(batch, seq, 150, 80, DTYPES[-1]), f"autotuned S={seq} B={batch}")
     configs = len(token_mlp.CONFIGS[128 if seq <= 128 else 256])
@@ -136,20 +145,13 @@ def test_token_mlp_rmsnorm_through_the_autotuner(monkeypatch, seq):
 
 
 @pytest.mark.parametrize("seq", [97, 150])
-def test_token_mlp_rmsnorm_autotuner_prunes_what_the_device_cannot_launch(monkeypatch, seq):
+def test_token_mlp_rmsnorm_autotuner_prunes_what_the_device_cannot_launch(monkeypatch, timed_configs, seq):
     """On a device that says it is an sm_89 with 60 KB of shared memory per block, the
     autotuner times only the configs whose sm_89 kernels fit; with 10 KB none fits, and the
     op runs the composed Triton ops instead (same answer, no fused kernel)."""
     from trm_kernels import token_mlp
 
-    runs = []
-
-    def do_bench(kernel_call, quantiles):
-        kernel_call()
-        runs.append(1)
-        return [1.0 / len(runs)] * len(quantiles)
-
-    monkeypatch.setattr(token_mlp, "_KERNEL", token_mlp._autotuned(do_bench=do_bench))
+    runs = timed_configs
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (89, 60 * 1024))
     seq_class = 128 if seq <= 128 else 256
     fits = [t for t in token_mlp.CONFIGS[seq_class] if token_mlp.SHARED_BYTES[(seq_class, *t)][89] <= 60 * 1024]
