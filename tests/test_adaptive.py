@@ -132,3 +132,47 @@ def test_training_evaluates_adaptively_when_asked(sudoku4_data, tmp_path):
     want, got = fixed.evaluate(), halting.evaluate()
     assert got["steps_mean"] == 4 and got["count"] == want["count"] == 64
     assert (got["exact_accuracy"], got["accuracy"]) == pytest.approx((want["exact_accuracy"], want["accuracy"]))
+
+
+def _ddp_adaptive_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from trm.data.store import Split
+    from trm.evaluate import evaluate_adaptive
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, inputs, ids = model_and_puzzles(n=23)
+        labels = torch.randint(1, 7, inputs.shape, generator=torch.Generator().manual_seed(5)).numpy()
+        split = Split(inputs.numpy(), labels, ids.numpy())
+        result = evaluate_adaptive(model, split, batch_size=4, steps=5)
+        if rank == 0:
+            (out / "ddp.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_processes_each_solve_a_share_and_gather_the_same_result_as_one(tmp_path):
+    """Two gloo processes, each a strided half of 23 puzzles: the gathered accuracy and step
+    counts equal one process solving all of them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from trm.data.store import Split
+    from trm.evaluate import evaluate_adaptive
+
+    model, inputs, ids = model_and_puzzles(n=23)
+    labels = torch.randint(1, 7, inputs.shape, generator=torch.Generator().manual_seed(5)).numpy()
+    want = evaluate_adaptive(model, Split(inputs.numpy(), labels, ids.numpy()), batch_size=4, steps=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_adaptive_worker, args=(2, port, tmp_path), nprocs=2, start_method="spawn")
+    got = json.loads((tmp_path / "ddp.json").read_text())
+    assert got["count"] == want["count"] == 23
+    for key in ("exact_accuracy", "accuracy", "steps_mean", "steps_median", "steps_max"):
+        assert got[key] == pytest.approx(want[key]), key
+    assert {int(k): v for k, v in got["steps_histogram"].items()} == want["steps_histogram"]
+    assert len(set(want["steps_histogram"])) > 1  # puzzles halted at different steps
