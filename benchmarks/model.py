@@ -40,7 +40,8 @@ T = TypeVar("T")
 
 
 def step_flops(cfg: ModelConfig, batch: int, train: bool) -> float:
-    """Matrix FLOPs of one supervision step: every net call forward, the grad cycle's backward."""
+    """Matrix FLOPs of one supervision step: every net call and the heads forward, the grad
+    cycle's and the heads' backward (trm_benchmarks.roofline counts the same from the code)."""
     s, d = cfg.seq_len + cfg.puzzle_emb_len, cfg.hidden_size
     tokens = batch * s
     mlp = 2 * tokens * 3 * d * intermediate_size(d, cfg.expansion)
@@ -50,7 +51,9 @@ def step_flops(cfg: ModelConfig, batch: int, train: bool) -> float:
         mixer = 2 * tokens * 4 * d * d + 4 * batch * s * s * d
     per_call = cfg.num_layers * (mlp + mixer)
     calls, grad_calls = cfg.T * (cfg.n + 1), cfg.n + 1
-    head = 2 * batch * cfg.seq_len * d * cfg.vocab_size
+    # the output head over every position (the puzzle-embedding ones are computed, then dropped,
+    # as the reference does) and the 2-wide halting head on the first
+    head = 2 * batch * s * d * cfg.vocab_size + 2 * batch * d * 2
     return per_call * calls + head + (2 * (per_call * grad_calls + head) if train else 0)
 
 

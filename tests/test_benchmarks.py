@@ -111,7 +111,7 @@ def test_flop_count_of_a_training_step():
     cfg = ModelConfig(vocab_size=11, seq_len=81, hidden_size=512, mlp_t=False, puzzle_emb_len=16, T=3, n=6)
     tokens = 97
     per_call = 2 * (2 * tokens * 512 * (3 * 512 + 512 + 3 * 1536) + 4 * tokens * tokens * 512)
-    head = 2 * 81 * 512 * 11
+    head = 2 * 97 * 512 * 11 + 2 * 512 * 2  # every position (puzzle-embedding ones too), and the halting head
     assert model.step_flops(cfg, 1, train=False) == per_call * 21 + head
     assert model.step_flops(cfg, 1, train=True) == per_call * 21 + head + 2 * (per_call * 7 + head)
 
