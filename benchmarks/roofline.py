@@ -52,7 +52,7 @@ from trm.config import preset
 from trm.losses import act_loss
 from trm.optim import AdamATan2
 
-from .traffic import nbytes
+from .traffic import UNTAGGED_VIEWS, nbytes
 
 CONFIGS = ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku")
 PROVIDERS = ("eager", "fused", "fused + CUDA graphs")  # the model benchmark's names
@@ -78,7 +78,7 @@ LAUNCHES = {
 # Ops that launch no kernel: allocations, views not tagged as views, and the 0-dim tensor a
 # Python number becomes in torch.where(mask, 0, t) (a CPU wrapped number on CUDA).
 NO_LAUNCH = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
-             "aten._unsafe_view", "aten.lift_fresh", "aten.scalar_tensor"}  # fmt: skip
+             "aten.lift_fresh", "aten.scalar_tensor"} | UNTAGGED_VIEWS  # fmt: skip
 
 # Launch floors in microseconds: assumptions, not measurements (the host's CPU sets the eager
 # one); what a GPU run measures replaces them.
@@ -187,7 +187,7 @@ class _FlashAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and not kwargs.get("attn_mask") and not kwargs.get("is_causal"):
+        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
             q, k, v = args[:3]
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=kwargs.get("scale"))[0]
         return func(*args, **kwargs)
@@ -256,7 +256,7 @@ def run_step(config: str, provider: str, step: str, batch: int, region, marks, m
     with K.use_backend(backend), _FlashAttention(), _graph_regions(model, marks):
         if step in ("train", DOCTOR_STEP):
             model.train()
-            opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1)
+            opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1) if step == "train" else None
             carry = model.initial_carry(data)
             with region:
                 carry, outputs = model(carry, data)
@@ -289,13 +289,14 @@ def run_step(config: str, provider: str, step: str, batch: int, region, marks, m
 def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
     """Predicted lower-bound time of a step, and per op name what bounds it."""
     graphs = provider.endswith("CUDA graphs")
-    per_op: dict[str, dict] = collections.defaultdict(lambda: collections.Counter())
-    total, replays, in_region = 0.0, 0, False
+    per_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    total, replays, launches, in_region = 0.0, 0, 0, False
     for op in ops:
         graphed = graphs and op.graphed
         if graphed and not in_region:
             replays += 1  # a new replay starts where a run of graphed ops begins
         in_region = graphed
+        launches += 0 if graphed else op.launches  # a graphed op is launched by its replay
         floor = op.launches * LAUNCH_US["graph node" if graphed else "eager"] * 1e-6
         terms = {"memory": op.bytes / gpu.bandwidth, "compute": op.flops / gpu.bf16, "launch": floor}
         bound = max(terms, key=terms.get)
@@ -318,24 +319,12 @@ def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
         }
     return {
         "us": total * 1e6,
-        "launches": sum(op.launches for op in ops) if not graphs else _launches_with_graphs(ops),
+        "launches": launches + replays,
         "bytes": sum(op.bytes for op in ops),
         "flops": sum(op.flops for op in ops),
         "replays": replays,
         "ops": table,
     }
-
-
-def _launches_with_graphs(ops: list[Op]) -> int:
-    """Host launches when each run of graphed ops is one replay."""
-    launches, in_region = 0, False
-    for op in ops:
-        if op.graphed:
-            launches += 0 if in_region else 1
-        else:
-            launches += op.launches
-        in_region = op.graphed
-    return launches
 
 
 DOCTOR_STEP = "train, no optimizer"  # what trm doctor times: forward with ACT, loss, backward

@@ -26,7 +26,7 @@ from trm.config import preset
 from trm.losses import act_loss
 from trm.model import TRM
 
-_VIEWS = {"aten._unsafe_view"}  # a view that is not tagged as one (func.is_view covers the rest)
+UNTAGGED_VIEWS = {"aten._unsafe_view"}  # a view that is not tagged as one (func.is_view covers the rest)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -49,7 +49,7 @@ class Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket)
-        if not (func.is_view or name in _VIEWS):
+        if not (func.is_view or name in UNTAGGED_VIEWS):
             self.bytes[name] += nbytes((args, kwargs)) + nbytes(out)
         return out
 
