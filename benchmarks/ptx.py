@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -192,12 +193,17 @@ def compile_all(archs=None, dtypes=("bf16",), workers: int | None = None) -> dic
         for c, d in jobs:
             results[A.ARCHS[c].target][d] = compile_arch(c, d)
         return results
-    # spawn: each worker imports Triton afresh (nothing forked from a process holding torch's threads)
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawn: each worker imports Triton afresh (nothing forked from a process holding torch's
+    # threads); workers ignore Ctrl-C, which the parent handles by cancelling what has not started
+    spawn, quiet = multiprocessing.get_context("spawn"), (signal.SIGINT, signal.SIG_IGN)
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, initializer=signal.signal, initargs=quiet)
+    try:
         futures = {pool.submit(compile_arch, c, d): (c, d) for c, d in jobs}
         for future in concurrent.futures.as_completed(futures):
             c, d = futures[future]
             results[A.ARCHS[c].target][d] = future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
     return results
 
 
@@ -303,4 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: no report written")
