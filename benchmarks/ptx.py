@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import datetime
 import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=pathlib.Path, help="write report.json and report.md here instead of stdout")
     parser.add_argument("--workers", type=int, default=None, help="compiling processes (default: one per core)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("triton") is None:
+        parser.exit(2, 'error: this needs Triton (no GPU needed): pip install -e ".[triton]"\n')
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.exit(2, "error: trm_benchmarks.ptx compiles real kernels: run it without TRITON_INTERPRET=1\n")
     try:

@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(or their directory)")  # fmt: skip
     parser.add_argument("--out", type=pathlib.Path, help="write roofline.json and roofline.md here")
     args = parser.parse_args(argv)
+    if "triton" not in K.available("inject"):  # the fused providers' ops are Triton's (counted, not run)
+        parser.exit(2, 'error: this needs Triton (no GPU needed): pip install -e ".[triton]"\n')
     configs = _names(args.configs, CONFIGS, "configs", parser)
     gpus = _names(args.gpus, GPUS, "gpus", parser)
     if args.measured is not None and not args.measured.exists():
