@@ -3,7 +3,8 @@
 The forward computes, per token, the loss and the gradient of the loss w.r.t. the logits
 (stored in the logits' dtype). The backward scales that gradient by the upstream
 per-token gradient, so the logits are read once in total. Everything is computed in
-fp32. The reference computes stablemax in float64, and the two agree to fp32 precision.
+fp32. The reference computes stablemax in float64, and the two agree to fp32 precision;
+the stablemax loss is returned in float64 as the reference's is (softmax in fp32).
 
 stablemax: s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0); loss = log(sum_j s_j / s_y), computed as
 log1p(sum_{j != y} s_j / s_y) so that small losses keep their relative precision;
@@ -68,8 +69,13 @@ def _ce_fwd(
         grad = tl.where(onehot, (-others / total)[:, None], e / total[:, None])  # e_y / total - 1, uncancelled
     loss = tl.where(valid, tl.where(in_range, loss, float("nan")), 0.0)
     grad = tl.where(valid[:, None], grad, 0.0)
-    tl.store(LOSS + rows, loss, mask=row_ok)
+    tl.store(LOSS + rows, loss.to(LOSS.dtype.element_ty), mask=row_ok)
     tl.store(DLOGITS + offs, grad.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+def _loss_dtype(stablemax: bool) -> torch.dtype:
+    """The reference implementation's: stablemax in float64, softmax in fp32."""
+    return torch.float64 if stablemax else torch.float32
 
 
 @torch.library.custom_op("trm::cross_entropy", mutates_args=())
@@ -78,7 +84,7 @@ def cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = logits.contiguous(), labels.contiguous()
     vocab = logits.shape[-1]
-    loss = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    loss = torch.empty(labels.shape, dtype=_loss_dtype(stablemax), device=logits.device)
     dlogits = torch.empty_like(logits)
     n_rows = labels.numel()
     block_v = next_pow2(vocab)
@@ -90,7 +96,7 @@ def cross_entropy_fwd(
 
 @cross_entropy_fwd.register_fake
 def _(logits, labels, ignore_index, stablemax):
-    loss = logits.new_empty(labels.shape, dtype=torch.float32)
+    loss = logits.new_empty(labels.shape, dtype=_loss_dtype(stablemax))
     return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 

@@ -148,13 +148,14 @@ def _stablemax_s(x: torch.Tensor) -> torch.Tensor:
 def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-token -log(s(x_label) / sum_j s(x_j)) in float64, 0 where label == ignore_index.
 
-    Returns labels' shape, float32 (float64 for float64 logits).
+    Returns labels' shape in float64, as the TRM reference implementation does, so that the
+    loss summed from it, and its gradient, are float64 until they reach the logits.
     """
     s = _stablemax_s(logits.double())
     logp = torch.log(s / s.sum(dim=-1, keepdim=True))
     valid = labels != ignore_index
     picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, -picked, 0).to(_compute_dtype(logits.dtype))
+    return torch.where(valid, -picked, 0)
 
 
 def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

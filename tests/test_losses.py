@@ -62,3 +62,40 @@ def test_softmax_loss_option_and_unknown_loss():
     assert metrics["lm_loss"].item() == pytest.approx(ce.item(), rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         act_loss(outputs, carry, "mse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stablemax_loss_and_gradient_are_bitwise_the_reference_formulation(dtype):
+    """The reference implementation takes log-stablemax in float64, divides each token's loss by
+    its sequence's count, sums in float64 and adds the halting BCE; its fp32 training then gets
+    float64 gradients down to the logits. Written here in that order, independently of trm."""
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 9, 11) * 3).to(dtype)
+    labels = torch.randint(0, 11, (6, 9))
+    labels[1, 4:] = -100
+    labels[3] = -100  # a sequence with nothing to predict
+    q_halt = torch.randn(6)
+    halted = torch.ones(6, dtype=torch.bool)
+
+    def reference_loss(x, q):
+        mask = labels != -100
+        divisor = mask.sum(-1).clamp_min(1).unsqueeze(-1)
+        x64 = x.to(torch.float64)
+        s = torch.where(x64 < 0, 1 / (1 - x64 + 1e-30), x64 + 1)
+        logp = torch.log(s / s.sum(-1, keepdim=True))
+        picked = logp.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
+        lm = (-torch.where(mask, picked, 0) / divisor).sum()
+        correct = ((x.argmax(-1) == labels) | ~mask).all(-1)
+        halt = torch.nn.functional.binary_cross_entropy_with_logits(q, correct.to(q.dtype), reduction="sum")
+        return lm + 0.5 * halt
+
+    ours = logits.clone().requires_grad_()
+    want = logits.clone().requires_grad_()
+    q_ours, q_want = q_halt.clone().requires_grad_(), q_halt.clone().requires_grad_()
+    loss, _ = act_loss(*make(ours, labels, q_ours, halted, torch.ones(6)))
+    (loss * (1 / 6)).backward()
+    ref = reference_loss(want, q_want)
+    ((1 / 6) * ref).backward()
+    assert loss.dtype == ref.dtype == torch.float64
+    assert torch.equal(loss, ref)
+    assert torch.equal(ours.grad, want.grad) and torch.equal(q_ours.grad, q_want.grad)

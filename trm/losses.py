@@ -40,7 +40,8 @@ def act_loss(
             "q_halt_accuracy": (valid & ((q_halt >= 0) == seq_correct)).sum(),
             "steps": torch.where(valid, carry.steps, 0).sum(),
         }
-    lm_loss = (_CE[loss](logits, labels, IGNORE_LABEL).sum(-1) / divisor).sum()
+    # each token's loss over its sequence's count, then the sum: the reference's order (in float64 for stablemax)
+    lm_loss = (_CE[loss](logits, labels, IGNORE_LABEL) / divisor[:, None]).sum()
     halt_loss = F.binary_cross_entropy_with_logits(q_halt, seq_correct.to(q_halt.dtype), reduction="sum")
     metrics["lm_loss"] = lm_loss.detach()
     metrics["halt_loss"] = halt_loss.detach()
