@@ -104,3 +104,17 @@ def test_hrm_trains_through_the_same_loop(sudoku4_data, tmp_path):
     losses = [trainer.train_step()["lm_loss"].item() for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert trainer.evaluate()["count"] == 64
+
+
+def test_switching_a_trm_preset_to_hrm_takes_hrms_structure_and_says_so():
+    notes = []
+    cfg = apply_overrides(preset("sudoku-mlp"), ["model.arch=hrm", "model.T=3"], notes)
+    m = cfg.model
+    assert (m.num_layers, m.puzzle_emb_len, m.T, m.n, m.mlp_t) == (4, 1, 3, 2, False)  # T as set explicitly
+    assert notes == ["model.arch=hrm takes HRM's structure: num_layers 2 -> 4, puzzle_emb_len 16 -> 1, n 6 -> 2, "
+                     "mlp_t True -> False (set any of them with --set to choose otherwise)"]  # fmt: skip
+    same = apply_overrides(preset("sudoku-att"), ["model.arch=hrm"])
+    assert same.model == preset("hrm-sudoku").model  # the faithful preset, from either starting point
+    notes = []
+    apply_overrides(preset("hrm-sudoku"), ["model.hidden_size=256"], notes)
+    assert notes == []  # no switch, no note

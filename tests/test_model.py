@@ -276,3 +276,40 @@ def test_puzzle_rows_keep_receiving_gradients_after_the_model_is_converted():
     assert torch.equal(model.puzzle_emb.local_ids, b["puzzle_identifiers"])
     model.zero_grad()
     assert rows.grad is None
+
+
+@pytest.mark.parametrize("mlp_t", [False, True])
+def test_learned_position_encodings_are_the_references(mlp_t):
+    """pos_encodings=learned: a [S, D] table (init std 1/sqrt(D)) added to the input embedding,
+    the sum scaled by 1/sqrt(2) and then by sqrt(D); attention then rotates nothing."""
+    cfg = small(pos_encodings="learned", mlp_t=mlp_t)
+    torch.manual_seed(0)
+    model = TRM(cfg)
+    s, d = cfg.seq_len + cfg.puzzle_emb_len, cfg.hidden_size
+    assert model.embed_pos.embedding_weight.shape == (s, d)
+    assert model.num_parameters() == TRM(small(mlp_t=mlp_t)).num_parameters() + s * d
+    with torch.no_grad():
+        model.puzzle_emb.weights.normal_()
+    b = batch_of(cfg)
+    tokens = F.embedding(b["inputs"], model.embed_tokens.embedding_weight.double())
+    prefix = torch.zeros(4, cfg.puzzle_emb_len, d, dtype=torch.float64)
+    prefix[:, 0] = model.puzzle_emb.weights[b["puzzle_identifiers"]].double()
+    want = 0.707106781 * (torch.cat((prefix, tokens), 1) + model.embed_pos.embedding_weight.double()) * d**0.5
+    assert torch.equal(model.embed(b["inputs"], b["puzzle_identifiers"]), want)
+    if not mlp_t:
+        assert torch.equal(model.rope_cos, torch.ones_like(model.rope_cos))
+        assert torch.equal(model.rope_sin, torch.zeros_like(model.rope_sin))
+
+
+def test_attention_without_rope_is_plain_attention_bit_for_bit():
+    """pos_encodings=none or learned: the identity rotation leaves q and k exactly as projected."""
+    import trm_kernels as K
+
+    cfg = small(pos_encodings="none", forward_dtype="float32")
+    model = TRM(cfg)
+    qkv = torch.randn(2, cfg.seq_len + cfg.puzzle_emb_len, 3 * cfg.hidden_size)
+    heads, hd = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    got = K.rope_attention(qkv, model.rope_cos, model.rope_sin, heads, backend="reference")
+    q, k, v = qkv.view(2, -1, 3, heads, hd).unbind(2)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert torch.equal(got, want.transpose(1, 2).reshape(2, -1, cfg.hidden_size))

@@ -24,6 +24,7 @@ class ModelConfig:
     n: int = 6  # reference: L_cycles
     n_sup: int = 16  # reference: halt_max_steps
     halt_exploration_prob: float = 0.1
+    pos_encodings: str = "rope"  # or "learned" (a table added to the input) or "none"; attention only uses RoPE
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     forward_dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
@@ -224,6 +225,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     need(m.rms_norm_eps > 0, "model.rms_norm_eps", m.rms_norm_eps, "must be > 0")
     choice("model.forward_dtype", m.forward_dtype, FORWARD_DTYPES)
+    choice("model.pos_encodings", m.pos_encodings, ("rope", "learned", "none"))
 
     for key in ("global_batch_size", "steps", "eval_interval", "eval_batch_size", "checkpoint_interval",
                 "log_interval"):  # fmt: skip
@@ -253,8 +255,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply ``section.field=value`` strings (e.g. ``train.lr=3e-4``) in place; returns cfg."""
+# The block structure each architecture's reference configuration uses. An override that
+# switches model.arch switches these too (those not set explicitly): an HRM keeps neither
+# TRM's 16-position prefix nor its single 2-layer net's cycles.
+ARCH_STRUCTURE = {
+    "hrm": {"num_layers": 4, "puzzle_emb_len": 1, "T": 2, "n": 2, "mlp_t": False},
+    "trm": {"num_layers": 2, "puzzle_emb_len": 16, "T": 3, "n": 6},
+}
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str], notes: list[str] | None = None) -> RunConfig:
+    """Apply ``section.field=value`` strings (e.g. ``train.lr=3e-4``) in place; returns cfg.
+
+    Switching ``model.arch`` also takes that architecture's structure (ARCH_STRUCTURE) for
+    the fields not set explicitly; what changed is appended to `notes`."""
+    arch, explicit = cfg.model.arch, set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -264,4 +279,15 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if target is None or not dataclasses.is_dataclass(target) or not hasattr(target, name):
             raise ValueError(f"override {item!r}: no field {key!r} (sections: model, train, data)")
         setattr(target, name, _parse(raw.strip(), getattr(target, name), key))
+        explicit.add(key.strip())
+    if cfg.model.arch != arch and cfg.model.arch in ARCH_STRUCTURE:
+        changed = []
+        for name, value in ARCH_STRUCTURE[cfg.model.arch].items():
+            old = getattr(cfg.model, name)
+            if f"model.{name}" not in explicit and old != value:
+                setattr(cfg.model, name, value)
+                changed.append(f"{name} {old} -> {value}")
+        if changed and notes is not None:
+            notes.append(f"model.arch={cfg.model.arch} takes {cfg.model.arch.upper()}'s structure: "
+                         f"{', '.join(changed)} (set any of them with --set to choose otherwise)")  # fmt: skip
     return cfg

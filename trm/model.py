@@ -89,6 +89,9 @@ class RecursiveReasoningModel(nn.Module):
         self.embed_tokens.embedding_weight = nn.Parameter(trunc_normal_(torch.empty(cfg.vocab_size, d), std=d**-0.5))
         if puzzle_emb_len > 0:
             self.puzzle_emb = PuzzleEmbedding(cfg.num_puzzle_identifiers, d)
+        if cfg.pos_encodings == "learned":  # reference: embed_pos, added to the input embedding
+            self.embed_pos = nn.Module()
+            self.embed_pos.embedding_weight = nn.Parameter(trunc_normal_(torch.empty(self.seq_total, d), std=d**-0.5))
         self.lm_head = CastedLinear(d, cfg.vocab_size)
         self.q_head = CastedLinear(d, 2, bias=True)  # logit 0: q_halt; 1: q_continue (HRM only)
         with torch.no_grad():
@@ -98,6 +101,8 @@ class RecursiveReasoningModel(nn.Module):
         self.register_buffer("z_init", trunc_normal_(torch.empty(d), std=1.0))  # reference: L_init
         if not cfg.mlp_t:
             cos, sin = K.rope_cos_sin(self.seq_total, d // cfg.num_heads, cfg.rope_theta)
+            if cfg.pos_encodings != "rope":  # the identity rotation: attention sees q and k exactly as projected
+                cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         # captured per (batch, sequence) shape on first use; see trm/graphs.py
@@ -126,11 +131,14 @@ class RecursiveReasoningModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, inputs: torch.Tensor, puzzle_ids: torch.Tensor) -> torch.Tensor:
-        """x: token embeddings with the puzzle prefix, times sqrt(D). [B, S, D]"""
+        """x: token embeddings with the puzzle prefix (plus learned positions, scaled by 1/sqrt(2)
+        to keep the variance, as the reference does), times sqrt(D). [B, S, D]"""
         x = F.embedding(inputs.long(), self.embed_tokens.embedding_weight.to(self.dtype))
         if self.prefix > 0:
             puzzle = self.puzzle_emb(puzzle_ids).to(self.dtype)[:, None, :]
             x = torch.cat((F.pad(puzzle, (0, 0, 0, self.prefix - 1)), x), dim=1)
+        if self.cfg.pos_encodings == "learned":
+            x = 0.707106781 * (x + self.embed_pos.embedding_weight.to(self.dtype))
         return x * self.embed_scale
 
     def rope(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
