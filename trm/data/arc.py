@@ -174,7 +174,7 @@ def _translated(inp: np.ndarray, out: np.ndarray, rng: np.random.Generator) -> t
     return place(inp, row, col), place(out, row, col)
 
 
-def build(cfg: DataConfig, out_dir: str | Path) -> Path:
+def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
     """Write an ARC dataset, see the module docstring.
 
     cfg.num_train / cfg.num_test limit the training / evaluation tasks (0: all), picked
@@ -182,6 +182,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
     cfg.augmentations variants per task. Extra files: ``identifiers.json``
     (per puzzle id: task, dihedral k, colour map) and ``test_targets.json`` (per test input:
     task, index, target grid), with test/groups.npy mapping test rows to test inputs.
+    ``progress(stage, done, total)`` is called after each task.
     """
     rng = np.random.default_rng(cfg.seed)
     train_tasks, eval_tasks = load_tasks(cfg.arc_dir or cfg.task)
@@ -196,7 +197,8 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
         rows[split]["puzzle_identifiers"].append(pid)
         rows[split]["groups"].append(group)
 
-    for task in train_tasks + eval_tasks:
+    every = train_tasks + eval_tasks
+    for done, task in enumerate(every, 1):
         is_eval = any(task is t for t in eval_tasks)
         first_group = len(targets)
         if is_eval:
@@ -210,15 +212,15 @@ def build(cfg: DataConfig, out_dir: str | Path) -> Path:
             if is_eval:
                 for i, (inp, out) in enumerate(task.test):
                     add("test", place(aug.apply(inp)), place(aug.apply(out)), pid, first_group + i)
+        if progress is not None:
+            progress("augmenting", done, len(every))
     splits = {name: {k: np.stack(v) if k in ("inputs", "labels") else np.asarray(v, dtype=np.int32)
                      for k, v in parts.items()} for name, parts in rows.items()}  # fmt: skip
     meta = {"task": cfg.task, "size": SIDE, "vocab_size": VOCAB, "seq_len": SIDE * SIDE,
             "num_puzzle_identifiers": len(identifiers), "source": recorded_source(cfg), "seed": cfg.seed,
             "augmentations": cfg.augmentations, "dihedral": cfg.dihedral, "ignore_label_id": PAD}  # fmt: skip
-    out = write(out_dir, meta, splits)
-    (out / "identifiers.json").write_text(json.dumps(identifiers))
-    (out / "test_targets.json").write_text(json.dumps(targets))
-    return out
+    extra = {"identifiers.json": json.dumps(identifiers), "test_targets.json": json.dumps(targets)}
+    return write(out_dir, meta, splits, extra)
 
 
 def _pick(tasks: list[Task], count: int, rng: np.random.Generator) -> list[Task]:
@@ -247,12 +249,16 @@ class Votes:
         ballots = sorted(self.ballots[group].values(), key=lambda b: (b[0], b[1] / b[0]), reverse=True)
         return [b[2] for b in ballots]
 
+    def solved(self, group: int, k: int) -> bool:
+        """Whether test input `group` is solved within its k best-ranked attempts."""
+        want = np.array(self.targets[group]["target"])
+        return any(np.array_equal(g, want) for g in self.ranked(group)[:k])
+
     def pass_at(self, k: int) -> float:
         """Share of test inputs solved within k attempts, averaged over tasks."""
         per_task: dict[str, list[bool]] = defaultdict(list)
         for group, target in enumerate(self.targets):
-            want = np.array(target["target"])
-            per_task[target["task"]].append(any(np.array_equal(g, want) for g in self.ranked(group)[:k]))
+            per_task[target["task"]].append(self.solved(group, k))
         return float(np.mean([np.mean(v) for v in per_task.values()])) if per_task else 0.0
 
     def submission(self, attempts: int = 2) -> dict[str, list[dict[str, list]]]:
