@@ -85,3 +85,35 @@ def test_malformed_puzzles_are_named(solver):
         with pytest.raises(trm.PuzzleError, match=None) as caught:
             solver.solve([puzzle])
         assert message in str(caught.value), (str(caught.value), message)
+
+
+def test_wrong_arguments_are_named(solver, rng):
+    good = examples(solver.task, rng)[0]
+    with pytest.raises(TypeError, match="puzzles must be a puzzle .* or a list of puzzles, got int"):
+        solver.solve(1234)
+    with pytest.raises(trm.PuzzleError, match=r"^puzzles\[1\]: puzzle "):
+        solver.solve([good, np.full((2, 2), 99)])
+    with pytest.raises(ValueError, match="threshold nan: must be a number"):
+        solver.solve([good], threshold=float("nan"))
+    for name in ("max_steps", "batch_size"):
+        with pytest.raises(ValueError, match=f"{name}=0: must be a whole number >= 1"):
+            solver.solve([good], **{name: 0})
+    with pytest.raises(ValueError, match="max_steps=0"):
+        next(solver.trace(good, 0))
+
+
+def test_a_maze_whose_start_is_walled_off_is_refused(rng):
+    grid = maze.generate(7, rng, 4)[0]
+    start = tuple(np.argwhere(grid == maze.START)[0])
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        r, c = start[0] + dr, start[1] + dc
+        if 0 <= r < 7 and 0 <= c < 7 and grid[r, c] != maze.GOAL:
+            grid[r, c] = maze.WALL
+    cfg = preset("maze7")
+    cfg.model.vocab_size, cfg.model.seq_len, cfg.model.hidden_size, cfg.model.num_heads = 6, 49, 32, 2
+    from trm.api import Solver
+    from trm.arch import build_model
+
+    solver = Solver(build_model(cfg.model), {"config": cfg.to_dict()})
+    with pytest.raises(trm.PuzzleError, match="has no path from S to G"):
+        solver.parse(maze.to_text(grid))

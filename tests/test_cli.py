@@ -1,6 +1,12 @@
 """The `trm` command line end to end on a tiny run, and its errors on bad input."""
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -116,6 +122,10 @@ def test_existing_run_is_not_overwritten_and_resume_continues(trained):
         (["eval", "x", "--steps", "-1"], "--steps -1: must be >= 0"),
         (["eval", "x", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
         (["solve", "x", "1...", "--steps", "-2"], "--steps -2: must be >= 0"),
+        (["train", "--set", "model.pos_encodings=alibi"], "model.pos_encodings='alibi': must be one of rope, learned"),
+        (["build", "--out", "d", "--set", "train.lr=1"], "--set train.lr=1: trm build takes data.* settings only"),
+        (["eval", "x", "--json", "no/such/dir/r.json"], "--json no/such/dir/r.json: the directory"),
+        (["solve", "x", "1...", "--png", "no/such/dir/s.png"], "--png no/such/dir/s.png: the directory"),
     ],
 )
 def test_bad_arguments_exit_with_one_line_and_create_nothing(args, message, tmp_path, monkeypatch):
@@ -169,7 +179,7 @@ def test_build_from_a_training_csv_alone_holds_out_a_test_split(tmp_path, rng):
     code, out = run("build", "--out", tmp_path / "d", "--csv", tmp_path / "train.csv", "--set", "data.size=4",
                     "--set", "data.num_test=10", "--set", "data.augmentations=0")  # fmt: skip
     assert code == 0, out
-    assert "holding out 10 of the CSV's puzzles as the test split" in out
+    assert "held out 10 of the CSV's puzzles as the test split" in out
     assert "train: 30 examples" in out and "test:  10 examples (held out from" in out
     train, test = dataset.load_split(tmp_path / "d", "train"), dataset.load_split(tmp_path / "d", "test")
     assert not {r.tobytes() for r in train.inputs} & {r.tobytes() for r in test.inputs}
@@ -227,3 +237,149 @@ def test_changed_data_settings_get_their_own_default_dataset():
     assert cli._default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix() == six
     trained_only = apply_overrides(preset("sudoku4"), ["train.lr=1e-2", "model.hidden_size=32"])
     assert cli._default_data(trained_only, "sudoku4").as_posix() == "data/sudoku4"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--out", "/proc/trm-run"], "--out /proc/trm-run: cannot create anything in /proc"),
+        (["train", "--out", "notes.txt/run"], "--out notes.txt/run: "),
+        (["doctor", "--quick", "--out", "/proc/doctor"], "--out /proc/doctor: cannot create anything in /proc"),
+        (["import-reference", "ref.pt", "--out", "/proc/imported"], "--out /proc/imported: cannot create"),
+    ],
+)
+def test_unwritable_outputs_stop_before_any_work(args, message, tmp_path, monkeypatch):
+    """Before: the dataset was built (or every doctor check run), then a traceback, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    code, out = run(*args)
+    assert code == 2 and out.startswith("error: ") and message in out and out.count("\n") == 1, out
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # no data/, no runs/
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_eval_checks_every_output_and_the_dataset_before_evaluating(trained, tmp_path):
+    for args, message in (
+        (["--png", "/proc/x.png"], "--png /proc/x.png: cannot create anything in /proc"),
+        (["--json", trained / "run"], "is a directory"),
+        (["--halt", "--plot", "/proc/p.png"], "--plot /proc/p.png: cannot create"),
+    ):
+        code, out = run("eval", trained / "run", *args)
+        assert code == 2 and message in out and "accuracy" not in out, out
+    code, out = run("build", "--out", tmp_path / "six", "--set", "data.size=6", "--set", "data.num_train=4",
+                    "--set", "data.num_test=4", "--set", "data.augmentations=0")  # fmt: skip
+    assert code == 0, out
+    code, out = run("eval", trained / "run", "--data", tmp_path / "six")
+    assert code == 2 and out.count("\n") == 1, out
+    assert "holds 6x6 sudoku (sequence length 36, vocabulary 8), but the model was trained on 4x4 sudoku " \
+           "(sequence length 16, vocabulary 6)" in flat(out)  # fmt: skip
+
+
+def test_a_second_run_on_a_directory_in_use_stops_naming_the_first(trained, tmp_path):
+    """Two real `trm train --out D` processes: the second exits 2 naming the first, which goes on."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "trm", "train", "--data", str(trained / "data"), "--out", str(run_dir),
+            *[a for a in TINY if a != "--no-progress"], "--set", "train.steps=100000"]  # fmt: skip
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 2/"):
+                break
+        second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"is in use by process {first.pid}" in second.stderr and "one run per directory" in second.stderr
+        assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGINT)
+        rest = first.communicate(timeout=120)[0]
+    assert first.returncode == 130 and "checkpoint written" in rest
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one writer: no step logged twice
+    assert not (run_dir / ".trm.lock").exists()
+
+
+def test_a_first_run_waits_for_a_dataset_another_process_is_building(tmp_path, monkeypatch):
+    """Two first-time `trm train` in a fresh directory: the second waits and uses the first's data."""
+    monkeypatch.chdir(tmp_path)
+    overrides = ["data.num_train=64", "data.num_test=16"]
+    from trm import cli
+    from trm.config import apply_overrides, preset
+
+    data = cli._default_data(apply_overrides(preset("sudoku4"), overrides), "sudoku4")
+    builder = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from trm import paths
+        from trm.config import apply_overrides, preset
+        from trm.data import dataset
+        cfg = apply_overrides(preset("sudoku4"), {overrides!r})
+        data = Path({str(data)!r})
+        data.mkdir(parents=True)
+        with paths.exclusive(data, "building"):
+            print("building", flush=True)
+            time.sleep(2)
+            dataset.build(cfg.data, data)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", builder], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "building"
+    before = None
+    try:
+        code, out = run("train", *[x for o in overrides for x in ("--set", o)], "--out", tmp_path / "run", *TINY)
+        before = (data / "metadata.json").stat().st_mtime
+    finally:
+        proc.wait(timeout=60)
+    assert code == 0, out
+    assert f"waiting for process {proc.pid}" in flat(out) and f"using {data}, built meanwhile" in out
+    assert "building dataset in" not in out and (data / "metadata.json").stat().st_mtime == before
+
+
+def test_resume_hints_quote_paths_with_spaces(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "my runs" / "run 1"
+    shutil.copytree(trained / "run", copy)
+    code, out = run("train", "--resume", "--out", copy)
+    assert code == 0 and f"trm train --resume --out '{copy}' --set train.steps=N" in flat(out), out
+
+
+def test_import_reference_names_what_it_was_given(trained, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello world")
+    code, out = run("import-reference", tmp_path / "notes.txt", "--out", tmp_path / "a", "--preset", "sudoku4")
+    assert code == 2 and "is not a PyTorch checkpoint" in out and "KeyError" in out, out
+    ours = trained / "run" / "checkpoint.safetensors"
+    code, out = run("import-reference", ours, "--out", tmp_path / "b", "--preset", "sudoku4")
+    assert code == 2 and out.count("\n") == 1 and "is already a trm checkpoint: use it as it is" in flat(out), out
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_solve_piped_into_head_prints_its_first_line_and_exits_0(trained):
+    args = [sys.executable, "-m", "trm", "solve", str(trained / "run"), ".......43...1..2", "--no-halt", "--steps", "8"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does after one line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert first.startswith("step 1: P(halt)") and "Traceback" not in err and "Broken pipe" not in err
+
+
+def test_help_texts_show_what_the_commands_take():
+    code, out = run("eval", "--help")
+    assert code == 0 and "[default: 0]" not in out and "n_sup" in out
+    code, out = run("build", "--help")
+    assert code == 0 and "data.num_train" in out and "train.lr" not in out
+
+
+def test_training_hrm_from_a_trm_preset_says_hrm_and_what_it_changed(trained, tmp_path):
+    code, out = run("train", "--data", trained / "data", "--out", tmp_path / "hrm", *TINY, "--set", "model.arch=hrm")
+    assert code == 0, out
+    assert "note: model.arch=hrm takes HRM's structure: num_layers 2 -> 4, mlp_t True -> False" in flat(out)
+    assert re.search(r"^HRM [\d,]+ parameters", out, re.M) and not re.search(r"^TRM ", out, re.M)
+
+
+def test_build_reports_progress_in_a_pipe(tmp_path):
+    code, out = run("build", "--out", tmp_path / "d", "--set", "data.num_train=30", "--set", "data.num_test=10",
+                    "--set", "data.augmentations=2")  # fmt: skip
+    assert code == 0, out
+    assert "generating 4x4 sudoku: 40/40" in out and "augmenting 4x4 sudoku: 30/30" in out

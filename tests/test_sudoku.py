@@ -129,3 +129,25 @@ def test_csv_loader_rejects_missing_header_and_file(tmp_path):
         sudoku.load_csv(path)
     with pytest.raises(FileNotFoundError):
         sudoku.load_csv(tmp_path / "missing.csv")
+
+
+def test_csv_loader_names_the_line_of_a_file_that_is_not_utf8_and_an_empty_file(tmp_path):
+    path = write_csv(tmp_path / "latin1.csv", [f"x,{HARD_Q},{HARD_A},1", f"caf\u00e9,{HARD_Q},{HARD_A},1"])
+    path.write_bytes(path.read_text().encode("latin-1"))
+    with pytest.raises(PuzzleFormatError, match=r"latin1.csv: line 3 is not UTF-8 text \(byte 0xe9 at column 4\)"):
+        sudoku.load_csv(path)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(PuzzleFormatError, match="empty.csv is empty; expected the header source,question"):
+        sudoku.load_csv(tmp_path / "empty.csv")
+
+
+def test_build_from_an_empty_csv_says_so_in_one_line_and_keeps_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from trm.cli import app
+
+    (tmp_path / "empty.csv").write_text("")
+    result = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "d"), "--csv", str(tmp_path / "empty.csv")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "is empty" in result.output and "None" not in result.output and "holding out" not in result.output
+    assert not (tmp_path / "d").exists()

@@ -118,3 +118,22 @@ def test_ddp_two_processes_take_the_same_steps_as_one(sudoku4_data, tmp_path):
     # the carry of both processes was gathered: it equals the single process's
     torch.testing.assert_close(tensors["carry.y"], single.carry.y, rtol=1e-3, atol=1e-3)
     assert torch.equal(tensors["carry.data.inputs"], single.carry.data["inputs"])
+
+
+def test_a_window_in_which_no_example_halted_has_no_accuracy_not_zero(tmp_path):
+    """The first log after a resume can cover a step where nothing halted: before, it read
+    'acc 0.000 steps 0.0', a false dip in metrics.png."""
+    import json
+
+    from trm.plot import plot_metrics
+    from trm.train import _stats, reduce_metrics
+
+    zero = torch.tensor(0.0)
+    none_halted = reduce_metrics({"count": zero, "accuracy": zero, "exact_accuracy": zero, "q_halt_accuracy": zero,
+                                  "steps": zero, "lm_loss": torch.tensor(3.0), "halt_loss": zero})  # fmt: skip
+    assert none_halted["accuracy"] is None and none_halted["steps"] is None and none_halted["halted"] == 0
+    assert _stats(none_halted) == "loss 3.000  (none halted)"
+    records = [{"split": "train", "step": s, **none_halted} for s in (10, 20)]
+    records[1] |= {"accuracy": 0.5, "exact_accuracy": 0.25, "steps": 2.0}
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_metrics(tmp_path / "m.jsonl", tmp_path / "m.png").stat().st_size > 0

@@ -231,3 +231,21 @@ def test_doctor_times_a_small_training_step_per_backend(monkeypatch):
         ("sudoku-att training step", "auto", None),
     ]
     assert len(calls) == 4 and checks[0].detail == "1.5 ms"
+
+
+def test_doctor_on_a_terminal_or_in_a_log_ends_with_its_verdict_and_where_it_wrote(tmp_path):
+    from rich.console import Console
+
+    from trm import doctor
+
+    checks = [doctor.Check("parity", "swiglu", "triton", "float16", "(2, 8)", False, "relative error 1 > bound 0"),
+              doctor.Check("parity", "inject", "triton", "float16", "(2, 8)", True, "fine")]  # fmt: skip
+    report = {"environment": {"device": "cpu", "torch": "2", "triton": "3", "cuda_extension": "not built"},
+              "skipped": ["speed: not measured on a CPU"], "seconds": 1.0, "failed": 1,
+              "checks": [c.__dict__ for c in checks]}  # fmt: skip
+    console = Console(record=True, width=200)
+    doctor.present(report, tmp_path, console)
+    lines = console.export_text().strip().splitlines()
+    assert lines[-2].startswith("1 of 2 checks failed (parity 1/2 passed")
+    assert lines[-1] == f"wrote {tmp_path / 'doctor.json'} and {tmp_path / 'doctor.md'} (every check)"
+    assert any("swiglu" in line and "relative error" in line for line in lines) and not any("#" in x for x in lines)

@@ -74,9 +74,11 @@ class Solver:
                     raise ValueError(f"is a grid of shape {grid.shape} with codes {grid.min()}..{grid.max()}, "
                                      f"expected ({self.size}, {self.size}) with codes 0..{top}")  # fmt: skip
             if self.task == "maze":
-                starts, goals = int((grid == maze.START).sum()), int((grid == maze.GOAL).sum())
-                if (starts, goals) != (1, 1):
-                    raise ValueError(f"has {starts} S and {goals} G; a maze needs exactly one of each")
+                starts, goals = np.flatnonzero(grid == maze.START), np.flatnonzero(grid == maze.GOAL)
+                if (len(starts), len(goals)) != (1, 1):
+                    raise ValueError(f"has {len(starts)} S and {len(goals)} G; a maze needs exactly one of each")
+                if maze.shortest_path(grid, int(starts[0]), int(goals[0])) is None:
+                    raise ValueError("has no path from S to G (walls cut them apart)")
             elif not sudoku.solve(grid, limit=1).solutions:
                 raise ValueError("has no solution (its givens cannot all be kept)")
             return grid
@@ -110,9 +112,24 @@ class Solver:
         threshold: float = 0.0,
         batch_size: int = 256,
     ) -> list[Solution]:
-        """Solve puzzles (a list, or one puzzle) in batches; each stops when the model halts."""
+        """Solve puzzles (a list, or one puzzle) in batches; each stops when the model halts.
+
+        A malformed puzzle raises PuzzleError naming its index in the list."""
+        if threshold != threshold:
+            raise ValueError("threshold nan: must be a number (inf: every puzzle takes max_steps)")
+        for name, value in (("max_steps", max_steps), ("batch_size", batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}: must be a whole number >= 1")
         single = isinstance(puzzles, str) or (isinstance(puzzles, np.ndarray) and puzzles.ndim == 2)
-        grids = [self.parse(p) for p in ([puzzles] if single else puzzles)]
+        if not single and (isinstance(puzzles, bytes | dict) or not isinstance(puzzles, Sequence | np.ndarray)):
+            raise TypeError(f"puzzles must be a puzzle (text or a grid) or a list of puzzles, "
+                            f"got {type(puzzles).__name__}")  # fmt: skip
+        grids = []
+        for i, p in enumerate([puzzles] if single else puzzles):
+            try:
+                grids.append(self.parse(p))
+            except PuzzleError as e:
+                raise PuzzleError(str(e) if single else f"puzzles[{i}]: {e}") from None
         if not grids:
             return []
         tokens = torch.from_numpy(np.stack([self.tokens(g) for g in grids]))
@@ -126,6 +143,8 @@ class Solver:
 
     def trace(self, puzzle, max_steps: int | None = None) -> Iterator[Solution]:
         """One puzzle step by step: its answer and confidence after every supervision step."""
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps={max_steps!r}: must be a whole number >= 1")
         grid = self.parse(puzzle)
         batch = {"inputs": torch.from_numpy(self.tokens(grid)[None]).to(self.device),
                  "puzzle_identifiers": torch.zeros(1, dtype=torch.long, device=self.device)}  # fmt: skip

@@ -113,15 +113,31 @@ def reference_to_ours(state: dict[str, torch.Tensor], arch: str = "trm") -> dict
     return out
 
 
+def _is_ours(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "trm" in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def read_reference(path: str | Path, arch: str = "trm") -> dict[str, torch.Tensor]:
     """Load a reference checkpoint safely (``weights_only=True``: no code runs)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no reference checkpoint at {path}")
+    if _is_ours(path):
+        raise CheckpointError(f"{path} is already a trm checkpoint: use it as it is (trm eval {path}); "
+                              "import-reference converts the reference implementation's torch.save files")  # fmt: skip
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(f"cannot load {path} as a weights-only PyTorch state dict: {e}") from None
+    except Exception as e:  # torch raises many types for corrupt or unsafe pickles (a KeyError '101' for text)
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path} holds Python objects besides tensors; refused: loading them could run "
+                                  "code (torch.load with weights_only=True)") from None  # fmt: skip
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load raised {type(e).__name__}: "
+                              f"{detail[:200]})") from None  # fmt: skip
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
     return reference_to_ours(state, arch)

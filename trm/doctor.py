@@ -372,6 +372,44 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def present(report: dict, out: Path | None, console) -> None:
+    """The report on a terminal or in a log: the environment in two lines, the failures (if
+    any) as a table, then the verdict, last, where it is read; the full table goes to
+    doctor.md."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    env = report["environment"]
+    console.print(f"trm doctor on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
+                  f"CUDA extension: {env['cuda_extension']}", highlight=False)  # fmt: skip
+    for item in report["skipped"]:
+        console.print(f"  skipped: {item}", highlight=False)
+    checks = report["checks"]
+    failed = [c for c in checks if c["passed"] is False]
+    if failed:
+        table = Table("check", "op / step", "backend", "dtype", "shape", "detail", title="failed checks")
+        for c in failed:
+            table.add_row(*(escape(str(c[k])) for k in ("kind", "name", "backend", "dtype", "shape", "detail")))
+        console.print(table)
+    measured = [c for c in checks if c["passed"] is None]
+    for c in measured:
+        console.print(f"  {c['kind']}: {c['name']} {c['backend']} {c['dtype']} {c['shape']}: {c['detail']}",
+                      highlight=False)  # fmt: skip
+    kinds = sorted({c["kind"] for c in checks if c["passed"] is not None})
+    counts = ", ".join(f"{k} {sum(c['passed'] is True for c in checks if c['kind'] == k)}/"
+                       f"{sum(c['passed'] is not None for c in checks if c['kind'] == k)}" for k in kinds)  # fmt: skip
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(checks) - len(measured)} checks failed[/] ({counts} passed, "
+                      f"{report['seconds']} s); the guard uses the reference for the failing ops")  # fmt: skip
+    else:
+        console.print(f"[bold green]all {len(checks) - len(measured)} checks passed[/] ({counts}; "
+                      f"{report['seconds']} s)")  # fmt: skip
+    if out is not None:
+        console.print(f"wrote {out / 'doctor.json'} and {out / 'doctor.md'} (every check)")
+    else:
+        console.print("--out DIR writes every check to DIR/doctor.md and DIR/doctor.json")
+
+
 def needs_interpreter() -> bool:
     """On a machine without a GPU, the Triton kernels can only be checked in the interpreter,
     which must be chosen before they are imported: in a child process."""
@@ -389,13 +427,33 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m trm.doctor [--out DIR] [--quick]``: run and print; exit 1 when a check failed."""
     import argparse
 
+    from rich.console import Console
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    report = run(args.out, args.quick, lambda s: print(f"checking {s}", file=sys.stderr, flush=True))
-    print(markdown(report))
+    report = checked_run(args.out, args.quick, Console(soft_wrap=True))
     return 1 if report["failed"] else 0
+
+
+def checked_run(out: Path | None, quick: bool, console) -> dict:
+    """run() with progress (a status line on a terminal, one line per op on stderr otherwise), then present()."""
+    if console.is_terminal:
+        with console.status("trm doctor") as status:
+            report = run(out, quick, lambda what: status.update(f"checking {what}"))
+    else:
+        seen: set[str] = set()
+
+        def progress(what: str) -> None:  # one line per op and kind, not per backend and dtype
+            head = " ".join(what.split()[:2])
+            if head not in seen:
+                seen.add(head)
+                print(f"checking {head}", file=sys.stderr, flush=True)
+
+        report = run(out, quick, progress)
+    present(report, out, console)
+    return report
 
 
 if __name__ == "__main__":

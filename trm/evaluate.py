@@ -25,12 +25,17 @@ def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, t
 
 @torch.no_grad()
 def evaluate(
-    model: RecursiveReasoningModel, split: Split, batch_size: int, steps: int | None = None
+    model: RecursiveReasoningModel,
+    split: Split,
+    batch_size: int,
+    steps: int | None = None,
+    wrong: list[int] | None = None,
 ) -> dict[str, float]:
     """Exact accuracy (whole sequence right) and token accuracy of the last step's argmax.
 
     `steps` defaults to the model's n_sup; more is test-time recursion. Under several
-    processes each evaluates a strided share and the counts are summed.
+    processes each evaluates a strided share and the counts are summed. The indices of the
+    puzzles this process got wrong are appended to `wrong` if given (a host read per batch).
     """
     device = model.y_init.device
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed.active() else (0, 1)
@@ -44,6 +49,9 @@ def evaluate(
         labels = batch["labels"]
         mask = labels != IGNORE_LABEL
         correct = mask & (logits.argmax(-1) == labels)
+        if wrong is not None:
+            rows = index[start : start + batch_size]
+            wrong += rows[(correct.sum(-1) != mask.sum(-1)).cpu().numpy()].tolist()
         totals += torch.stack(
             [
                 torch.tensor(float(len(labels)), device=device),

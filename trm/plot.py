@@ -19,8 +19,9 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> Path:
     ax_loss.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="LM loss")
     ax_loss.plot([r["step"] for r in train], [r["halt_loss"] for r in train], label="halting loss")
     ax_loss.set(xlabel="optimizer step", ylabel="loss per example", yscale="log", title="training loss")
-    ax_acc.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train token acc (halted)")
-    ax_acc.plot([r["step"] for r in train], [r["exact_accuracy"] for r in train], label="train exact acc (halted)")
+    halted = [r for r in train if r.get("accuracy") is not None]  # a window where none halted has no accuracy
+    ax_acc.plot([r["step"] for r in halted], [r["accuracy"] for r in halted], label="train token acc (halted)")
+    ax_acc.plot([r["step"] for r in halted], [r["exact_accuracy"] for r in halted], label="train exact acc (halted)")
     if test:
         ax_acc.plot([r["step"] for r in test], [r["exact_accuracy"] for r in test], "o-", label="test exact acc")
     ax_acc.set(xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")

@@ -204,15 +204,16 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"][self.rank], self.device)
 
 
-def reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sum over processes, then turn sums over halted slots into means (one host sync)."""
+def reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Sum over processes, then turn sums over halted slots into means (one host sync).
+    A window in which no slot halted has no accuracy: those means are None, not 0."""
     keys = list(metrics)
     values = torch.stack([metrics[k].double() for k in keys])
     if distributed.active():
         dist.all_reduce(values)
     sums = dict(zip(keys, values.tolist(), strict=False))
-    count = max(sums.pop("count"), 1.0)
-    out = {k: sums[k] / count for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
+    count = sums.pop("count")
+    out = {k: sums[k] / count if count else None for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
     out["halted"] = count
     out |= {k: sums[k] for k in ("lm_loss", "halt_loss")}
     return out
@@ -284,7 +285,9 @@ def _say(message: str) -> None:
         pass
 
 
-def _stats(m: dict[str, float]) -> str:
+def _stats(m: dict[str, float | None]) -> str:
+    if m["accuracy"] is None:  # no example halted in this window (e.g. the first steps after a resume)
+        return f"loss {m['lm_loss']:.3f}  (none halted)"
     return f"loss {m['lm_loss']:.3f}  acc {m['accuracy']:.3f}  exact {m['exact_accuracy']:.3f}  steps {m['steps']:.1f}"
 
 
@@ -333,7 +336,7 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
                 for k in ("lm_loss", "halt_loss"):
                     m[k] /= since_log * t.global_batch_size
                 m["lr"] = trainer.optimizer.param_groups[0]["lr"]
-                log.write({"split": "train", "step": step, **m})
+                log.write({"split": "train", "step": step, "window": since_log, **m})
                 if live:
                     bar.update(task, completed=step, stats=_stats(m))
                 elif show_progress and main:

@@ -22,21 +22,28 @@ def read_pairs(
     if not path.is_file():
         raise FileNotFoundError(f"{kind} CSV not found: {path}")
     questions, answers, errors = [], [], []
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:3]] != ["source", "question", "answer"]:
-            raise PuzzleFormatError(f"{path}: line 1 must be the header source,question,answer,rating; got {header}")
-        for row in reader:
-            try:
-                if len(row) < 3:
-                    raise ValueError(f"has {len(row)} columns, expected 4 (source,question,answer,rating)")
-                q, a = parse(row[1].strip(), row[2].strip())
-            except ValueError as e:
-                errors.append(f"line {reader.line_num}: {e}")
-                continue
-            questions.append(q)
-            answers.append(a)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise PuzzleFormatError(f"{path} is empty; expected the header source,question,answer,rating "
+                                        "and one puzzle per line")  # fmt: skip
+            if [h.strip() for h in header[:3]] != ["source", "question", "answer"]:
+                raise PuzzleFormatError(f"{path}: line 1 must be the header source,question,answer,rating; "
+                                        f"got {','.join(header)!r}")  # fmt: skip
+            for row in reader:
+                try:
+                    if len(row) < 3:
+                        raise ValueError(f"has {len(row)} columns, expected 4 (source,question,answer,rating)")
+                    q, a = parse(row[1].strip(), row[2].strip())
+                except ValueError as e:
+                    errors.append(f"line {reader.line_num}: {e}")
+                    continue
+                questions.append(q)
+                answers.append(a)
+    except UnicodeDecodeError:
+        raise PuzzleFormatError(_not_utf8(path)) from None
     if errors:
         shown = "\n  ".join(errors[:max_errors])
         more = f"\n  ... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
@@ -44,6 +51,17 @@ def read_pairs(
     if not questions:
         raise PuzzleFormatError(f"{path}: no {kind} puzzles")
     return np.stack(questions), np.stack(answers)
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8: its first undecodable line, column and byte."""
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (f"{path}: line {number} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                    "save the file as UTF-8")  # fmt: skip
+    return f"{path} is not UTF-8 text; save it as UTF-8"
 
 
 def labelled(what: str, parse: Callable[[], np.ndarray]) -> np.ndarray:

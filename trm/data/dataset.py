@@ -114,9 +114,10 @@ def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
     Training puzzles get their augmented variants (Sudoku: cfg.augmentations random
     transforms; maze: the 7 other dihedral images if cfg.dihedral); test puzzles none.
     Generated test puzzles never repeat a training puzzle. Everything is seeded by cfg.seed.
+    ``progress(stage, done, total)``, if given, is called as puzzles are generated and augmented.
     """
     if cfg.task in arc.SOURCES:
-        return arc.build(cfg, out_dir)
+        return arc.build(cfg, out_dir, progress)
     if cfg.task not in TASKS:
         raise ValueError(f"cannot build {cfg.task!r} data; tasks: {', '.join([*TASKS, *arc.SOURCES])}")
     task = TASKS[cfg.task]
@@ -138,7 +139,11 @@ def build(cfg: DataConfig, out_dir: str | Path, progress=None) -> Path:
     else:
         train_q, train_a, test_q, test_a = _generate_disjoint(task, cfg, rng, progress)
 
-    pairs = [(q, a) for q0, a0 in zip(train_q, train_a, strict=True) for q, a in task.variants(q0, a0, cfg, rng)]
+    pairs = []
+    for done, (q0, a0) in enumerate(zip(train_q, train_a, strict=True), 1):
+        pairs += task.variants(q0, a0, cfg, rng)
+        if progress is not None and (done % 100 == 0 or done == len(train_q)) and pairs:
+            progress("augmenting", done, len(train_q))
     if pairs:
         train_q = np.concatenate([train_q, np.stack([p[0] for p in pairs])])
         train_a = np.concatenate([train_a, np.stack([p[1] for p in pairs])])
@@ -182,7 +187,7 @@ def _generate_disjoint(task: GridTask, cfg: DataConfig, rng: np.random.Generator
         seen.add(key)
         grids.append((q, a))
         if progress is not None:
-            progress(len(grids), total)
+            progress("generating", len(grids), total)
     q = np.stack([g[0] for g in grids])
     a = np.stack([g[1] for g in grids])
     return q[: cfg.num_train], a[: cfg.num_train], q[cfg.num_train :], a[cfg.num_train :]

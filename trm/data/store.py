@@ -53,8 +53,11 @@ class Split:
         }
 
 
-def write(out_dir: str | Path, metadata: dict, splits: dict[str, dict[str, np.ndarray]]) -> Path:
-    """Write a dataset directory. Refuses to overwrite an existing one."""
+def write(
+    out_dir: str | Path, metadata: dict, splits: dict[str, dict[str, np.ndarray]], extra: dict[str, str] | None = None
+) -> Path:
+    """Write a dataset directory (with `extra` text files: name -> contents). Refuses to
+    overwrite an existing one."""
     out = Path(out_dir)
     if (out / "metadata.json").exists():
         raise FileExistsError(f"{out} already holds a dataset; choose another --out or delete it first")
@@ -64,6 +67,8 @@ def write(out_dir: str | Path, metadata: dict, splits: dict[str, dict[str, np.nd
             np.save(out / name / f"{key}.npy", np.ascontiguousarray(arrays[key], dtype=dtype))
         if "groups" in arrays:
             np.save(out / name / "groups.npy", np.ascontiguousarray(arrays["groups"], dtype=np.int32))
+    for name, text in (extra or {}).items():
+        (out / name).write_text(text)
     meta = {"format": FORMAT, "pad_id": 0, "ignore_label_id": 0, **metadata}
     meta["splits"] = {name: int(len(arrays["inputs"])) for name, arrays in splits.items()}
     tmp = out / "metadata.json.tmp"
