@@ -228,15 +228,15 @@ def test_import_reference_then_eval(trained, tmp_path):
 
 
 def test_changed_data_settings_get_their_own_default_dataset():
-    from trm import cli
+    from trm.cli.data import default_data
     from trm.config import apply_overrides, preset
 
-    assert cli._default_data(preset("sudoku4"), "sudoku4").as_posix() == "data/sudoku4"
-    six = cli._default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix()
+    assert default_data(preset("sudoku4"), "sudoku4").as_posix() == "data/sudoku4"
+    six = default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix()
     assert re.fullmatch(r"data/sudoku4-[0-9a-f]{8}", six)
-    assert cli._default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix() == six
+    assert default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix() == six
     trained_only = apply_overrides(preset("sudoku4"), ["train.lr=1e-2", "model.hidden_size=32"])
-    assert cli._default_data(trained_only, "sudoku4").as_posix() == "data/sudoku4"
+    assert default_data(trained_only, "sudoku4").as_posix() == "data/sudoku4"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
@@ -304,10 +304,10 @@ def test_a_first_run_waits_for_a_dataset_another_process_is_building(tmp_path, m
     """Two first-time `trm train` in a fresh directory: the second waits and uses the first's data."""
     monkeypatch.chdir(tmp_path)
     overrides = ["data.num_train=64", "data.num_test=16"]
-    from trm import cli
+    from trm.cli.data import default_data
     from trm.config import apply_overrides, preset
 
-    data = cli._default_data(apply_overrides(preset("sudoku4"), overrides), "sudoku4")
+    data = default_data(apply_overrides(preset("sudoku4"), overrides), "sudoku4")
     builder = textwrap.dedent(f"""
         import time
         from pathlib import Path
