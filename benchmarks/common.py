@@ -119,7 +119,7 @@ def read_results(path: Path) -> Results:
 
 
 def merge(parts: list[Results]) -> Results:
-    """Several runs on one device (the parts of a GPU session) as one: the first run's
+    """Several runs on one device (the parts of one GPU run) as one: the first run's
     environment and ceilings, then every row, skip and profile in order."""
     devices = {part.environment["device"] for part in parts}
     if len(devices) != 1:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one script (run from the repository root on the
-# device machine, which has no network). Writes its logs and results under OUT_DIR.
+# Everything only a GPU can show, in one script, run from the repository root on a GPU
+# machine (it needs no network). Writes its logs and results under OUT_DIR.
 #
 #   bash benchmarks/gpu.sh OUT_DIR PART...      PART: doctor | tests | ops | model[=CONFIG,...] | adaptive
 #
@@ -14,7 +14,7 @@
 # graph capture, graph vs eager). ops: results in OUT_DIR/ops/. model: results in
 # OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
 # results as they go, so a part stopped by a time limit (PART_TIMEOUT seconds, default
-# 540) keeps what it measured. Merge the parts of a session with
+# 540) keeps what it measured. Merge the parts of one GPU run with
 # `python -m trm_benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR doctor|tests|ops|model[=CONFIGS]|adaptive...}"

@@ -59,7 +59,9 @@ PROVIDERS = ("eager", "fused", "fused + CUDA graphs")  # the model benchmark's n
 STEPS = ("train", "eval", "adaptive")
 # Adaptive evaluation (trm/adaptive.py) refills the slots that halted before each step: with
 # puzzles taking MEAN_STEPS steps on average, batch / MEAN_STEPS slots per step. An
-# assumption (the sudoku4 model took about 4.5 of its 16 on CPU); --mean-steps changes it.
+# assumption: no paper-size model has been measured. On CPU the 6x6 Sudoku model of the
+# README took 3.3 steps on average with at most 16 and 4.3 with at most 32 (threshold 4);
+# sudoku4 takes 1.0 of its 4. --mean-steps changes it.
 MEAN_STEPS = 4.0
 BATCHES = (768, 1)
 
@@ -94,9 +96,9 @@ class GPU:
 
 
 GPUS = {
-    "h100-measured": GPU("H100 SXM 80GB, ceilings measured here", 3.0e12, 798e12,
-                         "this workplace's H100, 2026-11-13: device-to-device copy 3.0 TB/s (bytes read + written), "
-                         "8192^3 bf16 GEMM on random data 798 TFLOP/s"),
+    "h100-measured": GPU("H100 SXM 80GB, measured ceilings", 3.0e12, 798e12,
+                         "measured on one H100 SXM, 2026-11-13: device-to-device copy 3.0 TB/s (bytes read + written), "
+                         "8192^3 bf16 GEMM on random data 798 TFLOP/s; not yet measured by this project's benchmarks"),
     "h100": GPU("H100 SXM 80GB", 3.35e12, 989e12, "NVIDIA H100 Tensor Core GPU datasheet: 3.35 TB/s; BF16 1,979 "
                 "TFLOPS with sparsity, 989 dense"),
     "h200": GPU("H200 SXM 141GB", 4.8e12, 989e12, "NVIDIA H200 datasheet: 4.8 TB/s; BF16 as H100"),
