@@ -5,6 +5,7 @@ Grids hold codes (Sudoku: 0 blank, 1..n digits; maze: ``# SGo`` as 0..4; ARC: co
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +217,11 @@ def halting_figure(rows: list[dict]):
             above = [max(v) - m for m, v in zip(medians, rates, strict=True)]
             axes[0][2].errorbar(depths, medians, yerr=[below, above], fmt=style, capsize=3, label=label)
         depths = [r["max_steps"] for r in halting]
-        axes[0][1].set(xlabel="max supervision steps", ylabel="exact accuracy", title="accuracy vs depth", ylim=(0, 1))
+        accuracies = [r["exact_accuracy"] for r in rows]
+        low = max(0.0, math.floor((min(accuracies) - 0.02) * 20) / 20)  # zoomed to the data, never past [0, 1]
+        high = min(1.0, math.ceil((max(accuracies) + 0.02) * 20) / 20)
+        axes[0][1].set(xlabel="max supervision steps", ylabel="exact accuracy", title="accuracy vs depth",
+                       ylim=(low, high))  # fmt: skip
         axes[0][2].set(xlabel="max supervision steps", ylabel="puzzles/s (median, range of rounds)",
                        title="throughput vs depth", ylim=(0, None))  # fmt: skip
         for a in axes[0][1:]:

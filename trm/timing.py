@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 MIN_SECONDS = 2.0  # of timed work per side
 MIN_ROUNDS = 3
-LONG_ROUND = 10.0  # a round this long is timed once: one is enough work, three would triple a long evaluation
+LONG_ROUND = 30.0  # rounds this long are timed twice: enough work, and a spread, without tripling a long evaluation
 
 
 @dataclass
@@ -33,7 +33,7 @@ def interleaved(
 ) -> tuple[dict[str, Timing], dict[str, object]]:
     """Time each side in rounds, one call of every side per round (so that a machine that
     slows down or speeds up affects all of them alike), until each has run `min_seconds` in
-    all and at least `min_rounds` rounds, or a single round took LONG_ROUND seconds.
+    all and at least `min_rounds` rounds, or two rounds where one took LONG_ROUND seconds.
     The caller warms up first. Returns the timings and each side's first result."""
     timings = {name: Timing([]) for name in sides}
     first: dict[str, object] = {}
@@ -44,7 +44,7 @@ def interleaved(
             timings[name].seconds.append(clock() - started)
             first.setdefault(name, result)
         rounds = len(next(iter(timings.values())).seconds)
-        if any(max(t.seconds) >= LONG_ROUND for t in timings.values()):
+        if rounds >= 2 and any(max(t.seconds) >= LONG_ROUND for t in timings.values()):
             break
         if rounds >= min_rounds and all(sum(t.seconds) >= min_seconds for t in timings.values()):
             break

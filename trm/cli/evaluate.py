@@ -242,7 +242,8 @@ def _draw_attempts(model, split: dataset.Split, show: int, steps: int, task: str
     for row, i in enumerate(index):
         puzzle, target = codes(batch["inputs"][row]), codes(np.maximum(batch["labels"][row], 1))
         answer = codes(got[row])
-        verdict = "right" if (answer == target).all() else f"wrong ({int((answer != target).sum())} cells)"
+        differ = int((answer != target).sum())
+        verdict = "right" if not differ else f"wrong ({differ} cell{'s' if differ > 1 else ''})"
         how = f"after {int(taken[row])} steps" if halting is not None else f"{int(taken[row])} steps"
         rows.append([(f"puzzle #{i}", puzzle), ("target", target, {"givens": puzzle, "colour": render.SOLUTION}),
                      (f"model, {how}: {verdict}", answer, {"givens": puzzle, "target": target})])  # fmt: skip
