@@ -6,7 +6,6 @@ attention with B*H = 768*8, d = 64. ``quick`` shrinks everything for a CPU smoke
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Iterator
 
@@ -108,18 +107,6 @@ def _sdpa(backend) -> Callable:
     return fn
 
 
-@contextlib.contextmanager
-def _dkdv_warps(warps: int) -> Iterator[None]:
-    """Launch attention's dK/dV backward kernel with `warps` warps within the block."""
-    from trm_kernels import attention
-
-    before, attention.DKDV_WARPS = attention.DKDV_WARPS, warps
-    try:
-        yield
-    finally:
-        attention.DKDV_WARPS = before
-
-
 def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
     from torch.nn.attention import SDPBackend
 
@@ -129,18 +116,14 @@ def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
         flops = 4 * batch * heads * seq * seq * head_dim
         case = f"attention B={batch} H={heads} S={seq} d={head_dim}"
         providers = _providers("rope_attention", R.rope_attention, compile_ok, device)
-        triton_attention = dict(providers).get("triton")
-        if triton_attention is not None:
-            providers.append(("triton, dK/dV 8 warps", triton_attention))
         if device.type == "cuda":
             for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
                 providers.append((f"sdpa-{backend.name.lower()} (no rope)", _sdpa(backend)))
         for name, fn in providers:
             try:
-                with _dkdv_warps(8) if "8 warps" in name else contextlib.nullcontext():
-                    fwd, bwd = _fwd_bwd(lambda t, _f=fn, _c=cos, _s=sin, _h=heads: _f(t, _c, _s, _h), [qkv])
-                    ms_f = bench(fwd, device)
-                    ms_b = bench(bwd, device)
+                fwd, bwd = _fwd_bwd(lambda t, _f=fn, _c=cos, _s=sin, _h=heads: _f(t, _c, _s, _h), [qkv])
+                ms_f = bench(fwd, device)
+                ms_b = bench(bwd, device)
             except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype
                 print(f"skipped {name} on {case}: {str(e).splitlines()[0]}")
                 continue

@@ -37,9 +37,10 @@ import tempfile
 DTYPES = ("bf16", "fp16")
 
 
-def _specs(dtype: str = "bf16"):
+def _specs(dtype: str = "bf16", capability: int = 90):
     """name: (kernel, signature, constexprs, arguments hinted divisible by 16, launch options:
-    num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth)."""
+    num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth), as the
+    package launches each kernel on a GPU of this compute capability."""
     attention, cross_entropy, inject, rmsnorm, swiglu, token_mlp = (
         importlib.import_module(f"trm_kernels.{m}")
         for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "token_mlp")
@@ -50,10 +51,23 @@ def _specs(dtype: str = "bf16"):
     HIDDEN_DIV16 = {"N", "n_cols", "stride_outer", "stride_col"}  # noqa: N806
     SEQUENCE_DIV16 = {"n_cols", "stride_outer", "stride_n"}  # noqa: N806
     norm = {"N": "i32", "n_cols": "i32", "stride_outer": "i32", "stride_col": "i32", "stride_n": "i32"}
-    norm_fwd = {"X": t, "R": t, "Y": t, "RSTD": "*fp32", **norm, "eps": "fp32"}
-    norm_bwd = {"DY": t, "X": t, "R": t, "RSTD": "*fp32", "DH": t, **norm}
-    hidden = {"stride_n": 1, "HAS_R": True, "BLOCK_N": 512, "BLOCK_C": 16}
-    sequence = {"stride_col": 1, "HAS_R": True, "BLOCK_N": 128, "BLOCK_C": 64}
+    norm_fwd = {"X": t, "R": t, "W": t, "Y": t, "SUM": t, "RSTD": "*fp32", **norm, "eps": "fp32"}
+    norm_bwd = {"DY": t, "DSUM": t, "X": t, "R": t, "W": t, "RSTD": "*fp32", "DH": t, "DW": "*fp32", **norm}
+    plain = {"HAS_R": True, "ROUND": True, "HAS_W": False, "PRENORM": False}
+    hidden = {"stride_n": 1, **plain, "BLOCK_N": 512, "BLOCK_C": 16}
+    sequence = {"stride_col": 1, **plain, "BLOCK_N": 128, "BLOCK_C": 64}
+    # a pre-norm block of another model: fp32 residual stream, bf16/fp16 branch, learnable fp32 weight
+    prenorm_fwd = norm_fwd | {"R": "*fp32", "W": "*fp32", "SUM": "*fp32"}
+    prenorm_bwd = norm_bwd | {"DSUM": "*fp32", "R": "*fp32", "W": "*fp32", "DH": "*fp32"}
+    prenorm = {
+        "stride_n": 1,
+        "HAS_R": True,
+        "ROUND": False,
+        "HAS_W": True,
+        "PRENORM": True,
+        "BLOCK_N": 512,
+        "BLOCK_C": 16,
+    }  # fmt: skip  (the recurrent-depth LM's hidden 512, as _grid tiles it)
     token_mlp_sig = {"H": t, "WGU": t, "WD": t, "OUT": t, "B": "i32", "S": "i32", "D": "i32", "I_PAD": "i32",
                      "eps": "fp32"}  # fmt: skip
     token_mlp_configs = {  # every config the autotuner may pick; Sudoku's mlp_t: S = 97, D = 512, I = 512
@@ -62,34 +76,57 @@ def _specs(dtype: str = "bf16"):
             {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32"}, {"D", "I_PAD"}, (warps, 2))
         for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles
     }  # fmt: skip
-    attn = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "OUT": t, "LSE": "*fp32", "S": "i32", "H": "i32", "scale": "fp32"}
-    attn_bwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "DOUT": t, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": t,
-                "S": "i32", "H": "i32", "scale": "fp32"}  # fmt: skip
-    attn_meta = {"HALF": 32, "BLOCK_M": attention.BLOCK_M, "BLOCK_N": attention.BLOCK_N, "PREC": "tf32"}
-    ce = {"LOGITS": t, "LABELS": "*i64", "LOSS": "*fp32", "DLOGITS": t, "n_rows": "i32", "V": "i32",
+    attn = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "OUT": t, "LSE": "*fp32", "S": "i32",
+            "H": "i32", "KVH": "i32", "scale": "fp32"}  # fmt: skip
+    attn_bwd = {"QKV": t, "QK": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "DOUT": t, "LSE": "*fp32",
+                "DELTA": "*fp32", "DQKV": t, "S": "i32", "H": "i32", "KVH": "i32", "qk_stride": "i32",
+                "scale": "fp32"}  # fmt: skip
+    trm_attention = {"D": 64, "HALF_P": 32, "D_P": 64, "PREC": "tf32", "ROPE": True, "CAUSAL": False, "HAS_MASK": False}
+    # the variant a causal language model uses: GQA, RoPE, causal, a key mask, head size 128
+    lm_attention = {"D": 128, "HALF_P": 64, "D_P": 128, "PREC": "tf32", "ROPE": True, "CAUSAL": True, "HAS_MASK": True}
+    cc = divmod(capability, 10) if capability < 100 else (capability // 10, capability % 10)
+
+    def attention_kernel(kernel, signature, meta, which):
+        tile = attention.tiles(meta["D"], cc)[which]
+        return (kernel, signature, meta | {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}, set(),
+                (tile.warps, tile.stages))  # fmt: skip
+
+    inject_sig = {"H": t, "A": t, "B": t, "OUT": t, "n": "i32", "d1": "i32", "d2": "i32", "a0": "i32", "a1": "i32",
+                  "a2": "i32", "b0": "i32", "b1": "i32", "b2": "i32"}  # fmt: skip
+    ce = {"LOGITS": t, "LABELS": "*i64", "LOSS": "*fp64", "DLOGITS": t, "n_rows": "i32", "V": "i32",
           "ignore_index": "i32"}  # fmt: skip
     return token_mlp_configs | {
         "add_rmsnorm_fwd hidden": (rmsnorm._add_rmsnorm_fwd, norm_fwd, hidden, HIDDEN_DIV16, 8),
         "add_rmsnorm_fwd sequence": (rmsnorm._add_rmsnorm_fwd, norm_fwd, sequence, SEQUENCE_DIV16, 8),
         "add_rmsnorm_bwd hidden": (rmsnorm._add_rmsnorm_bwd, norm_bwd, hidden, HIDDEN_DIV16, 8),
         "add_rmsnorm_bwd sequence": (rmsnorm._add_rmsnorm_bwd, norm_bwd, sequence, SEQUENCE_DIV16, 8),
+        "add_rmsnorm_fwd pre-norm, weight": (rmsnorm._add_rmsnorm_fwd, prenorm_fwd, prenorm, HIDDEN_DIV16, 8),
+        "add_rmsnorm_bwd pre-norm, weight": (rmsnorm._add_rmsnorm_bwd, prenorm_bwd, prenorm, HIDDEN_DIV16, 8),
         "swiglu_fwd": (swiglu._swiglu_fwd, {"GU": t, "OUT": t, "n_out": "i32", "half": "i32"},
                        {"BLOCK": swiglu.BLOCK}, {"n_out", "half"}, 4),
         "swiglu_bwd": (swiglu._swiglu_bwd, {"DOUT": t, "GU": t, "DGU": t, "n_out": "i32", "half": "i32"},
                        {"BLOCK": swiglu.BLOCK}, {"n_out", "half"}, 4),
-        "inject": (inject._inject, {"H": t, "A": t, "B": t, "OUT": t, "n": "i32"},
-                   {"HAS_B": True, "BLOCK": inject.BLOCK}, {"n"}, 4),
+        "inject": (inject._inject, inject_sig, {"HAS_B": True, "BROADCAST": False, "BLOCK": inject.BLOCK}, {"n"}, 4),
+        "inject broadcast": (inject._inject, inject_sig, {"HAS_B": True, "BROADCAST": True, "BLOCK": inject.BLOCK},
+                             {"n", "d2", "a0", "b0", "b1"}, 4),
         "cross_entropy_fwd stablemax": (cross_entropy._ce_fwd, ce, {"STABLEMAX": True, "BLOCK_R": 64, "BLOCK_V": 16},
                                         set(), 4),
-        "cross_entropy_fwd softmax": (cross_entropy._ce_fwd, ce, {"STABLEMAX": False, "BLOCK_R": 64, "BLOCK_V": 16},
-                                      set(), 4),
-        "attention_fwd": (attention._attn_fwd, attn, attn_meta, set(), (4, 2)),
+        "cross_entropy_fwd softmax": (cross_entropy._ce_fwd, ce | {"LOSS": "*fp32"},
+                                      {"STABLEMAX": False, "BLOCK_R": 64, "BLOCK_V": 16}, set(), 4),
+        "attention_fwd": attention_kernel(attention._attn_fwd, attn, trm_attention, "fwd"),
         "attention_bwd_delta": (
             attention._attn_bwd_delta, {"OUT": t, "DOUT": t, "DELTA": "*fp32", "S": "i32", "H": "i32"},
-            {"D": 64, "BLOCK_M": attention.BLOCK_M}, set(), 4),
-        "attention_bwd_dkdv": (attention._attn_bwd_dkdv, attn_bwd, attn_meta, set(), (attention.DKDV_WARPS, 1)),
-        "attention_bwd_dkdv 8 warps": (attention._attn_bwd_dkdv, attn_bwd, attn_meta, set(), (8, 1)),
-        "attention_bwd_dq": (attention._attn_bwd_dq, attn_bwd, attn_meta, set(), (4, 1)),
+            {"D": 64, "D_P": 64, "BLOCK_M": attention.DELTA_ROWS}, set(), 4),
+        "attention_bwd_rope": (
+            attention._rope_qk, {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "QK": t, "S": "i32", "H": "i32",
+                                 "KVH": "i32"}, {"D": 64, "HALF_P": 32, "BLOCK_M": attention.DELTA_ROWS}, set(), 4),
+        "attention_bwd_dkdv": attention_kernel(attention._attn_bwd_dkdv, attn_bwd, trm_attention, "dkdv"),
+        "attention_bwd_dq": attention_kernel(attention._attn_bwd_dq, attn_bwd, trm_attention, "dq"),
+        "attention_fwd causal GQA mask d128": attention_kernel(attention._attn_fwd, attn, lm_attention, "fwd"),
+        "attention_bwd_dkdv causal GQA mask d128": attention_kernel(attention._attn_bwd_dkdv, attn_bwd,
+                                                                    lm_attention, "dkdv"),
+        "attention_bwd_dq causal GQA mask d128": attention_kernel(attention._attn_bwd_dq, attn_bwd, lm_attention,
+                                                                  "dq"),
     }  # fmt: skip
 
 
@@ -151,7 +188,7 @@ def compile_arch(capability: int, dtype: str) -> dict:
     arch = A.ARCHS[capability]
     target = GPUTarget("cuda", capability, 32)
     report = {}
-    for name, (kernel, signature, constexprs, div16, launch) in _specs(dtype).items():
+    for name, (kernel, signature, constexprs, div16, launch) in _specs(dtype, capability).items():
         warps, stages = launch if isinstance(launch, tuple) else (launch, None)
         options = {"num_warps": warps} | ({"num_stages": stages} if stages is not None else {})
         args = list(kernel.arg_names)

@@ -38,9 +38,12 @@ __all__ = [
     "get_verify",
     "set_verify",
     "use_verify",
+    "nn",
+    "patch",
+    "PatchReport",
 ]
 
-rope_cos_sin = reference.rope_cos_sin
+rope_cos_sin = reference.rope_cos_sin  # (seq_len, head_dim, base=10000.0) -> fp32 cos, sin [seq_len, head_dim]
 
 _OPS = ("add_rmsnorm", "inject", "swiglu", "token_mlp_rmsnorm", "rope_attention", "stablemax_cross_entropy",
         "softmax_cross_entropy")  # fmt: skip
@@ -97,32 +100,87 @@ def _check_dim(name: str, t: torch.Tensor, dim: int) -> None:
         raise ValueError(f"dim={dim} is out of range for {name} of rank {t.dim()}")
 
 
+def _check_heads(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def add_rmsnorm(
     x: torch.Tensor,
     residual: torch.Tensor | None = None,
     dim: int = -1,
     eps: float = 1e-5,
     backend: str | None = None,
-) -> torch.Tensor:
-    """rmsnorm(x + residual) over axis `dim` (-1: hidden; -2: sequence, as in ``mlp_t``)."""
+    *,
+    weight: torch.Tensor | None = None,
+    prenorm: bool = False,
+):
+    """Residual add + RMSNorm: ``rmsnorm(x + residual) * weight`` over axis `dim`.
+
+    Shapes: x [..., N, ...] with N = x.shape[dim] the normalised axis (-1: hidden; -2: the
+    sequence, as TRM's ``mlp_t`` normalises); residual x's shape; weight [N] (optional,
+    learnable, any float dtype; applied in fp32). Statistics in fp32:
+    ``y = h * rsqrt(mean(h^2) + eps) * weight``, h = x + residual, rounded once.
+
+    dtypes: x and residual may differ (an fp32 residual stream with a bf16 branch x): the sum
+    is taken in their promoted dtype (with equal dtypes rounded to it first, as an eager add
+    rounds). Post-norm (default) returns y in the sum's dtype. ``prenorm=True`` returns
+    ``(h, y)``: the new residual stream h in the sum's dtype and its norm y in x's dtype,
+    the input of the next sub-layer (``h, y = add_rmsnorm(branch, stream, prenorm=True)``).
+    Gradients flow to x, residual and weight.
+    """
     _check_float("x", x)
     _check_dim("x", x, dim)
     if residual is not None:
-        _check_same("residual", residual, "x", x)
-    return call("add_rmsnorm", x.device, backend, x, residual, dim, eps)
+        _check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has shape {tuple(x.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    if weight is not None:
+        _check_float("weight", weight)
+        if weight.shape != (x.shape[dim],):
+            raise ValueError(f"weight must have shape ({x.shape[dim]},) = x.shape[{dim}], got {tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if prenorm and residual is None:
+        raise ValueError("prenorm=True needs a residual (the stream that x is added to)")
+    return call("add_rmsnorm", x.device, backend, x, residual, dim, eps, weight, prenorm)
 
 
 def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """h + (a + b) (or h + a): the recursion's input injection."""
+    """The recursion's input injection ``h + (a + b)`` (or ``h + a``), in h's dtype.
+
+    h [...]; a and b of h's dtype, broadcastable to h's shape (e.g. [B, 1, D] or [D] against
+    [B, S, D]). ``a + b`` is rounded before h is added, as ``z + (y + x)`` rounds in the TRM
+    reference. Gradients: h gets the output's; a and b get it summed over their broadcast axes.
+    """
     _check_float("h", h)
-    _check_same("a", a, "h", h)
-    if b is not None:
-        _check_same("b", b, "h", h)
+    for name, t in (("a", a), ("b", b)):
+        if t is None:
+            continue
+        _check_float(name, t)
+        if t.dtype != h.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but h has dtype {h.dtype}")
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+        try:
+            fits = torch.broadcast_shapes(t.shape, h.shape) == h.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not broadcast to h's {tuple(h.shape)}")
     return call("inject", h.device, backend, h, a, b)
 
 
 def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> torch.Tensor:
-    """silu(gate) * up on the packed [gate | up] tensor, split along `dim`."""
+    """``silu(gate) * up`` on the packed tensor: gate the first half along `dim`, up the second.
+
+    gate_up [..., 2I, ...] (2I along `dim`; -1 for an MLP, -2 for TRM's token mixer's
+    [B, 2I, D]) -> [..., I, ...] in gate_up's dtype, computed in fp32 and rounded once. The
+    backward recomputes the activation from gate_up (nothing else is saved).
+    """
     _check_float("gate_up", gate_up)
     _check_dim("gate_up", gate_up, dim)
     if gate_up.shape[dim] % 2:
@@ -133,12 +191,14 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> 
 def token_mlp_rmsnorm(
     h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float = 1e-5, backend: str | None = None
 ) -> torch.Tensor:
-    """The ``mlp_t`` sub-layer: rmsnorm over the sequence of h + W_down @ swiglu(W_gate_up @ h).
+    """TRM's ``mlp_t`` sub-layer: ``rmsnorm over S of (h + W_down @ swiglu(W_gate_up @ h))``.
 
-    h [B, S, D]; w_gate_up [2I, S] (gate rows first); w_down [S, I]. Where no gradient is
-    needed (the no-grad recursion, evaluation) the triton backend runs it as one kernel
-    that never writes the [B, 2I, D] intermediate; with grad it composes the fused ops,
-    which keep what their backward needs.
+    h [B, S, D]; w_gate_up [2I, S] (gate rows first); w_down [S, I]; all one dtype (cast the
+    weights first); returns [B, S, D] in it. Each batch element is multiplied by the weights
+    from the left (no transposes; the weight gradients are summed over the batch in fp32 and
+    rounded once). Where no gradient is needed (the no-grad recursion, evaluation) the triton
+    backend runs it as one kernel that never writes the [B, 2I, D] intermediate (S <= 256);
+    with grad it composes the fused ops, which keep what their backward needs.
     """
     _check_float("h", h)
     if h.dim() != 3:
@@ -158,22 +218,89 @@ def token_mlp_rmsnorm(
 
 
 def rope_attention(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, backend: str | None = None
+    qkv: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    backend: str | None = None,
+    *,
+    num_kv_heads: int | None = None,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+    head_dim: int | None = None,
 ) -> torch.Tensor:
-    """Non-causal attention with RoPE; qkv [B, S, 3*H*d] as [q | k | v] heads -> [B, S, H*d]."""
+    """Multi-head attention on a packed projection, RoPE applied inside; returns [B, S, H * d].
+
+    qkv [B, S, (H + 2 * KVH) * d]: H query heads, then KVH key heads, then KVH value heads,
+    each d wide (``num_kv_heads`` KVH defaults to H; KVH < H is grouped-query attention,
+    query head h using key/value head h // (H / KVH); 1 is multi-query). fp32/fp16/bf16 (float64
+    on the reference backend). cos, sin [S, d] fp32 tables in the rotate-half convention
+    (``rope_cos_sin``), or both None for no rotation (then ``head_dim`` lets the layout be
+    checked). Scale 1/sqrt(d). ``causal``: query i attends keys j <= i. ``key_mask`` [B, S]
+    bool: False marks padding keys, never attended (lengths L: ``torch.arange(S) < L[:, None]``).
+    A query with no key to attend gets 0. The output has qkv's dtype; the gradient is one
+    packed dqkv. Triton: d even in 32..128.
+    """
     _check_float("qkv", qkv)
     if qkv.dim() != 3:
-        raise ValueError(f"qkv must be [batch, seq, 3*heads*head_dim], got shape {tuple(qkv.shape)}")
-    if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv's last dim {qkv.shape[-1]} is not divisible by 3*num_heads={3 * num_heads}")
-    head_dim = qkv.shape[-1] // (3 * num_heads)
+        raise ValueError(f"qkv must be [batch, seq, (heads + 2 * kv_heads) * head_dim], got shape {tuple(qkv.shape)}")
+    num_heads = _check_heads("num_heads", num_heads)
+    if num_kv_heads is not None:
+        _check_heads("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin go together: pass both (RoPE) or neither (no rotation)")
+    if cos is not None:
+        _check_float("cos", cos)
+        if cos.dim() != 2:
+            raise ValueError(f"cos must be [seq, head_dim], got shape {tuple(cos.shape)}")
+        head_dim = _check_heads("head_dim", head_dim) if head_dim is not None else cos.shape[1]
+    kv = _layout(qkv.shape[-1], num_heads, num_kv_heads, head_dim)
+    d = qkv.shape[-1] // (num_heads + 2 * kv)
     for name, t in (("cos", cos), ("sin", sin)):
+        if t is None:
+            continue
         _check_float(name, t)
-        if t.shape != (qkv.shape[1], head_dim):
-            raise ValueError(f"{name} must have shape {(qkv.shape[1], head_dim)}, got {tuple(t.shape)}")
+        if t.shape != (qkv.shape[1], d):
+            raise ValueError(f"{name} must have shape {(qkv.shape[1], d)}, got {tuple(t.shape)}")
         if t.device != qkv.device:
             raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
-    return call("rope_attention", qkv.device, backend, qkv, cos, sin, num_heads)
+    if cos is not None and d % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            got = getattr(key_mask, "dtype", type(key_mask).__name__)
+            raise TypeError(f"key_mask must be a bool tensor, got {got}")
+        if key_mask.shape != qkv.shape[:2]:
+            raise ValueError(f"key_mask must be [batch, seq] = {tuple(qkv.shape[:2])}, got {tuple(key_mask.shape)}")
+        if key_mask.device != qkv.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but qkv is on {qkv.device}")
+    return call("rope_attention", qkv.device, backend, qkv, cos, sin, num_heads, kv, bool(causal), key_mask)
+
+
+def _layout(width: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None) -> int:
+    """The number of key/value heads of a packed qkv of this width, checked against what is
+    known: a qkv laid out for fewer key/value heads than num_heads without num_kv_heads (found
+    through the head size cos or head_dim gives) is refused, not misread."""
+    if head_dim is None:
+        kv = num_kv_heads or num_heads
+        if width % (num_heads + 2 * kv):
+            raise ValueError(f"qkv's last dim {width} is not (num_heads + 2 * num_kv_heads) * head_dim with "
+                             f"num_heads={num_heads}, num_kv_heads={kv}")  # fmt: skip
+        return kv
+    heads, rest = divmod(width, head_dim)
+    kv, odd = divmod(heads - num_heads, 2)
+    if rest or odd or kv < 1 or num_heads % kv:
+        raise ValueError(f"qkv's last dim {width} is not (num_heads + 2 * num_kv_heads) * head_dim for "
+                         f"num_heads={num_heads} and head_dim={head_dim} (from cos or head_dim)")  # fmt: skip
+    if num_kv_heads is None and kv != num_heads:
+        raise ValueError(f"qkv's last dim {width} is ({num_heads} + 2 * {kv}) * {head_dim}: {kv} key/value heads; "
+                         f"pass num_kv_heads={kv} for grouped-query attention")  # fmt: skip
+    if num_kv_heads is not None and kv != num_kv_heads:
+        raise ValueError(f"qkv's last dim {width} is ({num_heads} + 2 * {kv}) * {head_dim}, not the "
+                         f"num_kv_heads={num_kv_heads} given")  # fmt: skip
+    return kv
 
 
 def _check_ce(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -192,7 +319,14 @@ def _check_ce(logits: torch.Tensor, labels: torch.Tensor) -> None:
 def stablemax_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, backend: str | None = None
 ) -> torch.Tensor:
-    """Per-token stablemax cross-entropy (float64 out, as the TRM reference's), 0 at ignored labels."""
+    """Per-token stablemax cross-entropy: ``-log(s(x_y) / sum_j s(x_j))``, s(x) = x + 1 (x >= 0),
+    1 / (1 - x) (x < 0).
+
+    logits [..., V] (any float dtype), labels [...] integer; returns labels' shape in float64
+    (the TRM reference's dtype; the triton backend computes in fp32), 0 where the label is
+    `ignore_index`, NaN for a label outside [0, V) on every backend (not checked: a check
+    would cost a device synchronisation). Reduce it yourself (TRM: per sequence, sum / count).
+    """
     _check_ce(logits, labels)
     return call("stablemax_cross_entropy", logits.device, backend, logits, labels, ignore_index)
 
@@ -200,6 +334,12 @@ def stablemax_cross_entropy(
 def softmax_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, backend: str | None = None
 ) -> torch.Tensor:
-    """Per-token softmax cross-entropy (fp32 out), 0 at ignored labels."""
+    """Per-token softmax cross-entropy: logits [..., V], labels [...] integer; returns labels'
+    shape in fp32 (float64 for float64 logits), 0 at `ignore_index`, NaN for a label outside
+    [0, V) on every backend."""
     _check_ce(logits, labels)
     return call("softmax_cross_entropy", logits.device, backend, logits, labels, ignore_index)
+
+
+from . import nn  # noqa: E402  (modules built on the ops above)
+from .patch import PatchReport, patch  # noqa: E402

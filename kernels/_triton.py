@@ -47,11 +47,20 @@ if interpreting():
 
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton decides at import of a kernel module whether its kernels are interpreted: a
+# TRITON_INTERPRET=1 set later leaves them compiled for a GPU ("0 active drivers" on a CPU).
+INTERPRETED = interpreting()
+
+
+def _interpretable(t: torch.Tensor) -> bool:
+    """A CPU tensor the interpreter can run our kernels on: not bf16 (the interpreter's bf16
+    arithmetic and tl.dot return wrong values silently), and the interpreter chosen in time."""
+    return t.device.type == "cpu" and INTERPRETED and interpreting() and t.dtype != torch.bfloat16
 
 
 def takes(t: torch.Tensor, *_args) -> bool:
     """Whether a Triton kernel can run on `t` here: a supported dtype, on a device it runs on."""
-    return t.dtype in FUSED_DTYPES and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
+    return t.dtype in FUSED_DTYPES and (t.is_cuda or _interpretable(t))
 
 
 def check_input(name: str, t: torch.Tensor) -> None:
@@ -63,8 +72,19 @@ def check_input(name: str, t: torch.Tensor) -> None:
             f"{name} is {t.dtype}: the triton backend takes float32/float16/bfloat16; "
             "use backend='reference' for float64"
         )
-    if t.is_cuda or t.is_meta or (t.device.type == "cpu" and interpreting()):
+    if t.is_cuda or t.is_meta or _interpretable(t):
         return
+    if t.device.type == "cpu" and interpreting() and not INTERPRETED:
+        raise RuntimeError(
+            f"{name} is on the CPU, and TRITON_INTERPRET=1 was set after trm_kernels was imported: Triton "
+            "compiled the kernels for a GPU at import. Set it before importing (in the shell, or first thing "
+            "in the script)"
+        )
+    if t.device.type == "cpu" and interpreting():
+        raise TypeError(
+            f"{name} is bfloat16 on the CPU: the Triton interpreter computes bf16 wrongly (its arithmetic and "
+            "tl.dot give wrong values without an error); use float32/float16 there, or backend='reference'"
+        )
     raise ValueError(
         f"{name} is on {t.device}: the triton backend needs CUDA tensors "
         "(or CPU tensors with TRITON_INTERPRET=1 set before import); use backend='reference'"

@@ -1,133 +1,184 @@
-"""Non-causal multi-head attention with RoPE applied inside the kernel (Triton), fwd + bwd.
+"""Multi-head attention with RoPE applied inside the kernel (Triton), forward and backward.
 
 Flash-attention style: online softmax over key blocks, fp32 accumulation, the log-sum-exp
 saved per query row for the backward. The kernels read q, k and v straight out of the
-packed projection ``qkv`` [B, S, 3*H*d] and write the gradient straight into a packed
-``dqkv``, so there are no split, transpose or concatenation copies.
+packed projection ``qkv`` [B, S, (H + 2 * KVH) * d] (H query heads, then KVH key heads, then
+KVH value heads) and write the gradient straight into a packed ``dqkv``, so there are no
+split, transpose, repeat or concatenation copies.
+
+Variants, all compile-time switches of the same kernels: RoPE or none; non-causal or causal
+(query i attends keys j <= i); a key mask [B, S] (False: the key is padding); grouped-query
+attention (KVH divides H; query head h uses key/value head h // (H / KVH); KVH = 1 is
+multi-query). A query row left with no key to attend (a causal row whose keys are all masked)
+gets 0, and no gradient.
 
 RoPE (rotate-half) acts on the two halves of a head: r1 = x1 cos - x2 sin,
 r2 = x2 cos + x1 sin. It is applied in fp32 at load, and the rotated q and k are rounded
 to the input dtype (as the reference rounds them) before the matrix products. Scores are
-q.k = r1(q).r1(k) + r2(q).r2(k): two half-width dots, no concatenation. The backward
-un-rotates dq and dk (the transpose of the rotation) before storing them. Any sequence
-length works (masked tails). head_dim is 32, 64 or 128.
+q.k = r1(q).r1(k) + r2(q).r2(k): two half-width dots, no concatenation (without RoPE the
+same two dots on the raw halves). The backward un-rotates dq and dk (the transpose of the
+rotation) before storing them. Any sequence length works (masked tails). head_dim is any
+even number from 32 to 128: each half is padded to a power of two in registers (96 computes
+as 128), which tensor-core products need; below 32 a half is under the 16-wide minimum of a
+tensor-core product, above 128 the accumulators of a 64-row tile no longer fit in registers.
+The dK/dV backward of a key/value head sums over the query heads of its group in one
+program: deterministic, no atomics.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_input, takes
+from ._triton import check_input, next_pow2, takes
 
-HEAD_DIMS = (32, 64, 128)
+HEAD_DIMS = range(32, 129, 2)  # even head sizes 32..128
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp2 instead of exp in the softmax
 
 
 @triton.jit
-def _head(QKV, bh, S, H, D: tl.constexpr):
-    """Batch b and head h of program axis `bh`, where head h's q starts in batch b's first row
-    (its k and v follow at +H*D and +2*H*D), and the stride between rows of qkv."""
-    b, h = bh // H, bh % H
-    row_stride = 3 * H * D
-    return b, h, QKV + b.to(tl.int64) * S * row_stride + h * D, row_stride
+def _cols(valid, c, WIDTH: tl.constexpr, PADDED: tl.constexpr):
+    """Mask [rows, PADDED] of valid rows and real columns; the column test only where there is
+    padding, so that unpadded loads keep their 16-byte vectors."""
+    mask = valid[:, None]
+    if WIDTH != PADDED:
+        mask = mask & (c[None, :] < WIDTH)
+    return mask
 
 
 @triton.jit
-def _rows(base, rows, row_stride, valid, D: tl.constexpr):
-    """Rows of one head as stored, [rows, D]."""
-    d = tl.arange(0, D)
-    return tl.load(base + rows[:, None].to(tl.int64) * row_stride + d[None, :], mask=valid[:, None], other=0.0)
+def _rows(base, rows, row_stride, valid, D: tl.constexpr, D_P: tl.constexpr):
+    """Rows of one head as stored, [rows, D_P] (columns past D read as 0)."""
+    d = tl.arange(0, D_P)
+    return tl.load(base + rows[:, None].to(tl.int64) * row_stride + d[None, :], mask=_cols(valid, d, D, D_P), other=0.0)
 
 
 @triton.jit
-def _rotated(base, rows, row_stride, COS, SIN, valid, HALF: tl.constexpr):
-    """Rows of one head rotated by RoPE in fp32, then rounded to the storage dtype as the
-    reference rounds q and k: (r1, r2), each [rows, HALF]."""
-    c = tl.arange(0, HALF)
+def _rotated(base, rows, row_stride, COS, SIN, valid, HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr):
+    """The two halves of one head's rows, rotated by RoPE in fp32 and rounded to the storage
+    dtype as the reference rounds q and k (or as stored, without RoPE): (x1, x2), each
+    [rows, HALF_P], zero past HALF."""
+    c = tl.arange(0, HALF_P)
+    mask = _cols(valid, c, HALF, HALF_P)
     ptr = base + rows[:, None].to(tl.int64) * row_stride + c[None, :]
-    x1 = tl.load(ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
-    trig = rows[:, None] * (2 * HALF) + c[None, :]
-    cos = tl.load(COS + trig, mask=valid[:, None], other=0.0)
-    sin = tl.load(SIN + trig, mask=valid[:, None], other=0.0)
-    dtype = base.dtype.element_ty
-    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+    x1 = tl.load(ptr, mask=mask, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    if ROPE:
+        trig = rows[:, None] * (2 * HALF) + c[None, :]
+        cos = tl.load(COS + trig, mask=mask, other=0.0)
+        sin = tl.load(SIN + trig, mask=mask, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        dtype = base.dtype.element_ty
+        x1, x2 = (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
+    return x1, x2
 
 
 @triton.jit
-def _unrotate_store(base, rows, row_stride, COS, SIN, valid, d1, d2, HALF: tl.constexpr):
+def _unrotate_store(
+    base, rows, row_stride, COS, SIN, valid, d1, d2, HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr
+):
     """Store the gradient w.r.t. the unrotated input: the rotation's transpose applied to (d1, d2)."""
-    c = tl.arange(0, HALF)
-    trig = rows[:, None] * (2 * HALF) + c[None, :]
-    cos = tl.load(COS + trig, mask=valid[:, None], other=0.0)
-    sin = tl.load(SIN + trig, mask=valid[:, None], other=0.0)
+    c = tl.arange(0, HALF_P)
+    mask = _cols(valid, c, HALF, HALF_P)
     ptr = base + rows[:, None].to(tl.int64) * row_stride + c[None, :]
-    tl.store(ptr, (d1 * cos + d2 * sin).to(base.dtype.element_ty), mask=valid[:, None])
-    tl.store(ptr + HALF, (d2 * cos - d1 * sin).to(base.dtype.element_ty), mask=valid[:, None])
+    if ROPE:
+        trig = rows[:, None] * (2 * HALF) + c[None, :]
+        cos = tl.load(COS + trig, mask=mask, other=0.0)
+        sin = tl.load(SIN + trig, mask=mask, other=0.0)
+        d1, d2 = d1 * cos + d2 * sin, d2 * cos - d1 * sin
+    tl.store(ptr, d1.to(base.dtype.element_ty), mask=mask)
+    tl.store(ptr + HALF, d2.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _keys_ok(KEY_MASK, b, cols, S, HAS_MASK: tl.constexpr):
+    """Which key columns exist and may be attended."""
+    ok = cols < S
+    if HAS_MASK:
+        ok = ok & (tl.load(KEY_MASK + b.to(tl.int64) * S + cols, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _allowed(q_rows, q_ok, k_cols, k_ok, CAUSAL: tl.constexpr):
+    """[rows, cols]: may this query attend this key."""
+    ok = q_ok[:, None] & k_ok[None, :]
+    if CAUSAL:
+        ok = ok & (k_cols[None, :] <= q_rows[:, None])
+    return ok
 
 
 @triton.jit
 def _attn_fwd(
-    QKV, COS, SIN, OUT, LSE, S, H, scale,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    QKV, COS, SIN, KEY_MASK, OUT, LSE, S, H, KVH, scale,
+    D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     m_block, bh = tl.program_id(0), tl.program_id(1)
-    D: tl.constexpr = 2 * HALF
+    b, h = bh // H, bh % H
+    g = h // (H // KVH)
+    HALF: tl.constexpr = D // 2
     dtype = OUT.dtype.element_ty
-    b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
-    k_base = q_base + H * D
-    v_base = q_base + 2 * H * D
+    row_stride = (H + 2 * KVH) * D
+    base = QKV + b.to(tl.int64) * S * row_stride
+    q_base, k_base, v_base = base + h * D, base + (H + g) * D, base + (H + KVH + g) * D
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = rows < S
-    q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF)
+    q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF, HALF_P, ROPE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    d = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_M, D_P], tl.float32)
     qk_scale = scale * LOG2E
-    for start in range(0, S, BLOCK_N):
+    end = tl.minimum(S, (m_block + 1) * BLOCK_M) if CAUSAL else S
+    for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k_ok = cols < S
-        k1, k2 = _rotated(k_base, cols, row_stride, COS, SIN, k_ok, HALF)
+        k_ok = _keys_ok(KEY_MASK, b, cols, S, HAS_MASK)
+        k1, k2 = _rotated(k_base, cols, row_stride, COS, SIN, k_ok, HALF, HALF_P, ROPE)
         qk = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
-        qk = tl.where(k_ok[None, :], qk * qk_scale, float("-inf"))
+        qk = tl.where(_allowed(rows, q_ok, cols, k_ok, CAUSAL), qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _rows(v_base, cols, row_stride, k_ok, D)
+        v = _rows(v_base, cols, row_stride, k_ok, D, D_P)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PREC)
         m_i = m_new
-    out = acc / l_i[:, None]
+    attended = l_i > 0
+    out = acc / tl.where(attended, l_i, 1.0)[:, None]  # 0 for a row with no key to attend
+    d = tl.arange(0, D_P)
     o_ptr = OUT + (b.to(tl.int64) * S + rows[:, None]) * (H * D) + h * D + d[None, :]
-    tl.store(o_ptr, out.to(dtype), mask=q_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * S + rows, m_i + tl.log2(l_i), mask=q_ok)  # log2 domain
+    tl.store(o_ptr, out.to(dtype), mask=_cols(q_ok, d, D, D_P))
+    lse = tl.where(attended, m_i + tl.log2(tl.where(attended, l_i, 1.0)), float("inf"))  # log2 domain
+    tl.store(LSE + bh.to(tl.int64) * S + rows, lse, mask=q_ok)
 
 
 @triton.jit
-def _attn_bwd_delta(OUT, DOUT, DELTA, S, H, D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(OUT, DOUT, DELTA, S, H, D: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) per (b, h, query)."""
     m_block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_P)
     ok = rows < S
+    mask = _cols(ok, d, D, D_P)
     offs = (b.to(tl.int64) * S + rows[:, None]) * (H * D) + h * D + d[None, :]
-    o = tl.load(OUT + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DOUT + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * S + rows, tl.sum(o * do, axis=1), mask=ok)
 
 
 @triton.jit
-def _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC: tl.constexpr):
-    """P[q, k] recomputed from the saved log2-sum-exp; exactly 0 outside the valid tile."""
+def _probabilities(q1, q2, k1, k2, lse, allowed, qk_scale, PREC: tl.constexpr):
+    """P[q, k] recomputed from the saved log2-sum-exp; exactly 0 where not allowed (a row with
+    nothing allowed saved lse = +inf, so its P is 0 everywhere)."""
     qk = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
     p = tl.exp2(qk * qk_scale - lse[:, None])
-    return tl.where(q_ok[:, None] & k_ok[None, :], p, 0.0)
+    return tl.where(allowed, p, 0.0)
 
 
 @triton.jit
@@ -138,89 +189,157 @@ def _score_grad(p, do, v, delta, scale, dtype, PREC: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(QKV_BASE, DOUT, LSE, DELTA, COS, SIN, b, h, bh, rows, row_stride, S, H, HALF: tl.constexpr):
-    """The backward's view of query rows: validity, rotated q halves, lse, delta and dO."""
-    D: tl.constexpr = 2 * HALF
+def _rope_qk(QKV, COS, SIN, QK, S, H, KVH, D: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The backward's q and k, rotated once ([B, S, (H + KVH) * d], as the forward rotates and
+    rounds them), so that its inner loops load them without trigonometry: fewer registers."""
+    m_block, bj = tl.program_id(0), tl.program_id(1)
+    b, j = bj // (H + KVH), bj % (H + KVH)  # head j of the q heads then the k heads
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < S
+    src = QKV + b.to(tl.int64) * S * (H + 2 * KVH) * D + j * D
+    x1, x2 = _rotated(src, rows, (H + 2 * KVH) * D, COS, SIN, ok, D // 2, HALF_P, True)
+    dst = QK + b.to(tl.int64) * S * (H + KVH) * D + j * D
+    c = tl.arange(0, HALF_P)
+    ptr = dst + rows[:, None].to(tl.int64) * ((H + KVH) * D) + c[None, :]
+    mask = _cols(ok, c, D // 2, HALF_P)
+    tl.store(ptr, x1, mask=mask)
+    tl.store(ptr + D // 2, x2, mask=mask)
+
+
+@triton.jit
+def _query_tile(
+    QK_BASE, qk_stride, DOUT, LSE, DELTA, b, h, rows, S, H,
+    D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr,
+):  # fmt: skip
+    """The backward's view of query rows of head h: validity, (rotated) q halves, lse, delta, dO."""
     q_ok = rows < S
-    q1, q2 = _rotated(QKV_BASE, rows, row_stride, COS, SIN, q_ok, HALF)
-    lse = tl.load(LSE + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=q_ok, other=0.0)
-    do = _rows(DOUT + b.to(tl.int64) * S * (H * D) + h * D, rows, H * D, q_ok, D)
+    q1, q2 = _rotated(QK_BASE + h * D, rows, qk_stride, QK_BASE, QK_BASE, q_ok, D // 2, HALF_P, False)
+    bh = (b * H + h).to(tl.int64)
+    lse = tl.load(LSE + bh * S + rows, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * S + rows, mask=q_ok, other=0.0)
+    do = _rows(DOUT + b.to(tl.int64) * S * (H * D) + h * D, rows, H * D, q_ok, D, D_P)
     return q_ok, q1, q2, lse, delta, do
 
 
 @triton.jit
-def _key_tile(QKV_BASE, COS, SIN, cols, row_stride, S, H, HALF: tl.constexpr):
-    """The backward's view of key rows: validity, rotated k halves and v."""
-    D: tl.constexpr = 2 * HALF
-    k_ok = cols < S
-    k1, k2 = _rotated(QKV_BASE + H * D, cols, row_stride, COS, SIN, k_ok, HALF)
-    v = _rows(QKV_BASE + 2 * H * D, cols, row_stride, k_ok, D)
+def _key_tile(
+    QK_BASE, qk_stride, V_BASE, row_stride, KEY_MASK, b, g, cols, S, H,
+    D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """The backward's view of key rows of key/value head g: validity, (rotated) k halves and v."""
+    k_ok = _keys_ok(KEY_MASK, b, cols, S, HAS_MASK)
+    k1, k2 = _rotated(QK_BASE + (H + g) * D, cols, qk_stride, QK_BASE, QK_BASE, k_ok, D // 2, HALF_P, False)
+    v = _rows(V_BASE + g * D, cols, row_stride, k_ok, D, D_P)
     return k_ok, k1, k2, v
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    QKV, COS, SIN, DOUT, LSE, DELTA, DQKV, S, H, scale,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    QKV, QK, COS, SIN, KEY_MASK, DOUT, LSE, DELTA, DQKV, S, H, KVH, qk_stride, scale,
+    D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    n_block, bh = tl.program_id(0), tl.program_id(1)
-    D: tl.constexpr = 2 * HALF
+    """dK and dV of one block of keys of one key/value head, summed over its group's query heads.
+    q and k come rotated (QK, row stride qk_stride); dK is un-rotated when stored."""
+    n_block, bg = tl.program_id(0), tl.program_id(1)
+    b, g = bg // KVH, bg % KVH
+    group = H // KVH
+    HALF: tl.constexpr = D // 2
     dtype = DQKV.dtype.element_ty
-    b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
+    row_stride = (H + 2 * KVH) * D
+    qk_base = QK + b.to(tl.int64) * S * qk_stride
+    v_base = QKV + b.to(tl.int64) * S * row_stride + (H + KVH) * D
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    k_ok, k1, k2, v = _key_tile(q_base, COS, SIN, cols, row_stride, S, H, HALF)
-    dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    k_ok, k1, k2, v = _key_tile(qk_base, qk_stride, v_base, row_stride, KEY_MASK, b, g, cols, S, H, D, HALF_P, D_P,
+                                HAS_MASK)  # fmt: skip
+    dk1 = tl.zeros([BLOCK_N, HALF_P], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF_P], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_P], tl.float32)
     qk_scale = scale * LOG2E
-    for start in range(0, S, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        q_ok, q1, q2, lse, delta, do = _query_tile(q_base, DOUT, LSE, DELTA, COS, SIN, b, h, bh, rows, row_stride,
-                                                   S, H, HALF)  # fmt: skip
-        p = _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC)
-        dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC)
-        ds = _score_grad(p, do, v, delta, scale, dtype, PREC)
-        dk1 += tl.dot(tl.trans(ds), q1, input_precision=PREC)
-        dk2 += tl.dot(tl.trans(ds), q2, input_precision=PREC)
-    g_base = DQKV + b.to(tl.int64) * S * row_stride + h * D
-    _unrotate_store(g_base + H * D, cols, row_stride, COS, SIN, k_ok, dk1, dk2, HALF)
-    dv_ptr = g_base + 2 * H * D + cols[:, None].to(tl.int64) * row_stride + d[None, :]
-    tl.store(dv_ptr, dv.to(dtype), mask=k_ok[:, None])
+    first = (n_block * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0  # earlier queries see none of these keys
+    for j in range(0, group):
+        h = g * group + j
+        for start in range(first, S, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            q_ok, q1, q2, lse, delta, do = _query_tile(qk_base, qk_stride, DOUT, LSE, DELTA, b, h, rows, S, H, D,
+                                                       HALF_P, D_P)  # fmt: skip
+            p = _probabilities(q1, q2, k1, k2, lse, _allowed(rows, q_ok, cols, k_ok, CAUSAL), qk_scale, PREC)
+            dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC)
+            ds = _score_grad(p, do, v, delta, scale, dtype, PREC)
+            dk1 += tl.dot(tl.trans(ds), q1, input_precision=PREC)
+            dk2 += tl.dot(tl.trans(ds), q2, input_precision=PREC)
+    g_base = DQKV + b.to(tl.int64) * S * row_stride
+    valid = cols < S  # masked keys get a zero gradient, stored
+    _unrotate_store(g_base + (H + g) * D, cols, row_stride, COS, SIN, valid, dk1, dk2, HALF, HALF_P, ROPE)
+    d = tl.arange(0, D_P)
+    dv_ptr = g_base + (H + KVH + g) * D + cols[:, None].to(tl.int64) * row_stride + d[None, :]
+    tl.store(dv_ptr, dv.to(dtype), mask=_cols(valid, d, D, D_P))
 
 
 @triton.jit
 def _attn_bwd_dq(
-    QKV, COS, SIN, DOUT, LSE, DELTA, DQKV, S, H, scale,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    QKV, QK, COS, SIN, KEY_MASK, DOUT, LSE, DELTA, DQKV, S, H, KVH, qk_stride, scale,
+    D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
+    """dQ of one block of queries of one head; q and k come rotated, dQ is un-rotated when stored."""
     m_block, bh = tl.program_id(0), tl.program_id(1)
-    D: tl.constexpr = 2 * HALF
+    b, h = bh // H, bh % H
+    g = h // (H // KVH)
     dtype = DQKV.dtype.element_ty
-    b, h, q_base, row_stride = _head(QKV, bh, S, H, D)
+    row_stride = (H + 2 * KVH) * D
+    qk_base = QK + b.to(tl.int64) * S * qk_stride
+    v_base = QKV + b.to(tl.int64) * S * row_stride + (H + KVH) * D
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok, q1, q2, lse, delta, do = _query_tile(q_base, DOUT, LSE, DELTA, COS, SIN, b, h, bh, rows, row_stride,
-                                               S, H, HALF)  # fmt: skip
-    dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    q_ok, q1, q2, lse, delta, do = _query_tile(qk_base, qk_stride, DOUT, LSE, DELTA, b, h, rows, S, H, D, HALF_P,
+                                               D_P)  # fmt: skip
+    dq1 = tl.zeros([BLOCK_M, HALF_P], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF_P], tl.float32)
     qk_scale = scale * LOG2E
-    for start in range(0, S, BLOCK_N):
+    end = tl.minimum(S, (m_block + 1) * BLOCK_M) if CAUSAL else S
+    for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k_ok, k1, k2, v = _key_tile(q_base, COS, SIN, cols, row_stride, S, H, HALF)
-        p = _probabilities(q1, q2, k1, k2, lse, q_ok, k_ok, qk_scale, PREC)
+        k_ok, k1, k2, v = _key_tile(qk_base, qk_stride, v_base, row_stride, KEY_MASK, b, g, cols, S, H, D, HALF_P,
+                                    D_P, HAS_MASK)  # fmt: skip
+        p = _probabilities(q1, q2, k1, k2, lse, _allowed(rows, q_ok, cols, k_ok, CAUSAL), qk_scale, PREC)
         ds = _score_grad(p, do, v, delta, scale, dtype, PREC)
         dq1 += tl.dot(ds, k1, input_precision=PREC)
         dq2 += tl.dot(ds, k2, input_precision=PREC)
-    g_base = DQKV + b.to(tl.int64) * S * row_stride + h * D
-    _unrotate_store(g_base, rows, row_stride, COS, SIN, q_ok, dq1, dq2, HALF)
+    g_base = DQKV + b.to(tl.int64) * S * row_stride
+    _unrotate_store(g_base + h * D, rows, row_stride, COS, SIN, q_ok, dq1, dq2, D // 2, HALF_P, ROPE)
 
 
-BLOCK_M, BLOCK_N = 64, 64
-# Warps of the dK/dV backward kernel. With 4 it uses all 255 registers per thread (ptxas
-# spills 36 bytes under triton 3.6), with 8 about 233 and no spills, at the same 8 warps per
-# SM. The op benchmark times both ("triton, dK/dV 8 warps"); the faster becomes the default.
-DKDV_WARPS = 4
+class Tile(NamedTuple):
+    block_m: int  # query rows per program
+    block_n: int  # key rows per program
+    warps: int
+    stages: int
+
+
+def tiles(head_dim: int, capability: tuple[int, int] | None) -> dict[str, Tile]:
+    """Each kernel's tile for this head size on this GPU (None: the interpreter): the largest
+    that ptxas compiles without register spills on every architecture of its family, with
+    the family's tensor-core instruction (`python -m trm_benchmarks.ptx` checks sm_80, 86, 89,
+    90, 100 and 120; see its report). The backward's dK/dV accumulates three [BLOCK_N, d]
+    tiles over a loop of products: on mma.sync GPUs (Ampere, Ada, consumer Blackwell) it fits
+    registers at 32 x 32, on wgmma / tcgen05 GPUs (Hopper, B200) at 64 x 64. Heads wider than
+    64 take smaller tiles; warpgroup products need 64 rows in a tile's first product."""
+    wide = next_pow2(head_dim // 2) > 32
+    major = capability[0] if capability is not None else None
+    if major in (9, 10):  # Hopper, B200: wgmma / tcgen05
+        if wide:
+            return {"fwd": Tile(64, 32, 8, 2), "dq": Tile(64, 32, 8, 1), "dkdv": Tile(16, 64, 8, 1)}
+        return {"fwd": Tile(64, 64, 4, 2), "dq": Tile(64, 64, 4, 1), "dkdv": Tile(64, 64, 8, 1)}
+    if wide:
+        return {"fwd": Tile(32, 64, 8, 2), "dq": Tile(32, 64, 8, 1), "dkdv": Tile(32, 32, 8, 1)}
+    return {"fwd": Tile(64, 64, 4, 2), "dq": Tile(64, 64, 4, 1), "dkdv": Tile(32, 32, 8, 1)}
+
+
+def _tiles_for(qkv: torch.Tensor, head_dim: int) -> dict[str, Tile]:
+    return tiles(head_dim, torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else None)
+
+
+DELTA_ROWS = 64  # rows per program of the backward's elementwise kernels (delta, the rotation of q and k)
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -228,77 +347,114 @@ def _precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
-def supports(qkv: torch.Tensor, cos, sin, num_heads: int) -> bool:
-    return takes(qkv) and qkv.shape[-1] // (3 * num_heads) in HEAD_DIMS
+def head_dim_of(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> int:
+    return qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
 
 
-def _head_dim(qkv: torch.Tensor, num_heads: int) -> int:
-    d = qkv.shape[-1] // (3 * num_heads)
+def supports(qkv: torch.Tensor, cos, sin, num_heads: int, num_kv_heads: int, causal: bool, key_mask) -> bool:
+    return takes(qkv) and head_dim_of(qkv, num_heads, num_kv_heads) in HEAD_DIMS
+
+
+def _meta(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos, causal: bool, key_mask) -> dict:
+    d = head_dim_of(qkv, num_heads, num_kv_heads)
     if d not in HEAD_DIMS:
-        raise ValueError(f"rope_attention: head_dim {d} is not supported by the triton backend ({HEAD_DIMS})")
-    return d
+        raise ValueError(f"rope_attention: head_dim {d} is not supported by the triton backend (even, 32..128)")
+    return dict(D=d, HALF_P=next_pow2(d // 2), D_P=2 * next_pow2(d // 2), PREC=_precision(qkv), ROPE=cos is not None,
+                CAUSAL=causal, HAS_MASK=key_mask is not None)  # fmt: skip
+
+
+def _tables(qkv: torch.Tensor, cos, sin, key_mask):
+    """Kernel arguments for the optional inputs: fp32 tables, an int8 mask, or qkv as a stand-in pointer."""
+    cos = cos.float().contiguous() if cos is not None else qkv
+    sin = sin.float().contiguous() if sin is not None else qkv
+    mask = key_mask.contiguous().view(torch.int8) if key_mask is not None else qkv
+    return cos, sin, mask
 
 
 @torch.library.custom_op("trm::rope_attention", mutates_args=())
 def attention_fwd(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+    qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, num_kv_heads: int,
+    causal: bool, key_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    qkv = qkv.contiguous()
     batch, seq, _ = qkv.shape
-    d = _head_dim(qkv, num_heads)
+    meta = _meta(qkv, num_heads, num_kv_heads, cos, causal, key_mask)
+    d = head_dim_of(qkv, num_heads, num_kv_heads)
     out = qkv.new_empty(batch, seq, num_heads * d)
     lse = torch.empty(batch, num_heads, seq, dtype=torch.float32, device=qkv.device)
-    grid = (triton.cdiv(seq, BLOCK_M), batch * num_heads)
-    _attn_fwd[grid](qkv, cos, sin, out, lse, seq, num_heads, 1 / math.sqrt(d),
-                    HALF=d // 2, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=_precision(qkv), num_warps=4,
-                    num_stages=2)  # fmt: skip
+    t = _tiles_for(qkv, d)["fwd"]
+    grid = (triton.cdiv(seq, t.block_m), batch * num_heads)
+    _attn_fwd[grid](qkv, *_tables(qkv, cos, sin, key_mask), out, lse, seq, num_heads, num_kv_heads, 1 / math.sqrt(d),
+                    **meta, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.warps, num_stages=t.stages)  # fmt: skip
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(qkv, cos, sin, num_heads):
-    batch, seq, width = qkv.shape
-    return qkv.new_empty(batch, seq, width // 3), qkv.new_empty(batch, num_heads, seq, dtype=torch.float32)
+def _(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask):
+    batch, seq, _ = qkv.shape
+    d = head_dim_of(qkv, num_heads, num_kv_heads)
+    return qkv.new_empty(batch, seq, num_heads * d), qkv.new_empty(batch, num_heads, seq, dtype=torch.float32)
 
 
 @torch.library.custom_op("trm::rope_attention_backward", mutates_args=())
 def attention_bwd(
-    dout: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, num_heads: int,
+    dout: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor, num_heads: int, num_kv_heads: int, causal: bool, key_mask: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
-    dout, qkv, cos, sin = dout.contiguous(), qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+    dout, qkv = dout.contiguous(), qkv.contiguous()
     batch, seq, _ = qkv.shape
-    d = _head_dim(qkv, num_heads)
+    meta = _meta(qkv, num_heads, num_kv_heads, cos, causal, key_mask)
+    d = head_dim_of(qkv, num_heads, num_kv_heads)
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(seq, BLOCK_M), batch * num_heads)](out, dout, delta, seq, num_heads, D=d,
-                                                                    BLOCK_M=BLOCK_M)  # fmt: skip
+    _attn_bwd_delta[(triton.cdiv(seq, DELTA_ROWS), batch * num_heads)](out, dout, delta, seq, num_heads, D=d,
+                                                                       D_P=meta["D_P"], BLOCK_M=DELTA_ROWS)  # fmt: skip
     dqkv = torch.empty_like(qkv)
-    args = (qkv, cos, sin, dout, lse, delta, dqkv, seq, num_heads, 1 / math.sqrt(d))
-    meta = dict(HALF=d // 2, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PREC=_precision(qkv), num_stages=1)
-    _attn_bwd_dkdv[(triton.cdiv(seq, BLOCK_N), batch * num_heads)](*args, **meta, num_warps=DKDV_WARPS)
-    _attn_bwd_dq[(triton.cdiv(seq, BLOCK_M), batch * num_heads)](*args, **meta, num_warps=4)
+    cos, sin, mask = _tables(qkv, cos, sin, key_mask)
+    qk, qk_stride = qkv, (num_heads + 2 * num_kv_heads) * d
+    if meta["ROPE"]:  # q and k rotated once for the backward's loops
+        qk_stride = (num_heads + num_kv_heads) * d
+        qk = qkv.new_empty(batch, seq, qk_stride)
+        _rope_qk[(triton.cdiv(seq, DELTA_ROWS), batch * (num_heads + num_kv_heads))](
+            qkv, cos, sin, qk, seq, num_heads, num_kv_heads, D=d, HALF_P=meta["HALF_P"], BLOCK_M=DELTA_ROWS
+        )
+    args = (qkv, qk, cos, sin, mask, dout, lse, delta, dqkv, seq, num_heads, num_kv_heads, qk_stride,
+            1 / math.sqrt(d))  # fmt: skip
+    chosen = _tiles_for(qkv, d)
+    for kernel, t, rows, programs in ((_attn_bwd_dkdv, chosen["dkdv"], "block_n", num_kv_heads),
+                                      (_attn_bwd_dq, chosen["dq"], "block_m", num_heads)):  # fmt: skip
+        grid = (triton.cdiv(seq, getattr(t, rows)), batch * programs)
+        kernel[grid](*args, **meta, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.warps, num_stages=t.stages)
     return dqkv
 
 
 @attention_bwd.register_fake
-def _(dout, qkv, cos, sin, out, lse, num_heads):
+def _(dout, qkv, cos, sin, out, lse, num_heads, num_kv_heads, causal, key_mask):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):
-    qkv, cos, sin, num_heads = inputs
-    ctx.save_for_backward(qkv, cos, sin, output[0], output[1])
-    ctx.num_heads = num_heads
+    qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask = inputs
+    ctx.save_for_backward(qkv, cos, sin, key_mask, output[0], output[1])
+    ctx.num_heads, ctx.num_kv_heads, ctx.causal = num_heads, num_kv_heads, causal
 
 
 def _backward(ctx, dout, _dlse):
-    qkv, cos, sin, out, lse = ctx.saved_tensors
-    return attention_bwd(dout, qkv, cos, sin, out, lse, ctx.num_heads), None, None, None
+    qkv, cos, sin, key_mask, out, lse = ctx.saved_tensors
+    dqkv = attention_bwd(dout, qkv, cos, sin, out, lse, ctx.num_heads, ctx.num_kv_heads, ctx.causal, key_mask)
+    return dqkv, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+def rope_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     check_input("qkv", qkv)
-    return attention_fwd(qkv, cos, sin, num_heads)[0]
+    return attention_fwd(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask)[0]

@@ -57,12 +57,18 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
+    """Run every op with `name` from now on: ``"auto"`` (the default), ``"reference"``
+    (plain PyTorch, any device and dtype), ``"triton"`` or ``"cuda"`` (the extension where it
+    has the op, Triton elsewhere). A backend that cannot take a call then raises an error
+    naming the argument instead of falling back. Overrides ``TRM_BACKEND``; a ``backend=``
+    argument of an op call overrides this."""
     global _override
     _override = _validate(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"): ...``: set_backend for the block, restored after it."""
     global _override
     previous, _override = _override, _validate(name)
     try:
@@ -72,6 +78,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def available(op: str) -> tuple[str, ...]:
+    """The backends registered for `op` here (``reference`` always; ``triton`` where Triton
+    imports; ``cuda`` for add_rmsnorm with a CUDA build of torch)."""
     return tuple(_REGISTRY.get(op, {}))
 
 

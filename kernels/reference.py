@@ -18,17 +18,35 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor | None = None, dim: int = -1, eps: float = 1e-5
-) -> torch.Tensor:
-    """rmsnorm(x + residual) over `dim`, computed in fp32 (or wider), returned in x's dtype (no weight)."""
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    dim: int = -1,
+    eps: float = 1e-5,
+    weight: torch.Tensor | None = None,
+    prenorm: bool = False,
+):
+    """rmsnorm(x + residual) over `dim`, times `weight` if given, computed in fp32 (or wider).
+
+    The sum is taken in the promoted dtype of x and residual (rounded as an eager add
+    rounds it); the norm and the weight in fp32, rounded once. Post-norm (the default)
+    returns the normalised sum in that promoted dtype. ``prenorm=True`` returns
+    ``(sum, normalised)``: the new residual stream in the promoted dtype, and its norm in
+    x's dtype (the input of the next sub-layer).
+    """
     h = x if residual is None else x + residual
     h32 = h.to(_compute_dtype(h.dtype))
-    h32 = h32 * torch.rsqrt(h32.square().mean(dim=dim, keepdim=True) + eps)
-    return h32.to(x.dtype)
+    y = h32 * torch.rsqrt(h32.square().mean(dim=dim, keepdim=True) + eps)
+    if weight is not None:
+        shape = [1] * h.dim()
+        shape[dim] = -1
+        y = y * weight.to(y.dtype).view(shape)
+    if prenorm:
+        return h, y.to(x.dtype)
+    return y.to(h.dtype)
 
 
 def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """The recursion's input injection: h + (a + b), or h + a.
+    """The recursion's input injection: h + (a + b), or h + a; a and b broadcast to h.
 
     The parenthesisation is the reference's (`z_L + (z_H + x)`), which matters in bf16.
     """
@@ -126,16 +144,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
 
 
-def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Non-causal multi-head attention with RoPE on q and k.
+def rope_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-head attention with RoPE on q and k (none when cos is None), scale 1/sqrt(d).
 
-    qkv: [B, S, 3 * H * d] laid out as [q heads | k heads | v heads]; returns [B, S, H * d].
+    qkv: [B, S, (H + 2 * KVH) * d] laid out as [q heads | k heads | v heads]; returns
+    [B, S, H * d]. Query head h uses key/value head h // (H / KVH). `causal`: query i attends
+    keys j <= i. `key_mask` [B, S] bool: False keys are never attended. A query with no key
+    to attend gets 0.
     """
+    kv = num_kv_heads or num_heads
     batch, seq, width = qkv.shape
-    head_dim = width // (3 * num_heads)
-    q, k, v = qkv.view(batch, seq, 3 * num_heads, head_dim).split(num_heads, dim=2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    head_dim = width // (num_heads + 2 * kv)
+    q, k, v = qkv.view(batch, seq, num_heads + 2 * kv, head_dim).split([num_heads, kv, kv], dim=2)
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv != num_heads:
+        k, v = (t.repeat_interleave(num_heads // kv, dim=2) for t in (k, v))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if key_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        allowed = key_mask[:, None, None, :].expand(batch, 1, seq, seq)
+        if causal:
+            allowed = allowed & torch.ones(seq, seq, dtype=torch.bool, device=qkv.device).tril()
+        attends = allowed.any(-1, keepdim=True)  # a row with no key: attend all, then output 0 (finite gradients)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~attends)
+        out = torch.where(attends, out, 0)
     return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
 
 
@@ -149,21 +191,27 @@ def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     """Per-token -log(s(x_label) / sum_j s(x_j)) in float64, 0 where label == ignore_index.
 
     Returns labels' shape in float64, as the TRM reference implementation does, so that the
-    loss summed from it, and its gradient, are float64 until they reach the logits.
+    loss summed from it, and its gradient, are float64 until they reach the logits. A label
+    outside [0, V) (other than ignore_index) gives NaN, on every backend: checking it on the
+    host would cost a device synchronisation per call.
     """
     s = _stablemax_s(logits.double())
     logp = torch.log(s / s.sum(dim=-1, keepdim=True))
     valid = labels != ignore_index
-    picked = logp.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, -picked, 0)
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    picked = logp.gather(-1, torch.where(valid & in_range, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, torch.where(in_range, -picked, torch.nan), 0)
 
 
 def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token softmax cross-entropy in fp32 (float64 for float64 logits), 0 at ignore_index."""
+    """Per-token softmax cross-entropy in fp32 (float64 for float64 logits), 0 at ignore_index;
+    NaN for a label outside [0, V), as stablemax_cross_entropy."""
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
     flat = F.cross_entropy(
         logits.to(_compute_dtype(logits.dtype)).flatten(0, -2),
-        labels.long().flatten(),
+        torch.where(in_range | ~valid, labels, ignore_index).long().flatten(),
         ignore_index=ignore_index,
         reduction="none",
     )
-    return flat.view(labels.shape)
+    return torch.where(valid & ~in_range, torch.nan, flat.view(labels.shape))

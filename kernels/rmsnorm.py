@@ -1,17 +1,23 @@
 """Fused residual add + RMSNorm over any axis (Triton; the CUDA extension for the last axis).
 
-y = (x + r) * rstd, rstd = 1 / sqrt(mean((x + r)^2) + eps), in fp32, stored in x's dtype.
+y = (x + r) * rstd [* w], rstd = 1 / sqrt(mean((x + r)^2) + eps), in fp32, rounded once.
 The tensor is seen as [outer, N, inner] with N the normalised axis. A program owns a tile
 of BLOCK_C x BLOCK_N: BLOCK_C independent columns, N whole (the reduced axis is the tile's
 last, which also gives the interpreter's numpy reductions their pairwise order). For the last axis (inner = 1)
 columns are rows; for the sequence axis of ``mlp_t`` ([B, S, D], inner = D) columns are
 hidden units, so there are no transpose copies.
 
-x + r is rounded to the storage dtype before the norm, as the reference's eager add
-rounds it. The forward saves one fp32 rstd per column. Autograd keeps x and r alive, and
-the backward recomputes h = x + r from them:
-dh = rstd * dy - h * rstd^3 * mean(dy * h). Using the rounded output y instead would cost
-the backward its precision where |y| is near sqrt(N) (short axes).
+x + r is taken in their promoted dtype: with equal dtypes it is rounded to that dtype before
+the norm, as the reference's eager add rounds it; an fp32 residual stream with a bf16 branch
+sums in fp32. The optional weight w (one per element of the normalised axis) multiplies in
+fp32 before the one rounding; its gradient is summed per program in fp32 and the programs'
+partial sums are added in a fixed order (deterministic). The pre-norm form also writes the
+sum (the next residual stream) and takes its gradient in the backward.
+
+The forward saves one fp32 rstd per column. Autograd keeps x and r alive, and the backward
+recomputes h = x + r from them: dh = rstd * g - h * rstd^3 * mean(g * h), g = dy * w.
+Using the rounded output y instead would cost the backward its precision where |y| is near
+sqrt(N) (short axes).
 """
 
 from __future__ import annotations
@@ -21,65 +27,83 @@ import triton
 import triton.language as tl
 
 from . import cuda_ext
-from ._triton import check_input, next_pow2, split_at, takes
+from ._triton import FUSED_DTYPES, check_input, next_pow2, split_at, takes
 
 MAX_N = 32768  # the normalised axis is held whole in one tile
 
 
 @triton.jit
-def _load_sum(X, R, offs, mask, HAS_R: tl.constexpr):
-    """x + r rounded to x's dtype (as an eager add would), then widened to fp32."""
-    h = tl.load(X + offs, mask=mask, other=0.0)
+def _load_sum(X, R, offs, mask, HAS_R: tl.constexpr, ROUND: tl.constexpr):
+    """x + r in fp32, rounded to x's dtype first when ROUND (equal dtypes: as an eager add would)."""
+    h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_R:
-        h = (h.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
-    return h.to(tl.float32)
+        h = h + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        if ROUND:
+            h = h.to(X.dtype.element_ty).to(tl.float32)
+    return h
 
 
 @triton.jit
 def _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile: element offsets and mask [BLOCK_C, BLOCK_N], and the offset of
-    each column's rstd (-1 past the last column)."""
+    """This program's tile: element offsets and mask [BLOCK_C, BLOCK_N], the offset of each
+    column's rstd (-1 past the last column), and the positions n along the normalised axis."""
     outer, cblock = tl.program_id(0), tl.program_id(1)
     cols = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
     mask = (cols[:, None] < n_cols) & (n[None, :] < N)
     offs = outer.to(tl.int64) * stride_outer + cols[:, None].to(tl.int64) * stride_col + n[None, :] * stride_n
     stats = tl.where(cols < n_cols, outer.to(tl.int64) * n_cols + cols, -1)
-    return offs, mask, stats
+    return offs, mask, stats, n
 
 
 @triton.jit
 def _add_rmsnorm_fwd(
-    X, R, Y, RSTD, N, n_cols, stride_outer, stride_col, stride_n, eps,
-    HAS_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    X, R, W, Y, SUM, RSTD, N, n_cols, stride_outer, stride_col, stride_n, eps,
+    HAS_R: tl.constexpr, ROUND: tl.constexpr, HAS_W: tl.constexpr, PRENORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    offs, mask, stats = _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N, BLOCK_C)
-    h = _load_sum(X, R, offs, mask, HAS_R)
+    offs, mask, stats, n = _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N, BLOCK_C)
+    h = _load_sum(X, R, offs, mask, HAS_R, ROUND)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=1) / N + eps))  # correctly rounded, unlike rsqrt
-    tl.store(Y + offs, (h * rstd[:, None]).to(Y.dtype.element_ty), mask=mask)
+    y = h * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if PRENORM:
+        tl.store(SUM + offs, h.to(SUM.dtype.element_ty), mask=mask)
     tl.store(RSTD + stats, rstd, mask=stats >= 0)
 
 
 @triton.jit
 def _add_rmsnorm_bwd(
-    DY, X, R, RSTD, DH, N, n_cols, stride_outer, stride_col, stride_n,
-    HAS_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    DY, DSUM, X, R, W, RSTD, DH, DW, N, n_cols, stride_outer, stride_col, stride_n,
+    HAS_R: tl.constexpr, ROUND: tl.constexpr, HAS_W: tl.constexpr, PRENORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    offs, mask, stats = _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N, BLOCK_C)
+    offs, mask, stats, n = _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N, BLOCK_C)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + stats, mask=stats >= 0, other=0.0)
-    h = _load_sum(X, R, offs, mask, HAS_R)
-    # rstd * (dy - y * mean(dy * y)) written with h, not y = h * rstd: one rounding fewer per
+    h = _load_sum(X, R, offs, mask, HAS_R, ROUND)
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(W + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(DW + program.to(tl.int64) * N + n, tl.sum(dy * h * rstd[:, None], axis=0), mask=n < N)
+    # rstd * (g - y * mean(g * y)) written with h, not y = h * rstd: one rounding fewer per
     # element in the projection term, which the subtraction can amplify
-    c = tl.sum(dy * h, axis=1) * (rstd * rstd * rstd) / N
-    tl.store(DH + offs, (dy * rstd[:, None] - h * c[:, None]).to(DH.dtype.element_ty), mask=mask)
+    c = tl.sum(g * h, axis=1) * (rstd * rstd * rstd) / N
+    dh = g * rstd[:, None] - h * c[:, None]
+    if PRENORM:
+        dh += tl.load(DSUM + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
 
 
-def supports(x: torch.Tensor, residual, dim: int, eps: float) -> bool:
-    return takes(x) and x.shape[dim] <= MAX_N
+def supports(x: torch.Tensor, residual, dim: int, eps: float, weight=None, prenorm: bool = False) -> bool:
+    return takes(x) and x.shape[dim] <= MAX_N and (residual is None or residual.dtype in FUSED_DTYPES)
 
 
-def _launch(kernel, shape: torch.Size, dim: int, *args, **meta) -> None:
+def _grid(shape: torch.Size, dim: int) -> tuple[tuple[int, int], dict]:
+    """The launch grid and the tile's sizes and strides for the tensor's shape."""
     outer, n, inner = split_at(shape, dim)
     if n > MAX_N:
         raise ValueError(f"add_rmsnorm: the normalised axis has {n} elements; the triton kernel supports <= {MAX_N}")
@@ -89,9 +113,9 @@ def _launch(kernel, shape: torch.Size, dim: int, *args, **meta) -> None:
         grid_outer, n_cols, s_outer, s_col, s_n = outer, inner, n * inner, 1, inner
     block_n = next_pow2(n)
     block_c = max(1, min(next_pow2(n_cols), 8192 // block_n))
-    grid = (grid_outer, triton.cdiv(n_cols, block_c))
-    kernel[grid](*args, n, n_cols, s_outer, s_col, s_n, **meta, BLOCK_N=block_n, BLOCK_C=block_c,
-                 num_warps=8 if block_n * block_c >= 8192 else 4)  # fmt: skip
+    sizes = dict(N=n, n_cols=n_cols, stride_outer=s_outer, stride_col=s_col, stride_n=s_n, BLOCK_N=block_n,
+                 BLOCK_C=block_c, num_warps=8 if block_n * block_c >= 8192 else 4)  # fmt: skip
+    return (grid_outer, triton.cdiv(n_cols, block_c)), sizes
 
 
 def _stats_shape(shape: torch.Size, dim: int) -> tuple[int, int]:
@@ -99,79 +123,118 @@ def _stats_shape(shape: torch.Size, dim: int) -> tuple[int, int]:
     return (outer, inner)
 
 
-def _extension(x: torch.Tensor, dim: int, impl: str):
-    """The CUDA extension where `impl` asks for it and it takes this call (last axis, row
-    length within its limit), else None: the Triton kernels take every other case."""
-    if impl != "cuda" or dim != x.dim() - 1 or not x.is_cuda:
+def _extension(x: torch.Tensor, residual, weight, dim: int, prenorm: bool, impl: str):
+    """The CUDA extension where `impl` asks for it and it takes this call (last axis, no
+    weight, post-norm, one dtype, row length within its limit), else None: the Triton kernels
+    take every other case."""
+    if impl != "cuda" or dim != x.dim() - 1 or not x.is_cuda or weight is not None or prenorm:
+        return None
+    if residual is not None and residual.dtype != x.dtype:
         return None
     ext = cuda_ext.load()  # cached: built or loaded once
     return ext if ext is not None and x.shape[-1] <= ext.add_rmsnorm_max_hidden(x) else None
 
 
+def _dtypes(x: torch.Tensor, residual: torch.Tensor | None, prenorm: bool) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the sum, dtype of the normalised output)."""
+    summed = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return summed, (x.dtype if prenorm else summed)
+
+
 @torch.library.custom_op("trm::add_rmsnorm", mutates_args=())
 def add_rmsnorm_fwd(
-    x: torch.Tensor, residual: torch.Tensor | None, dim: int, eps: float, impl: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, dim: int, eps: float,
+    prenorm: bool, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(normalised, the sum when prenorm else an empty tensor, rstd)."""
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    ext = _extension(x, dim, impl)
+    weight = weight.contiguous() if weight is not None else None
+    ext = _extension(x, residual, weight, dim, prenorm, impl)
     if ext is not None:
         y, rstd = ext.add_rmsnorm_forward(x, residual, eps)
-        return y, rstd.view(_stats_shape(x.shape, dim))
-    y = torch.empty_like(x)
+        return y, x.new_empty(0), rstd.view(_stats_shape(x.shape, dim))
+    summed, out = _dtypes(x, residual, prenorm)
+    y = torch.empty_like(x, dtype=out)
+    total = torch.empty_like(x, dtype=summed) if prenorm else x.new_empty(0)
     rstd = torch.empty(_stats_shape(x.shape, dim), dtype=torch.float32, device=x.device)
-    r = residual if residual is not None else x
-    _launch(_add_rmsnorm_fwd, x.shape, dim, x, r, y, rstd, eps=eps, HAS_R=residual is not None)
-    return y, rstd
+    grid, sizes = _grid(x.shape, dim)
+    _add_rmsnorm_fwd[grid](x, residual if residual is not None else x, weight if weight is not None else x, y,
+                           total if prenorm else y, rstd, eps=eps, HAS_R=residual is not None,
+                           ROUND=residual is not None and residual.dtype == x.dtype, HAS_W=weight is not None,
+                           PRENORM=prenorm, **sizes)  # fmt: skip
+    return y, total, rstd
 
 
 @add_rmsnorm_fwd.register_fake
-def _(x, residual, dim, eps, impl):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        _stats_shape(x.shape, dim), dtype=torch.float32
-    )
+def _(x, residual, weight, dim, eps, prenorm, impl):
+    summed, out = _dtypes(x, residual, prenorm)
+    y = torch.empty_like(x, dtype=out, memory_format=torch.contiguous_format)
+    total = torch.empty_like(x, dtype=summed, memory_format=torch.contiguous_format) if prenorm else x.new_empty(0)
+    return y, total, x.new_empty(_stats_shape(x.shape, dim), dtype=torch.float32)
 
 
 @torch.library.custom_op("trm::add_rmsnorm_backward", mutates_args=())
 def add_rmsnorm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, rstd: torch.Tensor, dim: int, impl: str
-) -> torch.Tensor:
+    dy: torch.Tensor, dsum: torch.Tensor | None, x: torch.Tensor, residual: torch.Tensor | None,
+    weight: torch.Tensor | None, rstd: torch.Tensor, dim: int, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(the gradient of the sum, in x's dtype, or fp32 when x and residual differ; the weight's
+    gradient in fp32, or an empty tensor)."""
     dy, x = dy.contiguous(), x.contiguous()
-    ext = _extension(x, dim, impl)
+    residual = residual.contiguous() if residual is not None else None
+    weight = weight.contiguous() if weight is not None else None
+    ext = _extension(x, residual, weight, dim, dsum is not None, impl)
     if ext is not None:
-        return ext.add_rmsnorm_backward(dy, x, residual.contiguous() if residual is not None else None, rstd)
-    r = residual.contiguous() if residual is not None else x
-    dh = torch.empty_like(x)
-    _launch(_add_rmsnorm_bwd, x.shape, dim, dy, x, r, rstd, dh, HAS_R=residual is not None)
-    return dh
+        return ext.add_rmsnorm_backward(dy, x, residual, rstd), x.new_empty(0, dtype=torch.float32)
+    mixed = residual is not None and residual.dtype != x.dtype
+    dh = torch.empty_like(x, dtype=torch.float32 if mixed else x.dtype)
+    grid, sizes = _grid(x.shape, dim)
+    programs = grid[0] * grid[1]
+    partial = torch.empty(programs, sizes["N"], dtype=torch.float32, device=x.device) if weight is not None else dh
+    _add_rmsnorm_bwd[grid](dy, dsum.contiguous() if dsum is not None else dy, x,
+                           residual if residual is not None else x, weight if weight is not None else x, rstd, dh,
+                           partial, HAS_R=residual is not None, ROUND=residual is not None and not mixed,
+                           HAS_W=weight is not None, PRENORM=dsum is not None, **sizes)  # fmt: skip
+    dweight = partial.sum(0) if weight is not None else x.new_empty(0, dtype=torch.float32)
+    return dh, dweight
 
 
 @add_rmsnorm_bwd.register_fake
-def _(dy, x, residual, rstd, dim, impl):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(dy, dsum, x, residual, weight, rstd, dim, impl):
+    mixed = residual is not None and residual.dtype != x.dtype
+    dh = torch.empty_like(x, dtype=torch.float32 if mixed else x.dtype, memory_format=torch.contiguous_format)
+    return dh, (x.new_empty(weight.shape, dtype=torch.float32) if weight is not None else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    x, residual, dim, _, impl = inputs
-    ctx.save_for_backward(x, residual, output[1])
-    ctx.dim, ctx.impl = dim, impl
+    x, residual, weight, dim, _, prenorm, impl = inputs
+    ctx.save_for_backward(x, residual, weight, output[2])
+    ctx.dim, ctx.prenorm, ctx.impl = dim, prenorm, impl
 
 
-def _backward(ctx, dy, _drstd):
-    x, residual, rstd = ctx.saved_tensors
-    dh = add_rmsnorm_bwd(dy, x, residual, rstd, ctx.dim, ctx.impl)
-    return dh, (dh if residual is not None else None), None, None, None
+def _backward(ctx, dy, dsum, _drstd):
+    x, residual, weight, rstd = ctx.saved_tensors
+    dh, dweight = add_rmsnorm_bwd(dy, dsum if ctx.prenorm else None, x, residual, weight, rstd, ctx.dim, ctx.impl)
+    dx = dh.to(x.dtype)
+    dr = dh.to(residual.dtype) if residual is not None else None
+    dw = dweight.to(weight.dtype) if weight is not None else None
+    return dx, dr, dw, None, None, None, None
 
 
 add_rmsnorm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None = None, dim: int = -1, eps: float = 1e-5):
+def _call(x, residual, dim, eps, weight, prenorm, impl):
     check_input("x", x)
-    return add_rmsnorm_fwd(x, residual, dim % x.dim(), eps, "triton")[0]
+    y, total, _ = add_rmsnorm_fwd(x, residual, weight, dim % x.dim(), eps, prenorm, impl)
+    return (total, y) if prenorm else y
 
 
-def add_rmsnorm_cuda(x: torch.Tensor, residual: torch.Tensor | None = None, dim: int = -1, eps: float = 1e-5):
-    """The CUDA extension's kernel for the last axis; Triton for other axes or very long rows."""
-    check_input("x", x)
-    return add_rmsnorm_fwd(x, residual, dim % x.dim(), eps, "cuda")[0]
+def add_rmsnorm(x, residual=None, dim=-1, eps=1e-5, weight=None, prenorm=False):
+    return _call(x, residual, dim, eps, weight, prenorm, "triton")
+
+
+def add_rmsnorm_cuda(x, residual=None, dim=-1, eps=1e-5, weight=None, prenorm=False):
+    """The CUDA extension's kernel for the last axis; Triton for everything it does not take."""
+    return _call(x, residual, dim, eps, weight, prenorm, "cuda")

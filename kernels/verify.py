@@ -39,10 +39,21 @@ BATCHED: dict[str, tuple[int, ...]] = {
     "inject": (0, 1, 2),
     "swiglu": (0,),
     "token_mlp_rmsnorm": (0,),
-    "rope_attention": (0,),
+    "rope_attention": (0, 6),  # qkv, key_mask
     "stablemax_cross_entropy": (0, 1),
     "softmax_cross_entropy": (0, 1),
 }
+# each op's parameters in order (the implementations take them positionally)
+PARAMETERS: dict[str, tuple[str, ...]] = {
+    "add_rmsnorm": ("x", "residual", "dim", "eps", "weight", "prenorm"),
+    "inject": ("h", "a", "b"),
+    "swiglu": ("gate_up", "dim"),
+    "token_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
+    "rope_attention": ("qkv", "cos", "sin", "num_heads", "num_kv_heads", "causal", "key_mask"),
+    "stablemax_cross_entropy": ("logits", "labels", "ignore_index"),
+    "softmax_cross_entropy": ("logits", "labels", "ignore_index"),
+}
+WEIGHTS: dict[str, tuple[int, ...]] = {"add_rmsnorm": (4,), "token_mlp_rmsnorm": (1, 2)}  # learnable, not batched
 _override: str | None = None
 
 
@@ -140,10 +151,16 @@ def _rows(args: tuple, op: str, n: int) -> list:
     return [a[:n] if i in batched and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
 
 
+def outputs(out) -> tuple[torch.Tensor, ...]:
+    """An op's result as a tuple of tensors (add_rmsnorm's pre-norm form returns two)."""
+    return tuple(out) if isinstance(out, tuple | list) else (out,)
+
+
 def run_op(fn: Callable, args, grad_of: list[bool] | None = None, dtype: torch.dtype | None = None, seed: int = 0):
-    """fn's output (detached) on fresh copies of `args` (floating ones cast to `dtype` if given),
-    and the gradients of sum(out * g), g a fixed random tensor, for the args `grad_of` marks
-    (default: every floating tensor). The oracle of the checks here, of `trm doctor` and of the tests."""
+    """fn's output (detached; a tuple stays a tuple) on fresh copies of `args` (floating ones
+    cast to `dtype` if given), and the gradients of sum(out * g) (summed over the outputs), g
+    fixed random tensors, for the args `grad_of` marks (default: every floating tensor). The
+    oracle of the checks here, of `trm doctor` and of the tests."""
     if grad_of is None:
         grad_of = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in args]
     leaves = []
@@ -156,9 +173,15 @@ def run_op(fn: Callable, args, grad_of: list[bool] | None = None, dtype: torch.d
     with torch.enable_grad() if any(grad_of) else torch.no_grad():
         out = fn(*leaves)
         if any(grad_of):
-            g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(seed), device=out.device)
-            (out * g.to(out.dtype)).sum().backward()
-    return out.detach(), [a.grad for a, want in zip(leaves, grad_of, strict=True) if want]
+            total = 0
+            for i, o in enumerate(outputs(out)):
+                gen = torch.Generator(o.device).manual_seed(seed + i)
+                total = total + (o * torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype)).sum()
+            total.backward()
+    detached = tuple(o.detach() for o in outputs(out))
+    return (detached if isinstance(out, tuple | list) else detached[0]), [
+        a.grad for a, want in zip(leaves, grad_of, strict=True) if want
+    ]
 
 
 def _check(op: str, fused: Callable, reference: Callable, args: tuple) -> tuple[torch.Tensor, str | None]:
@@ -169,7 +192,9 @@ def _check(op: str, fused: Callable, reference: Callable, args: tuple) -> tuple[
     rows = _rows(args, op, n)
     ref, _ = run_op(reference, rows, [False] * len(rows))
     oracle, _ = run_op(reference, rows, [False] * len(rows), torch.float64)
-    problem = tolerance_problem(out.detach()[:n], ref, oracle, "forward")
+    problem = None
+    for i, (f, r, o) in enumerate(zip(outputs(out), outputs(ref), outputs(oracle), strict=True)):
+        problem = problem or tolerance_problem(f.detach()[:n], r, o, "forward" + (f" (output {i})" if i else ""))
     grad_of = [torch.is_grad_enabled() and isinstance(a, torch.Tensor) and a.requires_grad for a in args]
     if problem is None and any(grad_of):
         grads = zip(run_op(fused, rows, grad_of)[1], run_op(reference, rows, grad_of)[1],

@@ -11,7 +11,7 @@ element got unlucky in a reduction order, the norm what the op computes.
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from trm_kernels.verify import run_op, tolerance_problem
+from trm_kernels.verify import outputs, run_op, tolerance_problem
 
 
 def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
@@ -23,7 +23,8 @@ def compare(op_triton, op_ref, inputs, what):
     out_f, grads_f = run_op(op_triton, inputs)
     out_r, grads_r = run_op(op_ref, inputs)
     out_o, grads_o = run_op(op_ref, [t.double() if t.is_floating_point() else t for t in inputs])
-    check(out_f, out_r, out_o, f"{what} forward")
+    for i, (f, r, o) in enumerate(zip(outputs(out_f), outputs(out_r), outputs(out_o), strict=True)):
+        check(f, r, o, f"{what} forward" + (f" output {i}" if i else ""))
     for i, (f, r, o) in enumerate(zip(grads_f, grads_r, grads_o, strict=True)):
         check(f, r, o, f"{what} grad {i}")
 

@@ -236,16 +236,6 @@ def test_rope_attention(dtype, batch, seq, heads, head_dim):
     compare(lambda t: K.rope_attention(t, cos, sin, heads, backend="triton"), ref, [qkv], f"attention S={seq}")
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="warps only change compiled kernels (the interpreter ignores them)")
-@pytest.mark.parametrize("seq, head_dim", [(1, 64), (97, 64), (130, 128)])
-def test_rope_attention_backward_with_8_warps_for_dkdv(monkeypatch, seq, head_dim):
-    """The launch setting the op benchmark compares (attention.DKDV_WARPS) computes the same."""
-    from trm_kernels import attention
-
-    monkeypatch.setattr(attention, "DKDV_WARPS", 8)
-    test_rope_attention(torch.bfloat16, 2, seq, 2, head_dim)
-
-
 def test_rope_attention_rejects_unsupported_head_dim():
     cos, sin = (t.to(DEVICE) for t in K.rope_cos_sin(4, 24))
     with pytest.raises(ValueError, match="head_dim 24 is not supported by the triton backend"):
@@ -304,19 +294,63 @@ def _opcheck_cases():
     x, r = torch.randn(3, 5, 8, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
     logits, labels = torch.randn(4, 6, requires_grad=True), torch.tensor([0, 5, -100, 2])
     return [
-        (torch.ops.trm.add_rmsnorm, (x, r, 2, 1e-5, "triton")),
-        (torch.ops.trm.add_rmsnorm, (x, None, 1, 1e-5, "triton")),
+        (torch.ops.trm.add_rmsnorm, (x, r, None, 2, 1e-5, False, "triton")),
+        (torch.ops.trm.add_rmsnorm, (x, None, None, 1, 1e-5, False, "triton")),
+        (
+            torch.ops.trm.add_rmsnorm,
+            (
+                x,
+                r.detach().double().float().requires_grad_(),
+                torch.rand(8, requires_grad=True),
+                2,
+                1e-5,
+                True,
+                "triton",
+            ),
+        ),  # fmt: skip
         (
             torch.ops.trm.add_rmsnorm_backward,
-            (torch.randn(3, 5, 8), x.detach(), r.detach(), torch.rand(3, 5), 2, "triton"),
+            (torch.randn(3, 5, 8), None, x.detach(), r.detach(), None, torch.rand(3, 5), 2, "triton"),
         ),
-        (torch.ops.trm.add_rmsnorm_backward, (torch.randn(3, 5, 8), x.detach(), None, torch.rand(3, 8), 1, "triton")),
+        (
+            torch.ops.trm.add_rmsnorm_backward,
+            (torch.randn(3, 5, 8), None, x.detach(), None, None, torch.rand(3, 8), 1, "triton"),
+        ),
+        (
+            torch.ops.trm.add_rmsnorm_backward,
+            (
+                torch.randn(3, 5, 8),
+                torch.randn(3, 5, 8),
+                x.detach(),
+                r.detach(),
+                torch.rand(8),
+                torch.rand(3, 5),
+                2,
+                "triton",
+            ),
+        ),  # fmt: skip
         (torch.ops.trm.swiglu, (torch.randn(4, 10, requires_grad=True), 1)),
         (torch.ops.trm.swiglu_backward, (torch.randn(4, 5), torch.randn(4, 10), 1)),
         (torch.ops.trm.token_mlp_rmsnorm, (*_token_mlp_inputs(2, 9, 16, 8, torch.float32), 1e-5)),
         (torch.ops.trm.inject, (x, r, torch.randn(3, 5, 8, requires_grad=True))),
         (torch.ops.trm.inject, (x, r, None)),
-        (torch.ops.trm.rope_attention, (torch.randn(2, 9, 96, requires_grad=True), *K.rope_cos_sin(9, 32), 1)),
+        (torch.ops.trm.inject, (x, torch.randn(3, 1, 8, requires_grad=True), torch.randn(8, requires_grad=True))),
+        (
+            torch.ops.trm.rope_attention,
+            (torch.randn(2, 9, 96, requires_grad=True), *K.rope_cos_sin(9, 32), 1, 1, False, None),
+        ),
+        (
+            torch.ops.trm.rope_attention,
+            (
+                torch.randn(2, 9, 8 * 32, requires_grad=True),
+                *K.rope_cos_sin(9, 32),
+                4,
+                2,
+                True,
+                torch.arange(9) < torch.tensor([[9], [4]]),
+            ),
+        ),
+        (torch.ops.trm.rope_attention, (torch.randn(2, 9, 6 * 48, requires_grad=True), None, None, 4, 1, True, None)),
         (torch.ops.trm.cross_entropy, (logits, labels, -100, True)),
         (torch.ops.trm.cross_entropy, (logits, labels, -100, False)),
     ]

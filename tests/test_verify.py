@@ -44,7 +44,10 @@ def parity_warnings(record) -> list[str]:
 
 
 def test_a_raising_a_wrong_and_a_right_implementation(fused_on_cpu):
-    broken, wrong = Counted(raising), Counted(lambda x, r, dim, eps: reference.add_rmsnorm(x, r, dim, eps) * 1.01)
+    broken, wrong = (
+        Counted(raising),
+        Counted(lambda x, r, dim, eps, *rest: reference.add_rmsnorm(x, r, dim, eps, *rest) * 1.01),
+    )
     right = Counted(reference.inject)
     backend.register("swiglu", "triton", broken)
     backend.register("add_rmsnorm", "triton", wrong)
@@ -70,7 +73,7 @@ def test_a_raising_a_wrong_and_a_right_implementation(fused_on_cpu):
 
 
 def test_off_lets_a_wrong_result_through_and_always_checks_every_call(fused_on_cpu):
-    wrong = Counted(lambda x, r, dim, eps: reference.add_rmsnorm(x, r, dim, eps) * 1.01)
+    wrong = Counted(lambda x, r, dim, eps, *rest: reference.add_rmsnorm(x, r, dim, eps, *rest) * 1.01)
     backend.register("add_rmsnorm", "triton", wrong)
     x = torch.randn(3, 16)
     with K.use_verify("off"):
@@ -145,7 +148,9 @@ def test_tiny_trm_learns_4x4_sudoku_even_with_a_broken_fused_op(fused_on_cpu, tm
     backend.AUTO_ORDER["cpu"] = ("reference",)
     want, want_log = run("reference")
     backend.AUTO_ORDER["cpu"] = ("triton", "reference")
-    backend.register("add_rmsnorm", "triton", lambda x, r, dim, eps: reference.add_rmsnorm(x, r, dim, eps) + 0.5)
+    backend.register(
+        "add_rmsnorm", "triton", lambda x, r, dim, eps, *rest: reference.add_rmsnorm(x, r, dim, eps, *rest) + 0.5
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         got, got_log = run("broken")

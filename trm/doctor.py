@@ -137,11 +137,20 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
     logits_labels = lambda b, s, v: lambda dt: (torch.randn(b, s, v, device=device).to(dt),  # noqa: E731
                                                 torch.randint(0, v, (b, s), device=device))  # fmt: skip
     trm = f"[{batch}, 97, {d}]"
+    fp32 = lambda *shape: lambda dt: torch.randn(*shape, device=device)  # noqa: E731  (stays fp32)
+    mask = torch.arange(40, device=device) < torch.tensor([[40], [29]], device=device)  # lengths 40 and 29
+    cos_96, sin_96 = (t.to(device) for t in K.rope_cos_sin(40, 96))
     cases = [
         ("add_rmsnorm", f"{trm}, hidden", args(rand(batch, 97, d), rand(batch, 97, d), -1, 1e-5)),
         ("add_rmsnorm", f"{trm}, sequence", args(rand(batch, 97, d), rand(batch, 97, d), -2, 1e-5)),
         ("add_rmsnorm", "[3, 7, 33], hidden", args(rand(3, 7, 33), rand(3, 7, 33), -1, 1e-5)),
+        ("add_rmsnorm", f"{trm}, hidden, weight", args(rand(batch, 97, d), rand(batch, 97, d), -1, 1e-5,
+                                                       fp32(d))),
+        ("add_rmsnorm", f"{trm}, pre-norm, fp32 stream, weight",
+         args(rand(batch, 97, d), fp32(batch, 97, d), -1, 1e-5, fp32(d), True)),
         ("inject", trm, args(rand(batch, 97, d), rand(batch, 97, d), rand(batch, 97, d))),
+        ("inject", f"{trm}, [{batch}, 1, {d}] broadcast",
+         args(rand(batch, 97, d), rand(batch, 1, d), rand(batch, 97, d))),
         ("swiglu", f"[{batch}, 97, {wide}]", args(rand(batch, 97, wide), -1)),
         ("swiglu", f"[{batch}, {2 * inter}, {d}], sequence", args(rand(batch, 2 * inter, d), -2)),
         ("swiglu", "[3, 5, 18]", args(rand(3, 5, 18), -1)),
@@ -152,6 +161,9 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
         ("rope_attention", f"[{batch}, 97, {heads}x{hd}]",
          args(rand(batch, 97, 3 * heads * hd), cos.to(device), sin.to(device), heads)),
         ("rope_attention", "[2, 13, 2x32]", args(rand(2, 13, 3 * 64), cos_odd.to(device), sin_odd.to(device), 2)),
+        ("rope_attention", "[2, 40, 4x96], 2 kv heads, causal, key mask, RoPE",
+         args(rand(2, 40, 8 * 96), cos_96, sin_96, 4, 2, True, mask)),
+        ("rope_attention", "[2, 40, 4x32], 1 kv head, no RoPE", args(rand(2, 40, 6 * 32), None, None, 4, 1)),
         ("stablemax_cross_entropy", f"[{batch}, 97, 11]", lambda dt: (*logits_labels(batch, 97, 11)(dt), -100)),
         ("softmax_cross_entropy", f"[{batch}, 97, 11]", lambda dt: (*logits_labels(batch, 97, 11)(dt), -100)),
     ]  # fmt: skip
@@ -169,10 +181,13 @@ def _dtypes(device: torch.device) -> list[torch.dtype]:
 
 
 def _run(op: str, backend_name: str, args: tuple):
-    """Output and the activations' gradients (not those of tables like cos/sin) of one op call."""
-    grad_of = [i in verify.BATCHED[op] and isinstance(a, torch.Tensor) and a.is_floating_point()
-               for i, a in enumerate(args)]  # fmt: skip
-    out, grads = run_op(lambda *a: getattr(K, op)(*a, backend=backend_name), args, grad_of)
+    """Output and the gradients of the activations and learnable weights (not of tables like
+    cos/sin) of one op call; `args` are the op's parameters in order (verify.PARAMETERS)."""
+    grad_of = [(i in verify.BATCHED[op] or i in verify.WEIGHTS.get(op, ())) and isinstance(a, torch.Tensor)
+               and a.is_floating_point() for i, a in enumerate(args)]  # fmt: skip
+    names = verify.PARAMETERS[op]
+    out, grads = run_op(lambda *a: getattr(K, op)(**dict(zip(names, a, strict=False)), backend=backend_name),
+                        args, grad_of)  # fmt: skip
     if any(g is None for g in grads):
         raise RuntimeError("backward left an input without a gradient")
     return out, grads
@@ -185,12 +200,14 @@ def _first_line(e: Exception) -> str:
 def _compare(fused, ref, oracle) -> tuple[str | None, dict]:
     """What failed of (output, input gradients) against the reference and float64, and the errors."""
     (out, grads), (ref_out, ref_grads), (ora_out, ora_grads) = fused, ref, oracle
-    problems = [tolerance_problem(out, ref_out, ora_out, "forward")]
+    outs = list(zip(verify.outputs(out), verify.outputs(ref_out), verify.outputs(ora_out), strict=True))
+    problems = [tolerance_problem(f, r, o, "forward" + (f" (output {i})" if i else "")) for i, (f, r, o) in
+                enumerate(outs)]  # fmt: skip
     for i, (g, r, o) in enumerate(zip(grads, ref_grads, ora_grads, strict=True)):
         problems.append(tolerance_problem(g, r, o, f"gradient {i}"))
     numbers = {
-        "forward_error": relative_error(out, ora_out),
-        "reference_forward_error": relative_error(ref_out, ora_out),
+        "forward_error": max(relative_error(f, o) for f, _, o in outs),
+        "reference_forward_error": max(relative_error(r, o) for _, r, o in outs),
         "gradient_errors": [relative_error(g, o) for g, o in zip(grads, ora_grads, strict=True)],
         "reference_gradient_errors": [relative_error(r, o) for r, o in zip(ref_grads, ora_grads, strict=True)],
     }

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 import trm_kernels as K
+import trm_kernels.nn as KN
 from torch import nn
 
 
@@ -79,20 +80,14 @@ def casts_reused(module: nn.Module) -> Iterator[None]:
             m.casts = casts
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate) * up) over the last axis."""
+class SwiGLU(KN.SwiGLUMLP):
+    """down(silu(gate) * up) over the last axis, I = intermediate_size(hidden, expansion)."""
 
     def __init__(self, hidden: int, expansion: float):
-        super().__init__()
-        inter = intermediate_size(hidden, expansion)
-        self.gate_up_proj = CastedLinear(hidden, 2 * inter)
-        self.down_proj = CastedLinear(inter, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(K.swiglu(self.gate_up_proj(x)))
+        super().__init__(hidden, intermediate_size(hidden, expansion), linear=CastedLinear)
 
 
-class TokenMixer(SwiGLU):
+class TokenMixer(KN.TokenMixer):
     """The ``mlp_t`` sub-layer: h [B, S, D] -> rmsnorm over S of (h + a SwiGLU over S of h).
 
     The reference transposes h to [B, D, S] and back; ``trm_kernels.token_mlp_rmsnorm``
@@ -101,45 +96,35 @@ class TokenMixer(SwiGLU):
     """
 
     def __init__(self, seq_len: int, expansion: float, eps: float = 1e-5):
-        super().__init__(seq_len, expansion)
-        self.eps = eps
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        w_gate_up, w_down = self.gate_up_proj.weight_as(h.dtype), self.down_proj.weight_as(h.dtype)
-        return K.token_mlp_rmsnorm(h, w_gate_up, w_down, eps=self.eps)
+        super().__init__(seq_len, intermediate_size(seq_len, expansion), eps, linear=CastedLinear)
 
 
-class Attention(nn.Module):
+class Attention(KN.RoPEAttention):
     """Non-causal multi-head self-attention with RoPE, no biases."""
 
     def __init__(self, hidden: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv_proj = CastedLinear(hidden, 3 * hidden)
-        self.o_proj = CastedLinear(hidden, hidden)
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(K.rope_attention(self.qkv_proj(h), cos, sin, self.num_heads))
+        super().__init__(hidden, num_heads, linear=CastedLinear)
 
 
 class Block(nn.Module):
-    """Post-norm block: h = rmsnorm(h + mix(h)); h = rmsnorm(h + SwiGLU(h))."""
+    """Post-norm block: h = rmsnorm(h + mix(h)); h = rmsnorm(h + SwiGLU(h)). No norm weights."""
 
     def __init__(self, hidden: int, num_heads: int, expansion: float, seq_len: int, mlp_t: bool, eps: float):
         super().__init__()
-        self.eps = eps
         if mlp_t:
             self.mlp_t = TokenMixer(seq_len, expansion, eps)
         else:
             self.self_attn = Attention(hidden, num_heads)
+            self.attn_norm = KN.AddRMSNorm(hidden, eps, weight=False)
         self.mlp = SwiGLU(hidden, expansion)
+        self.mlp_norm = KN.AddRMSNorm(hidden, eps, weight=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         if hasattr(self, "mlp_t"):
             h = self.mlp_t(h)
         else:
-            h = K.add_rmsnorm(h, self.self_attn(h, cos, sin), eps=self.eps)
-        return K.add_rmsnorm(h, self.mlp(h), eps=self.eps)
+            h = self.attn_norm(self.self_attn(h, cos, sin), h)
+        return self.mlp_norm(self.mlp(h), h)
 
 
 class ReasoningNet(nn.Module):

@@ -1,0 +1,154 @@
+"""Drop-in modules built on the fused ops, for TRM and any other (recursive) model.
+
+Every module computes with ``trm_kernels``' ops, so the backend (reference PyTorch, Triton,
+the CUDA extension) is chosen where every op's is: per call, globally, or automatically
+(see ``trm_kernels.backend``). Linear layers are ``torch.nn.Linear`` unless a ``linear``
+factory is given (``linear(in_features, out_features, bias=...)``, e.g. TRM's ``CastedLinear``
+that keeps an fp32 master weight and computes in the input's dtype); weights are laid out as
+``nn.Linear``'s, [out_features, in_features], so checkpoints of models built that way load.
+
+Shapes: B batch, S sequence, D hidden, H query heads, KVH key/value heads, d head size, I the
+MLP's intermediate size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import add_rmsnorm, rope_attention, swiglu, token_mlp_rmsnorm
+
+Linear = Callable[..., nn.Module]
+
+
+def weight_as(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight in `dtype` (through its own cast where it has one, as TRM's CastedLinear)."""
+    cast = getattr(linear, "weight_as", None)
+    return cast(dtype) if cast is not None else linear.weight.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last axis (or `dim`), statistics in fp32.
+
+    x [..., N, ...] with N = `size` along `dim`; weight [N], fp32, initialised to ones, or
+    none (``weight=False``, as TRM's post-norm blocks). Returns x's dtype.
+    """
+
+    def __init__(self, size: int, eps: float = 1e-5, weight: bool = True, dim: int = -1):
+        super().__init__()
+        self.size, self.eps, self.dim = size, eps, dim
+        self.weight = nn.Parameter(torch.ones(size)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return add_rmsnorm(x, None, self.dim, self.eps, weight=self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, eps={self.eps}, weight={self.weight is not None}, dim={self.dim}"
+
+
+class AddRMSNorm(RMSNorm):
+    """Residual add + RMSNorm in one op: ``forward(x, residual)``, x the sub-layer's output.
+
+    Post-norm (default): returns ``rmsnorm(residual + x) * weight`` (TRM: ``h = norm(h + f(h))``),
+    in the dtype of the sum. Pre-norm (``prenorm=True``): returns ``(stream, normed)``: the new
+    residual stream ``residual + x`` (fp32 if the stream is fp32 and x bf16) and its norm in
+    x's dtype, the next sub-layer's input. Shapes as x; weight [size] or none.
+    """
+
+    def __init__(self, size: int, eps: float = 1e-5, weight: bool = True, prenorm: bool = False, dim: int = -1):
+        super().__init__(size, eps, weight, dim)
+        self.prenorm = prenorm
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor):
+        return add_rmsnorm(x, residual, self.dim, self.eps, weight=self.weight, prenorm=self.prenorm)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", prenorm={self.prenorm}"
+
+
+class SwiGLUMLP(nn.Module):
+    """``down(silu(gate) * up)`` with gate and up from one packed projection, gate first.
+
+    x [..., D] -> [..., D]. gate_up_proj [2I, D] (rows 0..I-1 gate, I..2I-1 up), down_proj
+    [D, I]; the activation is one fused op (``trm_kernels.swiglu``). To load a model with
+    separate ``gate_proj`` and ``up_proj`` (Llama-style), concatenate their weights, gate first.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, linear: Linear = nn.Linear):
+        super().__init__()
+        self.gate_up_proj = linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
+
+
+class RoPEAttention(nn.Module):
+    """Self-attention on one packed projection: ``o_proj(attention(qkv_proj(h)))``.
+
+    h [B, S, D] -> [B, S, D]. qkv_proj [(H + 2 * KVH) * d, D] produces [q heads | k heads |
+    v heads]; o_proj [D, H * d]. ``num_kv_heads`` < ``num_heads`` is grouped-query attention
+    (1: multi-query); ``head_dim`` defaults to D / H. ``forward(h, cos=None, sin=None,
+    key_mask=None)``: RoPE tables [S, d] (``trm_kernels.rope_cos_sin``; None: no rotation),
+    a key mask [B, S] bool (False: padding). ``causal`` is fixed at construction. Scale
+    1/sqrt(d). See ``trm_kernels.rope_attention`` for the conventions.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        causal: bool = False,
+        bias: bool = False,
+        linear: Linear = nn.Linear,
+    ):
+        super().__init__()
+        if hidden % num_heads and head_dim is None:
+            raise ValueError(f"hidden={hidden} is not divisible by num_heads={num_heads}; pass head_dim")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={num_heads}")
+        self.head_dim, self.causal = head_dim or hidden // num_heads, causal
+        self.qkv_proj = linear(hidden, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
+        self.o_proj = linear(num_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = rope_attention(self.qkv_proj(h), cos, sin, self.num_heads, num_kv_heads=self.num_kv_heads,
+                             causal=self.causal, key_mask=key_mask, head_dim=self.head_dim)  # fmt: skip
+        return self.o_proj(out)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"
+
+
+class TokenMixer(nn.Module):
+    """TRM's ``mlp_t`` sub-layer: mixing over the sequence axis, then RMSNorm over it.
+
+    h [B, S, D] -> ``rmsnorm over S of (h + W_down @ swiglu(W_gate_up @ h))``, [B, S, D], in
+    one fused op with no transposes (``trm_kernels.token_mlp_rmsnorm``). gate_up_proj
+    [2I, S] (gate rows first), down_proj [S, I]: the layout of a SwiGLU over S applied to
+    h transposed, as the TRM reference builds it. No biases, no norm weight.
+    """
+
+    def __init__(self, seq_len: int, intermediate: int, eps: float = 1e-5, linear: Linear = nn.Linear):
+        super().__init__()
+        self.eps = eps
+        self.gate_up_proj = linear(seq_len, 2 * intermediate, bias=False)
+        self.down_proj = linear(intermediate, seq_len, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w_gate_up, w_down = weight_as(self.gate_up_proj, h.dtype), weight_as(self.down_proj, h.dtype)
+        return token_mlp_rmsnorm(h, w_gate_up, w_down, eps=self.eps)
+
+
+__all__ = ["AddRMSNorm", "RMSNorm", "RoPEAttention", "SwiGLUMLP", "TokenMixer", "weight_as"]
