@@ -52,9 +52,12 @@ from trm.config import preset
 from trm.losses import act_loss
 from trm.optim import AdamATan2
 
+from .recurrent_depth import LMConfig
 from .traffic import UNTAGGED_VIEWS, nbytes
 
-CONFIGS = ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku")
+TRM_CONFIGS = ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku")
+LM = "recurrent-depth"  # trm_benchmarks.recurrent_depth's language model: its training step, no CUDA graphs
+CONFIGS = (*TRM_CONFIGS, LM)
 PROVIDERS = ("eager", "fused", "fused + CUDA graphs")  # the model benchmark's names
 STEPS = ("train", "eval", "adaptive")
 # Adaptive evaluation (trm/adaptive.py) refills the slots that halted before each step: with
@@ -64,6 +67,7 @@ STEPS = ("train", "eval", "adaptive")
 # sudoku4 takes 1.0 of its 4. --mean-steps changes it.
 MEAN_STEPS = 4.0
 BATCHES = (768, 1)
+LM_BATCHES = (32, 1)  # sequences of LMConfig.seq_len tokens
 
 # Kernels each of our ops launches on a GPU, read from its implementation in kernels/.
 LAUNCHES = {
@@ -120,20 +124,23 @@ class Op:
     graphed: bool  # inside a region the graphs provider replays
 
 
-def _attention_width(qkv: torch.Tensor) -> tuple[int, int]:
-    """(B * H * d, S) of a packed qkv [B, S, 3 * H * d]."""
+def _attention_pairs(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, causal: bool) -> int:
+    """B * H * d times the (query, key) pairs attended, of a packed qkv [B, S, (H + 2 KVH) d]:
+    S^2, or S (S + 1) / 2 causal (the kernels skip the blocks above the diagonal)."""
     batch, seq, width = qkv.shape
-    return batch * width // 3, seq
+    head_dim = width // (num_heads + 2 * num_kv_heads)
+    pairs = seq * (seq + 1) // 2 if causal else seq * seq
+    return batch * num_heads * head_dim * pairs
 
 
 def trm_flops(name: str, args: tuple) -> int:
     """Matrix FLOPs of one of our ops, by what its kernels compute."""
-    if name == "trm.rope_attention":  # q k^T and p v: 2 * 2 * S^2 * d per head
-        bhd, seq = _attention_width(args[0])
-        return 4 * bhd * seq * seq
+    if name == "trm.rope_attention":  # q k^T and p v: 2 * 2 * pairs * d per head
+        qkv, _, _, heads, kv_heads, causal, _ = args
+        return 4 * _attention_pairs(qkv, heads, kv_heads, causal)
     if name == "trm.rope_attention_backward":  # dK/dV: q k^T, p^T dO, dO v^T, dS^T q; dQ: q k^T, dO v^T, dS k
-        bhd, seq = _attention_width(args[1])
-        return 14 * bhd * seq * seq
+        _, qkv, _, _, _, _, heads, kv_heads, causal, _ = args
+        return 14 * _attention_pairs(qkv, heads, kv_heads, causal)
     if name == "trm.token_mlp_rmsnorm":  # gate|up [2I, S] @ h and down [S, I] @ act, per batch element
         h, w_gate_up = args[0], args[1]
         batch, seq, hidden = h.shape
@@ -156,10 +163,13 @@ class Counter(TorchDispatchMode):
         super().__init__()
         self.ops: list[Op] = []
         self.graphed = False
+        self.paused = False  # while a stand-in for one GPU kernel computes its shapes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.paused:
+            return out
         name = str(func.overloadpacket)
         # what stays on the host (a Python number wrapped as a CPU scalar tensor) launches nothing
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
@@ -182,16 +192,57 @@ class Counter(TorchDispatchMode):
         return out
 
 
+class _FusedAttention(torch.autograd.Function):
+    """One fused attention kernel forward and one backward, as PyTorch's memory-efficient
+    kernel runs SDPA with a mask, causal or grouped-query heads on a GPU: q, k, v (and the
+    mask) read once, the output written once; FLOPs of the (query, key) pairs attended
+    (4 products' worth forward, 10 backward, as flash attention's). The meta device would
+    otherwise count the unfused math path."""
+
+    @staticmethod
+    def forward(ctx, counter, q, k, v, mask, causal):
+        b, h, s, d = q.shape
+        pairs = s * (s + 1) // 2 if causal else s * s
+        counter.paused = True
+        out = torch.empty_like(q)
+        counter.paused = False
+        moved = nbytes((q, k, v, mask, out)) + b * h * s * 4  # + the fp32 log-sum-exp it saves
+        counter.ops.append(Op("aten._fused_attention", moved, 4 * b * h * pairs * d, 1, counter.graphed))
+        ctx.counter, ctx.moved, ctx.flops = counter, moved, 10 * b * h * pairs * d
+        ctx.save_for_backward(q, k, v)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        counter = ctx.counter
+        counter.paused = True
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        counter.paused = False
+        counter.ops.append(Op("aten._fused_attention_backward", ctx.moved + nbytes((dout, *grads)), ctx.flops, 1,
+                              counter.graphed))  # fmt: skip
+        return None, *grads, None, None
+
+
 class _FlashAttention(TorchFunctionMode):
-    """``F.scaled_dot_product_attention`` as PyTorch dispatches it on a GPU for TRM's shapes
-    (bf16, head_dim 64, no mask): the flash kernel, forward and backward, where the meta
-    device would otherwise take the unfused math path."""
+    """``F.scaled_dot_product_attention`` as PyTorch dispatches it on a GPU: for TRM's shapes
+    (bf16, head_dim 64, no mask) the flash kernel, forward and backward; with a mask, causal
+    or grouped-query heads one fused kernel (_FusedAttention), where the meta device would
+    otherwise take the unfused math path."""
+
+    def __init__(self, counter: Counter | None = None):
+        super().__init__()
+        self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
+        if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=kwargs.get("scale"))[0]
+            plain = kwargs.get("attn_mask") is None and not kwargs.get("is_causal") and k.shape[1] == q.shape[1]
+            if plain:
+                return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=kwargs.get("scale"))[0]
+            if self.counter is not None:
+                return _FusedAttention.apply(self.counter, q, k, v, kwargs.get("attn_mask"), kwargs.get("is_causal"))
         return func(*args, **kwargs)
 
 
@@ -241,6 +292,9 @@ def count_step(config: str, provider: str, step: str, batch: int, mean_steps: fl
     step of adaptive evaluation (the refill of batch / mean_steps slots, the evaluation step,
     the halting bookkeeping, and the host's read of which slots halted)."""
     counter = Counter()
+    if config == LM:
+        run_lm_step(provider, step, batch, counter)
+        return counter.ops
     run_step(config, provider, step, batch, counter, counter, mean_steps)
     if step == "adaptive":  # the device-to-host copy of the live flags, one byte per slot
         counter.ops.append(Op("host read of halted slots", 2 * batch, 0, 1, False))
@@ -286,6 +340,29 @@ def run_step(config: str, provider: str, step: str, batch: int, region, marks, m
                 with region:
                     state.refill(model, slots, data["inputs"][:refills], data["puzzle_identifiers"][:refills])
                     state.advance(model, model._eval_step, cfg.n_sup, 0.0)
+
+
+def run_lm_step(provider: str, step: str, batch: int, counter: Counter) -> None:
+    """The recurrent-depth LM's training step (forward, cross-entropy, backward, AdamW) in bf16
+    on the meta device: the plain-PyTorch twin for eager, trm_kernels.nn for fused (no CUDA
+    graphs: that provider counts the same). One sequence of a batch is padded (a key mask)."""
+    from .recurrent_depth import LMConfig, PlainRecurrentDepthLM, RecurrentDepthLM
+
+    if step != "train":
+        raise ValueError(f"{LM}: only its training step is counted, not {step!r}")
+    cfg = LMConfig()
+    with torch.device("meta"):
+        model = (PlainRecurrentDepthLM if provider == "eager" else RecurrentDepthLM)(cfg).to(torch.bfloat16)
+        tokens = torch.ones(batch, cfg.seq_len + 1, dtype=torch.long)
+        mask = torch.ones(batch, cfg.seq_len + 1, dtype=torch.bool)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    backend = "reference" if provider == "eager" else "triton"
+    with K.use_backend(backend), _FlashAttention(counter), counter:
+        logits = model(tokens[:, :-1], mask[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
@@ -401,9 +478,10 @@ def run(
         "steps": [],
     }
     for config in configs:
-        seq_len = preset(config).model.seq_len
-        for step in STEPS:
-            for batch in batches:
+        lm = config == LM
+        seq_len = LMConfig().seq_len if lm else preset(config).model.seq_len
+        for step in ("train",) if lm else STEPS:
+            for batch in LM_BATCHES if lm else batches:
                 for provider in PROVIDERS:
                     ops = count_step(config, provider, step, batch, mean_steps)
                     if log:
@@ -456,6 +534,7 @@ def markdown(report: dict) -> str:
                   f"{batches[0]}, {ref})", ""]  # fmt: skip
         for config in configs:
             s = _find(report, config=config, step="train", batch=batches[0], provider="fused", gpu=ref)
+            s = s or _find(report, config=config, step="train", provider="fused", gpu=ref)  # the LM's own batch
             top = list(s["ops"].items())[:3]
             lines.append(f"- **{config}** ({_fmt_us(s['us'])} predicted): " + "; ".join(
                 f"`{n}` {_fmt_us(e['us'])} ({100 * e['us'] / s['us']:.0f}%, {e['bound']}-bound: {e['calls']} calls, "

@@ -4,6 +4,7 @@ python -m trm_benchmarks.run --out benchmarks/results/h100-2026-11-23           
 python -m trm_benchmarks.run --out /tmp/bench --quick                            # small shapes, any machine
 python -m trm_benchmarks.run --out /tmp/m --only model --configs maze --profile   # one model config, profiled
 python -m trm_benchmarks.run --out DIR --merge PART1 PART2                       # one table from several runs
+python -m trm_benchmarks.run --out DIR --only lm                                 # the recurrent-depth LM example
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import model, ops
+from . import model, ops, recurrent_depth
 from .common import Results, copy_ceiling, environment, gemm_ceiling, merge, read_results
 from .report import write_results
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for the result files")
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
-    parser.add_argument("--only", choices=("ops", "model", "adaptive"), help="run one part")
+    parser.add_argument("--only", choices=("ops", "model", "lm", "adaptive"), help="run one part")
     parser.add_argument(
         "--adaptive-run",
         type=Path,
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> Path:
         write_results(args.out, results)
     if args.only in (None, "model"):
         model.run(results, device, quick, compile_ok, names, args.profile, lambda: write_results(args.out, results))
+    if args.only in (None, "lm"):  # another recursive model on trm_kernels.nn
+        results.rows += recurrent_depth.rows(device, quick, compile_ok, ceilings["gemm_tflops"])
+        write_results(args.out, results)
     if args.adaptive_run is not None and args.only in (None, "adaptive"):
         batches = (768, 1) if device.type == "cuda" else (64, 1)
         results.rows += model.adaptive_rows(args.adaptive_run, device, batches, args.adaptive_puzzles)

@@ -24,6 +24,8 @@ def test_benchmark_command_writes_json_markdown_and_plots(tmp_path, monkeypatch)
     assert data["ceilings"]["copy_gbps"] > 0 and data["environment"]["torch"] == torch.__version__
     providers = {r["provider"] for r in data["rows"] if r["group"] == "add+rmsnorm forward"}
     assert {"eager", "triton"} <= providers  # the interpreter runs the fused kernels on CPU
+    lm = {r["provider"] for r in data["rows"] if r["case"].startswith("recurrent-depth LM")}
+    assert lm == {"plain PyTorch", "trm_kernels.nn"}  # another recursive model, timed as its own config
     # the training step of eager and fused is profiled: matrix products and our ops are found by name
     profiles = {p["provider"]: p for p in data["profiles"]}
     assert set(profiles) == {"eager", "fused"}

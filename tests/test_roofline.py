@@ -102,7 +102,7 @@ def _profiled_launches(events) -> int:
 
 @pytest.mark.parametrize("provider", ["eager", "fused"])
 @pytest.mark.parametrize("step", R.STEPS)
-@pytest.mark.parametrize("config", R.CONFIGS)
+@pytest.mark.parametrize("config", R.TRM_CONFIGS)
 def test_launch_counts_equal_the_profilers_count_of_the_same_step(config, provider, step):
     """The same step run twice: once counted, once recorded by the profiler."""
     counted = sum(op.launches for op in R.count_step(config, provider, step, 2))
@@ -187,3 +187,34 @@ def test_measured_figures_are_held_against_the_prediction_for_their_gpu(tmp_path
     assert not any(op.name == "aten.atan2" for op in ops)  # no optimizer step in what doctor times
     (tmp_path / "doctor.json").write_text(json.dumps({"environment": {"device": "Tesla T4"}, "checks": checks}))
     assert R.compare_measured(tmp_path)["rows"] == []
+
+
+def test_the_recurrent_depth_lms_step_counts_its_products_and_its_causal_attention():
+    """Both providers compute the same linear layers (torch's FLOP counter); attention by the
+    (query, key) pairs its kernels compute: ours skips the blocks above the diagonal, the one
+    fused kernel PyTorch's SDPA runs with a key mask (whose causal part is in the mask)
+    computes every pair, once forward and once backward."""
+    from trm_benchmarks.recurrent_depth import LMConfig
+
+    cfg, batch = LMConfig(), 2
+    s, d, hd = cfg.seq_len, cfg.hidden_size, cfg.head_dim
+    tokens = batch * s
+    linear = 2 * tokens * d * ((cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd
+                               + 3 * cfg.intermediate_size)  # fmt: skip
+    head = 2 * tokens * d * cfg.vocab_size
+    causal, every = batch * cfg.num_heads * hd * s * (s + 1) // 2, batch * cfg.num_heads * hd * s * s
+    counts = {p: R.count_step(R.LM, p, "train", batch) for p in ("eager", "fused")}
+    for provider, ops in counts.items():
+        gemm = sum(op.flops for op in ops if op.name.startswith("aten.") and "attention" not in op.name)
+        attention = sum(op.flops for op in ops if "attention" in op.name)
+        assert gemm == 3 * (cfg.loops * linear + head), provider
+        want = every * (4 + 10) if provider == "eager" else causal * (4 + 14)
+        assert attention == cfg.loops * want, provider
+    assert {op.name for op in counts["eager"] if "attention" in op.name} == {
+        "aten._fused_attention",
+        "aten._fused_attention_backward",
+    }
+    fused_names = {op.name for op in counts["fused"]}
+    assert {"trm.rope_attention", "trm.add_rmsnorm", "trm.swiglu", "trm.inject"} <= fused_names
+    report = R.run(configs=(R.LM,), gpus=("h100",), batches=(768,))
+    assert {e["batch"] for e in report["steps"]} == set(R.LM_BATCHES) and "recurrent-depth" in R.markdown(report)
