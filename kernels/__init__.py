@@ -2,7 +2,9 @@
 
 Every op validates its arguments once here, then runs the implementation chosen by
 :mod:`trm_kernels.backend` (``reference`` PyTorch everywhere; fused backends where
-registered). Semantics are those of :mod:`trm_kernels.reference`.
+registered). Semantics are those of :mod:`trm_kernels.reference`. Modules built on the
+ops are in :mod:`trm_kernels.nn`; :func:`patch` runs existing TRM / HRM code on them in one
+call. The guide is kernels/README.md.
 
 Example, one post-norm block of your own recursive model::
 

@@ -383,3 +383,18 @@ def test_build_reports_progress_in_a_pipe(tmp_path):
                     "--set", "data.augmentations=2")  # fmt: skip
     assert code == 0, out
     assert "generating 4x4 sudoku: 40/40" in out and "augmenting 4x4 sudoku: 30/30" in out
+
+
+def test_ctrl_c_during_a_first_runs_data_build_keeps_nothing_and_says_so(tmp_path, monkeypatch):
+    from trm.data import dataset
+
+    def interrupted(cfg, out, progress=None):
+        (out / "train").mkdir(parents=True)
+        (out / "train" / "inputs.npy").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dataset, "build", interrupted)
+    code, out = run("train", *TINY)
+    assert code == 130 and "interrupted: the half-built dataset data/sudoku4" in out, out
+    assert list(tmp_path.iterdir()) == []  # no data/, no runs/

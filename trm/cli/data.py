@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import paths
 from ..config import RunConfig, preset
 from ..data import dataset
-from .common import PresetOpt, app, config_from, console, fail
+from .common import PresetOpt, app, config_from, console, errors, fail
 
 
 def _build(cfg: RunConfig, out: Path) -> Path:
@@ -40,6 +40,10 @@ def _build(cfg: RunConfig, out: Path) -> Path:
             return dataset.build(cfg.data, out, progress)
         except (ValueError, OSError) as e:
             fail(str(e))
+        except KeyboardInterrupt:  # the caller's held directory removes what was built
+            bar.stop()
+            errors.print(f"interrupted: the half-built dataset {out} is removed; nothing else was written")
+            raise typer.Exit(130) from None
 
 
 def _describe(path: Path) -> str:
