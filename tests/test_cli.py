@@ -398,3 +398,17 @@ def test_ctrl_c_during_a_first_runs_data_build_keeps_nothing_and_says_so(tmp_pat
     code, out = run("train", *TINY)
     assert code == 130 and "interrupted: the half-built dataset data/sudoku4" in out, out
     assert list(tmp_path.iterdir()) == []  # no data/, no runs/
+
+
+def test_a_paper_preset_on_a_cpu_warns_that_it_is_sized_for_a_gpu(tmp_path, monkeypatch):
+    from trm.cli import train as train_cmd
+
+    def stop(*args, **kwargs):
+        raise SystemExit(0)  # the warning is printed before anything is created
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_cmd, "_run_directory", stop)
+    code, out = run("train", "--preset", "sudoku-mlp")
+    assert "sized for a GPU (batch 768, hidden 512)" in flat(out) and "sudoku4 and maze7" in out
+    code, out = run("train", *TINY)
+    assert "sized for a GPU" not in out

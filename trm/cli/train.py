@@ -87,6 +87,10 @@ def train(
         if not implicit:
             check_data(cfg, data, implicit=False)
     rank, world, device = init_distributed()
+    if device.type == "cpu" and cfg.train.global_batch_size * cfg.model.hidden_size >= 256 * 512 and rank == 0:
+        warn(f"this configuration is sized for a GPU (batch {cfg.train.global_batch_size}, hidden "
+             f"{cfg.model.hidden_size}): on a CPU a step can take minutes and more memory than a laptop has; "
+             "the CPU presets are sudoku4 and maze7")  # fmt: skip
     with _run_directory(out, preset_name, resume, rank) as out:
         if not resume:
             _check_data_everywhere(cfg, data, implicit)
