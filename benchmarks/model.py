@@ -2,7 +2,8 @@
 
 Providers: ``eager`` (the reference ops), ``torch.compile`` and
 ``torch.compile reduce-overhead`` (both of the reference ops), ``fused`` (the trm_kernels
-backend picked automatically) and ``fused + CUDA graphs`` (the no-grad recursion replayed).
+backend picked automatically), ``fused + CUDA graphs`` (the no-grad recursion replayed) and
+``fused + torch.compile`` (our ops inside a compiled step, as ``model.compile`` trains).
 Figures: step time, tokens/s (one supervision step of the batch), MFU from an analytic
 FLOP count, peak memory. With a trained run, ``adaptive_rows`` compares adaptive against
 fixed-step evaluation (puzzles/s, exact accuracy).
@@ -82,6 +83,8 @@ def _providers(device: torch.device, compile_ok: bool) -> list[Provider]:
         out.append(Provider("fused", fused))
         if device.type == "cuda":
             out.append(Provider("fused + CUDA graphs", fused, graphs=True))
+        if device.type == "cuda" and compile_ok:  # Inductor fuses the glue between our (opaque) ops
+            out.append(Provider("fused + torch.compile", fused, {}))
     if compile_ok:
         out += [Provider("torch.compile", "reference", {}),
                 Provider("torch.compile reduce-overhead", "reference", {"mode": "reduce-overhead"})]  # fmt: skip

@@ -252,3 +252,12 @@ def test_adaptive_rows_compare_halting_with_fixed_steps_on_the_runs_test_puzzles
         assert r.extra["puzzles"] == 10 and r.extra["puzzles_per_s"] > 0 and 1 <= r.extra["steps_mean"] <= 3
         if "fixed" in r.provider:
             assert r.extra["exact_accuracy"] == want
+
+
+def test_a_gpu_run_times_the_fused_ops_inside_torch_compile_too():
+    if "triton" not in K.available("add_rmsnorm"):
+        pytest.skip("triton is not installed")
+    providers = {p.name: p for p in model._providers(torch.device("cuda"), compile_ok=True)}
+    compiled = providers["fused + torch.compile"]
+    assert compiled.backend == "auto" and compiled.compile_kwargs == {} and not compiled.graphs
+    assert "fused + torch.compile" not in {p.name for p in model._providers(torch.device("cuda"), compile_ok=False)}

@@ -137,3 +137,13 @@ def test_a_window_in_which_no_example_halted_has_no_accuracy_not_zero(tmp_path):
     records[1] |= {"accuracy": 0.5, "exact_accuracy": 0.25, "steps": 2.0}
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert plot_metrics(tmp_path / "m.jsonl", tmp_path / "m.png").stat().st_size > 0
+
+
+def test_model_compile_trains_through_torch_compile_with_the_eager_losses(sudoku4_data, tmp_path):
+    """model.compile: the training forward through torch.compile (Inductor on this CPU), the
+    fused ops opaque inside it; the same losses as eager, and it is compiled, not skipped."""
+    cpu = torch.device("cpu")
+    eager = Trainer(tiny(), sudoku4_data, tmp_path / "a", cpu)
+    compiled = Trainer(tiny(**{"model.compile": "true"}), sudoku4_data, tmp_path / "b", cpu)
+    assert compiled.forward is not compiled.module and eager.forward is eager.module
+    torch.testing.assert_close(torch.tensor(losses(compiled, 3)), torch.tensor(losses(eager, 3)), rtol=1e-4, atol=1e-5)

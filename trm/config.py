@@ -29,6 +29,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     forward_dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
     cuda_graphs: bool = True  # replay the no-grad recursion as CUDA graphs (GPU only)
+    compile: bool = False  # torch.compile the training step's forward (Inductor fuses the glue between our ops)
 
 
 @dataclass

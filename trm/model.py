@@ -155,7 +155,9 @@ class RecursiveReasoningModel(nn.Module):
         return self.lm_head(y)[:, self.prefix :], self.q_head(y[:, 0]).float()
 
     def _graphed(self, x: torch.Tensor) -> bool:
-        return self.cfg.cuda_graphs and x.is_cuda
+        """Whether the no-grad part runs as our CUDA graph: on a GPU, unless torch.compile is
+        tracing the step (model.compile), which then compiles that part with the rest."""
+        return self.cfg.cuda_graphs and x.is_cuda and not torch.compiler.is_compiling()
 
     def deep_recursion(self, x, y, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One supervision step. Returns detached (y, z), the logits and the q logits [B, 2]."""

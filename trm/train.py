@@ -78,6 +78,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every process
         self.model = build_model(cfg.model).to(device)
         self.module = _data_parallel(self.model) if world_size > 1 else self.model
+        # model.compile: the forward of a training step through torch.compile; our ops are custom
+        # ops Inductor does not trace into, and it fuses what lies between them
+        self.forward = torch.compile(self.module) if cfg.model.compile else self.module
         self.optimizer = AdamATan2(
             self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
         )
@@ -108,7 +111,7 @@ class Trainer:
         batch = to_device(next(self.batches), self.device)
         if self.carry is None:
             self.carry = self.model.initial_carry(batch)
-        self.carry, outputs = self.module(self.carry, batch)
+        self.carry, outputs = self.forward(self.carry, batch)
         loss, metrics = act_loss(outputs, self.carry, t.loss)
         # DDP averages gradients over processes; the loss is a sum over the global batch
         (loss * (self.world_size / t.global_batch_size)).backward()

@@ -23,7 +23,7 @@ from .data import check_data, default_data
 # train.* fields that change what a run does next, not what it computes: a resume may change them freely
 BOOKKEEPING = {"train.steps", "train.eval_interval", "train.eval_steps", "train.eval_batch_size",
                "train.checkpoint_interval", "train.checkpoint_minutes", "train.log_interval",
-               "train.eval_halt", "train.eval_halt_threshold", "model.cuda_graphs"}  # fmt: skip
+               "train.eval_halt", "train.eval_halt_threshold", "model.cuda_graphs", "model.compile"}  # fmt: skip
 
 
 def _new_run_dir(preset_name: str) -> tuple[Path, Path]:
