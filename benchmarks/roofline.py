@@ -37,6 +37,7 @@ import datetime
 import json
 import pathlib
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -342,10 +343,10 @@ def run_step(config: str, provider: str, step: str, batch: int, region, marks, m
                     state.advance(model, model._eval_step, cfg.n_sup, 0.0)
 
 
-def run_lm_step(provider: str, step: str, batch: int, counter: Counter) -> None:
+def run_lm_step(provider: str, step: str, batch: int, counter: Counter, region=None) -> None:
     """The recurrent-depth LM's training step (forward, cross-entropy, backward, AdamW) in bf16
     on the meta device: the plain-PyTorch twin for eager, trm_kernels.nn for fused (no CUDA
-    graphs: that provider counts the same). One sequence of a batch is padded (a key mask)."""
+    graphs: that provider counts the same), with `region` (default: the counter) around it."""
     from .recurrent_depth import LMConfig, PlainRecurrentDepthLM, RecurrentDepthLM
 
     if step != "train":
@@ -357,12 +358,46 @@ def run_lm_step(provider: str, step: str, batch: int, counter: Counter) -> None:
         mask = torch.ones(batch, cfg.seq_len + 1, dtype=torch.bool)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     backend = "reference" if provider == "eager" else "triton"
-    with K.use_backend(backend), _FlashAttention(counter), counter:
+    with K.use_backend(backend), _FlashAttention(counter), region if region is not None else counter:
         logits = model(tokens[:, :-1], mask[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, the bytes autograd saves for backward: every saved tensor (activations, the
+    compute-dtype casts of weights) counted once per storage; leaves that require grad and
+    views of them (parameters, which are kept anyway) excluded. ``.bytes`` after the block."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+        super().__init__(self._pack, lambda t: t)
+
+    def __enter__(self) -> SavedBytes:
+        super().__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t  # a parameter is often saved as a view (w.t())
+        if not (base.is_leaf and base.requires_grad):
+            self.storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def saved_for_backward(config: str, provider: str, batch: int) -> int:
+    """Bytes a training step's forward keeps for its backward (SavedBytes), on the meta device."""
+    saved = SavedBytes()
+    if config == LM:
+        run_lm_step(provider, "train", batch, Counter(), saved)
+    else:
+        run_step(config, provider, "train", batch, saved, types.SimpleNamespace(graphed=False))
+    return saved.bytes
 
 
 def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
@@ -476,23 +511,34 @@ def run(
             "gpus": {k: dataclasses.asdict(GPUS[k]) for k in gpus},
         },
         "steps": [],
+        "saved_for_backward": [],
     }
     for config in configs:
         lm = config == LM
         seq_len = LMConfig().seq_len if lm else preset(config).model.seq_len
         for step in ("train",) if lm else STEPS:
             for batch in LM_BATCHES if lm else batches:
+                floor_flops = None  # the step's matrix FLOPs as the eager step counts them
                 for provider in PROVIDERS:
                     ops = count_step(config, provider, step, batch, mean_steps)
                     if log:
                         log(f"{config} {step} B={batch} {provider}: {len(ops)} ops")
+                    floor_flops = floor_flops if floor_flops is not None else sum(op.flops for op in ops)
                     for key in gpus:
                         p = predict(ops, provider, GPUS[key])
                         if key != gpus[0]:  # per-op tables for the first GPU only (the file stays small)
                             del p["ops"]
+                        floor_us = floor_flops / GPUS[key].bf16 * 1e6
                         entry = {"config": config, "step": step, "batch": batch, "provider": provider, "gpu": key,
-                                 **p, "tokens_per_s": batch * seq_len / (p["us"] * 1e-6)}  # fmt: skip
+                                 **p, "tokens_per_s": batch * seq_len / (p["us"] * 1e-6), "floor_us": floor_us,
+                                 "x_floor": p["us"] / floor_us if floor_us else None}  # fmt: skip
                         report["steps"].append(entry)
+        batch = (LM_BATCHES if lm else batches)[0]
+        saved = {p: saved_for_backward(config, p, batch) for p in ("eager", "fused")}
+        if log:
+            log(f"{config} train B={batch}: saved for backward, eager {saved['eager']:,} B, fused {saved['fused']:,} B")
+        report["saved_for_backward"].append({"config": config, "batch": batch, "eager_bytes": saved["eager"],
+                                             "fused_bytes": saved["fused"]})  # fmt: skip
     if measured_dir is not None:
         report["measured"] = compare_measured(measured_dir, mean_steps)
     return report
@@ -540,6 +586,23 @@ def markdown(report: dict) -> str:
                 f"`{n}` {_fmt_us(e['us'])} ({100 * e['us'] / s['us']:.0f}%, {e['bound']}-bound: {e['calls']} calls, "
                 f"{e['bytes'] / 1e9:.2f} GB, {e['flops'] / 1e12:.2f} TFLOP)" for n, e in top))  # fmt: skip
         lines.append("")
+    lines += [f"## Each training step against its FLOP floor ({ref}), and what its forward keeps for backward", "",
+              "The floor: the step's matrix FLOPs, as the eager step counts them, at the GPU's dense bf16 rate "
+              "(recomputation does not lower it). Saved for backward: what autograd keeps from the forward, "
+              "counted with saved-tensor hooks on the meta device (each storage once, parameters excluded).", "",
+              "| config | batch | FLOP floor | eager (x floor) | fused + CUDA graphs (x floor) | saved for backward: "
+              "eager / fused (ratio) |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for saved in report.get("saved_for_backward", []):
+        config, batch = saved["config"], saved["batch"]
+        e = _find(report, config=config, step="train", batch=batch, provider=PROVIDERS[0], gpu=ref)
+        g = _find(report, config=config, step="train", batch=batch, provider=PROVIDERS[2], gpu=ref)
+        if e and g:
+            ratio = saved["fused_bytes"] / saved["eager_bytes"] if saved["eager_bytes"] else float("nan")
+            lines.append(f"| {config} | {batch} | {_fmt_us(e['floor_us'])} | {_fmt_us(e['us'])} "
+                         f"({e['x_floor']:.2f}x) | {_fmt_us(g['us'])} ({g['x_floor']:.2f}x) | "
+                         f"{saved['eager_bytes'] / 1e9:.1f} GB / {saved['fused_bytes'] / 1e9:.1f} GB "
+                         f"({ratio:.2f}x) |")  # fmt: skip
+    lines.append("")
     titles = {"train": "training step", "eval": "evaluation step", "adaptive": "adaptive evaluation step"}
     for config in configs:
         for step in [s for s in STEPS if _find(report, config=config, step=s)]:

@@ -218,3 +218,25 @@ def test_the_recurrent_depth_lms_step_counts_its_products_and_its_causal_attenti
     assert {"trm.rope_attention", "trm.add_rmsnorm", "trm.swiglu", "trm.inject"} <= fused_names
     report = R.run(configs=(R.LM,), gpus=("h100",), batches=(768,))
     assert {e["batch"] for e in report["steps"]} == set(R.LM_BATCHES) and "recurrent-depth" in R.markdown(report)
+
+
+def test_saved_bytes_count_each_saved_storage_once_and_no_parameters():
+    x = torch.randn(4, 8, requires_grad=True) * 1  # an activation (not a leaf)
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    with R.SavedBytes() as saved:
+        torch.nn.functional.linear(x, w)  # saves x and w: w is a parameter
+        x * x  # saves x twice: the same storage
+        x[1:].exp()  # saves its output
+    assert saved.bytes == 4 * 8 * 4 + 3 * 8 * 4
+
+
+def test_the_report_holds_each_training_step_against_its_floor_and_what_it_saves():
+    report = R.run(configs=("sudoku-mlp",), gpus=("h100-measured",), batches=(64,))
+    eager = R._find(report, config="sudoku-mlp", step="train", batch=64, provider="eager", gpu="h100-measured")
+    fused = R._find(report, config="sudoku-mlp", step="train", batch=64, provider="fused", gpu="h100-measured")
+    flops = sum(op.flops for op in R.count_step("sudoku-mlp", "eager", "train", 64))
+    assert eager["floor_us"] == fused["floor_us"] == pytest.approx(flops / R.GPUS["h100-measured"].bf16 * 1e6)
+    assert fused["x_floor"] == pytest.approx(fused["us"] / fused["floor_us"])
+    (saved,) = report["saved_for_backward"]
+    assert saved["batch"] == 64 and 0 < saved["fused_bytes"] < saved["eager_bytes"]
+    assert "saved for backward: eager / fused" in R.markdown(report)
