@@ -412,3 +412,20 @@ def test_a_paper_preset_on_a_cpu_warns_that_it_is_sized_for_a_gpu(tmp_path, monk
     assert "sized for a GPU (batch 768, hidden 512)" in flat(out) and "sudoku4 and maze7" in out
     code, out = run("train", *TINY)
     assert "sized for a GPU" not in out
+
+
+def test_eval_png_draws_the_wrong_puzzles_first_with_fixed_and_halting_steps(trained, tmp_path, monkeypatch):
+    from trm import render
+
+    drawn = []
+    monkeypatch.setattr(render, "save_png", lambda path, rows, task: drawn.append(rows) or path)
+    for extra in ([], ["--halt"]):
+        code, out = run("eval", trained / "run", "--png", tmp_path / "p.png", "--show", "3", *extra)
+        assert code == 0, out
+    for rows, how in zip(drawn, ("2 steps", "after"), strict=True):
+        titles = [r[2][0] for r in rows]
+        verdicts = ["wrong" in t for t in titles]
+        assert len(rows) == 3 and verdicts == sorted(verdicts, reverse=True)  # the wrong ones first
+        assert all(how in t for t in titles)
+        for (_, _, (_, answer, marks)), title in zip(rows, titles, strict=True):
+            assert ("right" in title) == bool((answer == marks["target"]).all())  # the title tells the truth
