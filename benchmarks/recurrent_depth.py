@@ -84,8 +84,14 @@ class RecurrentDepthLM(nn.Module):
         cos, sin = self.cos[:s], self.sin[:s]
         h = torch.zeros_like(e)
         for _ in range(self.cfg.loops):
-            h = self.core(K.inject(h, e), cos, sin, key_mask)
-        return self.lm_head(self.norm(h)).float()
+            h = self.core(self.inject(h, e), cos, sin, key_mask)
+        return self.lm_head(self.final_norm(h)).float()
+
+    def inject(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return K.inject(h, e)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -149,21 +155,18 @@ class _PlainBlock(nn.Module):
 
 
 class PlainRecurrentDepthLM(RecurrentDepthLM):
-    """The same model in plain PyTorch, with the same parameter names."""
+    """The same model in plain PyTorch, with the same parameter names (the loop is shared)."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__(cfg)
         self.core = _PlainBlock(cfg)
         self.norm = _Norm(cfg.hidden_size)
 
-    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        e = self.embed(tokens)
-        s = tokens.shape[1]
-        cos, sin = self.cos[:s], self.sin[:s]
-        h = torch.zeros_like(e)
-        for _ in range(self.cfg.loops):
-            h = self.core(h + e, cos, sin, key_mask)
-        return self.lm_head(_rms(h, self.norm.weight, self.cfg.eps)).float()
+    def inject(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + e
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return _rms(h, self.norm.weight, self.cfg.eps)
 
 
 def step_flops(cfg: LMConfig, batch: int) -> float:

@@ -9,9 +9,21 @@ a tiny tensor the reference can happen to land far closer. Error is the relative
 element got unlucky in a reduction order, the norm what the op computes.
 """
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from trm_kernels.verify import outputs, run_op, tolerance_problem
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 only on a GPU: the interpreter's bf16 conversions truncate instead of rounding
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture
+def on_device():
+    """New tensors of a kernel test go to DEVICE (import it with ``pytestmark`` or use it by name)."""
+    with torch.device(DEVICE):
+        yield
 
 
 def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:

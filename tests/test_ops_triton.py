@@ -5,21 +5,13 @@ import torch
 import trm_kernels as K
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import OpLog, check, compare, run_op
+from oracle import DEVICE, DTYPES, OpLog, check, compare, on_device, run_op  # noqa: F401  (on_device: a fixture)
 from trm_kernels import reference as R
 
-pytestmark = pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# bf16 only on a GPU: the interpreter's bf16 conversions truncate instead of rounding
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def _on_device():
-    """New tensors in this module's tests go to DEVICE (and only in this module)."""
-    with torch.device(DEVICE):
-        yield
+pytestmark = [
+    pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed"),
+    pytest.mark.usefixtures("on_device"),
+]
 
 
 RMS_SHAPES = [((1, 512), -1), ((3, 97, 48), -1), ((3, 97, 48), -2), ((2, 5, 37), -1), ((2, 5, 37), 1), ((7, 3), -1)]

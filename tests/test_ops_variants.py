@@ -7,19 +7,13 @@ import torch
 import trm_kernels as K
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import compare
+from oracle import DEVICE, DTYPES, compare, on_device  # noqa: F401  (on_device: a fixture)
 from trm_kernels import reference as R
 
-pytestmark = pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def _on_device():
-    with torch.device(DEVICE):
-        yield
+pytestmark = [
+    pytest.mark.skipif("triton" not in K.available("add_rmsnorm"), reason="triton is not installed"),
+    pytest.mark.usefixtures("on_device"),
+]
 
 
 def _norm(backend):
