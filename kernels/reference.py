@@ -125,7 +125,9 @@ def left_matmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables [seq_len, head_dim] in the rotate-half convention."""
+    """RoPE tables for positions 0..seq_len-1: (cos, sin), each fp32 [seq_len, head_dim], in the
+    rotate-half convention (frequency i / base^(2i/head_dim) repeated over both halves of a head),
+    as the TRM reference builds them. head_dim must be even."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)

@@ -74,6 +74,8 @@ verified: dict[tuple, Record] = {}  # signature -> its check, passed or not
 
 
 def get_verify() -> str:
+    """The parity guard's mode: ``first`` (default: each new signature checked once), ``always``
+    (every call, for debugging) or ``off``; set by set_verify / use_verify or ``TRM_VERIFY``."""
     if _override is not None:
         return _override
     mode = os.environ.get("TRM_VERIFY", "first").strip().lower() or "first"
@@ -83,6 +85,7 @@ def get_verify() -> str:
 
 
 def set_verify(mode: str) -> None:
+    """Set the parity guard's mode from now on (see get_verify); overrides ``TRM_VERIFY``."""
     global _override
     if mode not in MODES:
         raise ValueError(f"unknown verify mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -91,6 +94,7 @@ def set_verify(mode: str) -> None:
 
 @contextlib.contextmanager
 def use_verify(mode: str) -> Iterator[None]:
+    """``with use_verify("always"): ...``: set_verify for the block, restored after it."""
     global _override
     previous = _override
     set_verify(mode)
