@@ -126,7 +126,7 @@ def left_matmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables for positions 0..seq_len-1: (cos, sin), each fp32 [seq_len, head_dim], in the
-    rotate-half convention (frequency i / base^(2i/head_dim) repeated over both halves of a head),
+    rotate-half convention: column i and i + head_dim/2 hold the angle position * base^(-2i/head_dim),
     as the TRM reference builds them. head_dim must be even."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
