@@ -94,13 +94,18 @@ def check_data(cfg: RunConfig, data: Path, implicit: bool) -> None:
         fail(f"{data} was built with other settings ({'; '.join(diff)}); pass another --data or --preset")
 
 
-def _build_default(cfg: RunConfig, data: Path) -> None:
-    """Build the preset's dataset at its default location. Another process building it
-    already is waited for, and its dataset used."""
+def check_batch_fits(cfg: RunConfig) -> None:
+    """A dataset the preset would build holds at least one global batch (else one line, exit 2)."""
     rows = _expected_train_rows(cfg)
     if rows is not None and rows < cfg.train.global_batch_size:
         fail(f"train.global_batch_size={cfg.train.global_batch_size}: the dataset would hold only {rows} "
               "training examples; lower the batch or raise data.num_train")  # fmt: skip
+
+
+def _build_default(cfg: RunConfig, data: Path) -> None:
+    """Build the preset's dataset at its default location. Another process building it
+    already is waited for, and its dataset used."""
+    check_batch_fits(cfg)
 
     def waiting(holder: str) -> None:
         console.print(f"waiting for {holder}, which is building {data}")

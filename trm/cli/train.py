@@ -18,7 +18,7 @@ from .. import checkpoint, paths
 from ..config import RunConfig, apply_overrides, validate
 from ..train import CHECKPOINT, MetricsLog, Trainer, fit, init_distributed
 from .common import DEFAULT_PRESET, PresetOpt, SetOpt, app, config_from, console, fail, run_data, warn
-from .data import check_data, default_data
+from .data import check_batch_fits, check_data, default_data
 
 # train.* fields that change what a run does next, not what it computes: a resume may change them freely
 BOOKKEEPING = {"train.steps", "train.eval_interval", "train.eval_steps", "train.eval_batch_size",
@@ -86,6 +86,8 @@ def train(
         data = data or default_data(cfg, preset_name)
         if not implicit:
             check_data(cfg, data, implicit=False)
+        elif not (data / "metadata.json").exists():
+            check_batch_fits(cfg)
     rank, world, device = init_distributed()
     if device.type == "cpu" and cfg.train.global_batch_size * cfg.model.hidden_size >= 256 * 512 and rank == 0:
         warn(f"this configuration is sized for a GPU (batch {cfg.train.global_batch_size}, hidden "
