@@ -41,9 +41,9 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     """name: (kernel, signature, constexprs, arguments hinted divisible by 16, launch options:
     num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth), as the
     package launches each kernel on a GPU of this compute capability."""
-    attention, cross_entropy, inject, rmsnorm, swiglu, token_mlp = (
+    attention, cross_entropy, inject, rmsnorm, swiglu, channel_mlp, token_mlp = (
         importlib.import_module(f"trm_kernels.{m}")
-        for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "token_mlp")
+        for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "channel_mlp", "token_mlp")
     )
 
     t = f"*{dtype}"
@@ -76,6 +76,27 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32"}, {"D", "I_PAD"}, (warps, 2))
         for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles
     }  # fmt: skip
+    # the channel MLP: rows M = 768 * 97, hidden K = 512, intermediate N = 1536 (all multiples of 16)
+    mlp_sizes = {"M": "i32", "N": "i32", "K": "i32"}
+    mlp_fwd = {"X": t, "W": t, "ACT": t, "GU": t, **mlp_sizes}
+    mlp_bwd = {"DY": t, "WD": t, "GU": t, "DGU": t, "ACT": t, **mlp_sizes}
+    mlp_configs = {}
+    for bm, bn, bk, warps, stages in channel_mlp.CONFIGS:
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": channel_mlp.GROUP_M, "PREC": "tf32"}
+        mlp_configs[channel_mlp.config_name("fwd", bm, bn, bk, warps, stages)] = (
+            channel_mlp._linear_swiglu_fwd,
+            mlp_fwd,
+            meta | {"STORE_GU": True},
+            {"M", "N", "K"},
+            (warps, stages),
+        )
+        mlp_configs[channel_mlp.config_name("bwd", bm, bn, bk, warps, stages)] = (
+            channel_mlp._swiglu_mlp_bwd,
+            mlp_bwd,
+            meta,
+            {"M", "N", "K"},
+            (warps, stages),
+        )
     attn = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "OUT": t, "LSE": "*fp32", "S": "i32",
             "H": "i32", "KVH": "i32", "scale": "fp32"}  # fmt: skip
     attn_bwd = {"QKV": t, "QK": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "DOUT": t, "LSE": "*fp32",
@@ -95,7 +116,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
                   "a2": "i32", "b0": "i32", "b1": "i32", "b2": "i32"}  # fmt: skip
     ce = {"LOGITS": t, "LABELS": "*i64", "LOSS": "*fp64", "DLOGITS": t, "n_rows": "i32", "V": "i32",
           "ignore_index": "i32"}  # fmt: skip
-    return token_mlp_configs | {
+    return token_mlp_configs | mlp_configs | {
         "add_rmsnorm_fwd hidden": (rmsnorm._add_rmsnorm_fwd, norm_fwd, hidden, HIDDEN_DIV16, 8),
         "add_rmsnorm_fwd sequence": (rmsnorm._add_rmsnorm_fwd, norm_fwd, sequence, SEQUENCE_DIV16, 8),
         "add_rmsnorm_bwd hidden": (rmsnorm._add_rmsnorm_bwd, norm_bwd, hidden, HIDDEN_DIV16, 8),

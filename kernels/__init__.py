@@ -28,6 +28,7 @@ __all__ = [
     "add_rmsnorm",
     "inject",
     "swiglu",
+    "swiglu_mlp",
     "token_mlp_rmsnorm",
     "rope_attention",
     "rope_cos_sin",
@@ -47,8 +48,8 @@ __all__ = [
 
 rope_cos_sin = reference.rope_cos_sin  # (seq_len, head_dim, base=10000.0) -> fp32 cos, sin [seq_len, head_dim]
 
-_OPS = ("add_rmsnorm", "inject", "swiglu", "token_mlp_rmsnorm", "rope_attention", "stablemax_cross_entropy",
-        "softmax_cross_entropy")  # fmt: skip
+_OPS = ("add_rmsnorm", "inject", "swiglu", "swiglu_mlp", "token_mlp_rmsnorm", "rope_attention",
+        "stablemax_cross_entropy", "softmax_cross_entropy")  # fmt: skip
 for _name in _OPS:
     register(_name, "reference", getattr(reference, _name))
 
@@ -58,6 +59,7 @@ except ImportError:
     pass
 else:
     from . import attention as _attention
+    from . import channel_mlp as _channel_mlp
     from . import cross_entropy as _ce
     from . import inject as _inject
     from . import rmsnorm as _rmsnorm
@@ -71,6 +73,7 @@ else:
     register("rope_attention", "triton", _attention.rope_attention, _attention.supports)
     register("inject", "triton", _inject.inject, takes)
     register("swiglu", "triton", _swiglu.swiglu, takes)
+    register("swiglu_mlp", "triton", _channel_mlp.swiglu_mlp, takes)
     register("token_mlp_rmsnorm", "triton", _token_mlp.token_mlp_rmsnorm, takes)
     register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy, takes)
     register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy, takes)
@@ -188,6 +191,39 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> 
     if gate_up.shape[dim] % 2:
         raise ValueError(f"gate_up must have an even size along dim={dim}, got {gate_up.shape[dim]}")
     return call("swiglu", gate_up.device, backend, gate_up, dim)
+
+
+def swiglu_mlp(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """The SwiGLU MLP ``down(silu(gate) * up)`` with the activation inside the GEMMs.
+
+    x [..., D]; w_gate_up [2I, D] (rows 0..I-1 gate, I..2I-1 up: ``nn.Linear(D, 2I)``'s
+    weight); w_down [D, I] (``nn.Linear(I, D)``'s); all one dtype and device (cast the
+    weights first); returns [..., D] in it. No biases. Computes what
+    ``F.linear(swiglu(F.linear(x, w_gate_up)), w_down)`` computes, with the same roundings
+    (the gate|up product and d(act) rounded to the dtype before SwiGLU); gradients flow to
+    x and both weights. The triton backend runs the gate|up GEMM with SwiGLU in its epilogue
+    (writing [..., I], not [..., 2I]) and, backward, d(gate|up) in the down projection's dgrad
+    epilogue, keeping x and gate|up for backward but not the activation; on a GPU it times
+    that against cuBLAS + the separate SwiGLU kernel on each signature's first call and runs
+    the faster (``TRM_TUNE=off``: always the fused kernels; see ``trm_kernels.tune``).
+    """
+    _check_float("x", x)
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        _check_float(name, w)
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but x has dtype {x.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"{name} is on {w.device} but x is on {x.device}")
+    hidden = x.shape[-1]
+    if w_gate_up.dim() != 2 or w_gate_up.shape[1] != hidden or w_gate_up.shape[0] % 2:
+        raise ValueError(f"w_gate_up must be [2*inter, hidden={hidden}], got shape {tuple(w_gate_up.shape)}")
+    if w_down.shape != (hidden, w_gate_up.shape[0] // 2):
+        raise ValueError(
+            f"w_down must be [hidden, inter] = {(hidden, w_gate_up.shape[0] // 2)}, got {tuple(w_down.shape)}"
+        )
+    return call("swiglu_mlp", x.device, backend, x, w_gate_up, w_down)
 
 
 def token_mlp_rmsnorm(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import add_rmsnorm, rope_attention, swiglu, token_mlp_rmsnorm
+from . import add_rmsnorm, rope_attention, swiglu, swiglu_mlp, token_mlp_rmsnorm
 
 Linear = Callable[..., nn.Module]
 
@@ -68,12 +68,25 @@ class AddRMSNorm(RMSNorm):
         return super().extra_repr() + f", prenorm={self.prenorm}"
 
 
+def plain_weight(linear: nn.Module) -> bool:
+    """Whether a linear layer computes ``F.linear(x, weight)`` and nothing else: a bias-free
+    ``nn.Linear`` (not a subclass, which may change its forward) or a layer with
+    ``weight_as`` (its own cast, as TRM's CastedLinear). Fused ops take such layers' weights."""
+    if getattr(linear, "bias", None) is not None:
+        return False
+    return type(linear) is nn.Linear or callable(getattr(linear, "weight_as", None))
+
+
 class SwiGLUMLP(nn.Module):
     """``down(silu(gate) * up)`` with gate and up from one packed projection, gate first.
 
     x [..., D] -> [..., D]. gate_up_proj [2I, D] (rows 0..I-1 gate, I..2I-1 up), down_proj
-    [D, I]; the activation is one fused op (``trm_kernels.swiglu``). To load a model with
-    separate ``gate_proj`` and ``up_proj`` (Llama-style), concatenate their weights, gate first.
+    [D, I]. Without biases (and with ``nn.Linear`` or a ``linear`` whose layers have
+    ``weight_as``) the whole MLP is one op, ``trm_kernels.swiglu_mlp``: SwiGLU inside the
+    GEMMs on the triton backend; otherwise the projections run as modules around the fused
+    ``trm_kernels.swiglu``. Either way it computes what the module composition computes. To
+    load a model with separate ``gate_proj`` and ``up_proj`` (Llama-style), concatenate
+    their weights, gate first.
     """
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False, linear: Linear = nn.Linear):
@@ -82,6 +95,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if plain_weight(self.gate_up_proj) and plain_weight(self.down_proj):
+            return swiglu_mlp(x, weight_as(self.gate_up_proj, x.dtype), weight_as(self.down_proj, x.dtype))
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
@@ -151,4 +166,4 @@ class TokenMixer(nn.Module):
         return token_mlp_rmsnorm(h, w_gate_up, w_down, eps=self.eps)
 
 
-__all__ = ["AddRMSNorm", "RMSNorm", "RoPEAttention", "SwiGLUMLP", "TokenMixer", "weight_as"]
+__all__ = ["AddRMSNorm", "RMSNorm", "RoPEAttention", "SwiGLUMLP", "TokenMixer", "plain_weight", "weight_as"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import add_rmsnorm, inject, rope_attention, swiglu, token_mlp_rmsnorm
+from . import add_rmsnorm, inject, rope_attention, swiglu_mlp, token_mlp_rmsnorm
 from .nn import weight_as
 
 OPS = ("attention", "rmsnorm", "swiglu", "token_mixer", "inject")
@@ -121,9 +121,10 @@ def _norm(use: bool):
 
 
 def _mlp(mlp, use: bool):
-    def run(h):
-        gate_up = mlp.gate_up_proj(h)
-        return mlp.down_proj(swiglu(gate_up, backend=None if use else "reference"))
+    backend = None if use else "reference"
+
+    def run(h):  # bias-free projections (checked): the whole MLP is one op, SwiGLU inside its GEMMs
+        return swiglu_mlp(h, weight_as(mlp.gate_up_proj, h.dtype), weight_as(mlp.down_proj, h.dtype), backend)
 
     return run
 

@@ -59,6 +59,12 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The channel MLP ``down(silu(gate) * up)``: x [..., D], w_gate_up [2I, D] (gate rows
+    first), w_down [D, I] -> [..., D]; the ops a module of two bias-free ``nn.Linear`` runs."""
+    return F.linear(swiglu(F.linear(x, w_gate_up)), w_down)
+
+
 def token_mlp_rmsnorm(
     h: torch.Tensor,
     w_gate_up: torch.Tensor,

@@ -26,8 +26,6 @@ needs (``trm_kernels.token_mlp_rmsnorm`` chooses).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -105,14 +103,18 @@ def _block_s(seq: int) -> int:
     return max(16, next_pow2(seq))
 
 
-@functools.cache
+_BUDGETS: dict[torch.device, tuple[int, int]] = {}  # a plain dict, which torch.compile traces
+
+
 def device_budget(device: torch.device) -> tuple[int, int] | None:
     """(compute capability as 10 * major + minor, shared memory a block may use) of a CUDA
-    device, read from the device; None where no limit applies (the interpreter on CPU)."""
+    device, read from the device once; None where no limit applies (the interpreter on CPU)."""
     if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(device)
-    return 10 * props.major + props.minor, props.shared_memory_per_block_optin
+    if device not in _BUDGETS:
+        props = torch.cuda.get_device_properties(device)
+        _BUDGETS[device] = (10 * props.major + props.minor, props.shared_memory_per_block_optin)
+    return _BUDGETS[device]
 
 
 def shared_needed(seq_class: int, tile: tuple[int, int, int], capability: int) -> int:

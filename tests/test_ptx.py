@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("triton")
 from trm_kernels import arch as A  # noqa: E402
-from trm_kernels import token_mlp  # noqa: E402
+from trm_kernels import channel_mlp, token_mlp  # noqa: E402
 
 MEMORY_BOUND = ["add_rmsnorm_fwd hidden", "add_rmsnorm_fwd sequence", "swiglu_fwd", "swiglu_bwd", "inject"]
 
@@ -50,6 +50,28 @@ def test_the_pruning_table_covers_every_compiled_token_mlp_config(report):
                 assert compiled <= row[capability], (a.target, dtype, key, compiled)
 
 
+SWIGLU_MLP = [channel_mlp.config_name(which, *c) for c in channel_mlp.CONFIGS for which in ("fwd", "bwd")]
+
+
+def test_the_pruning_table_covers_every_compiled_swiglu_mlp_config(report):
+    """`channel_mlp.SHARED_BYTES` (the forward's, the larger) bounds both kernels of each config."""
+    assert set(channel_mlp.SHARED_BYTES) == set(channel_mlp.CONFIGS)
+    for capability, a in A.ARCHS.items():
+        for dtype, rows in report[a.target].items():
+            for key, row in channel_mlp.SHARED_BYTES.items():
+                for which in ("fwd", "bwd"):
+                    compiled = rows[channel_mlp.config_name(which, *key)]["shared_bytes"]
+                    assert compiled <= row[capability], (a.target, dtype, which, key, compiled)
+
+
+def test_swiglu_mlp_kernels_stage_tiles_asynchronously_and_store_16_bytes(report):
+    """The GEMM operands by cp.async (or TMA-free async copies), every store 16 bytes wide."""
+    for t, d, n, r in _entries(report):
+        if n in SWIGLU_MLP:
+            assert r["cp_async"] > 0 and r["other_loads"] == 0 and r["stores_16B"] > 0, (t, d, n, r["accesses"])
+            assert all(".v4" in op for op in r["accesses"] if op.startswith("st")), (t, d, n, r["accesses"])
+
+
 @pytest.mark.parametrize("name", MEMORY_BOUND)
 def test_memory_bound_kernels_move_16_bytes_per_access(report, name):
     for target, by_dtype in report.items():
@@ -66,7 +88,7 @@ ATTENTION = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "attenti
 def test_matrix_kernels_use_each_architectures_tensor_cores(report):
     """mma.sync before Hopper and on consumer Blackwell, wgmma on Hopper, tcgen05 on sm_100."""
     field = {"mma.sync": "mma_sync", "wgmma": "wgmma", "tcgen05": "tcgen05"}
-    matrix = [*ATTENTION, *(token_mlp.config_name(*key) for key in token_mlp.SHARED_BYTES)]
+    matrix = [*ATTENTION, *(token_mlp.config_name(*key) for key in token_mlp.SHARED_BYTES), *SWIGLU_MLP]
     for a in A.ARCHS.values():
         for dtype, rows in report[a.target].items():
             for name in matrix:
@@ -84,12 +106,13 @@ def test_fused_mlp_t_sublayer_on_hopper_uses_async_copies_and_does_not_spill(rep
 
 NO_SPILLS = ("add_rmsnorm_fwd hidden", "add_rmsnorm_bwd hidden", "add_rmsnorm_fwd pre-norm, weight",
              "add_rmsnorm_bwd pre-norm, weight", "swiglu_fwd", "swiglu_bwd", "inject", "inject broadcast",
-             "attention_bwd_delta", "attention_bwd_rope", *ATTENTION)  # fmt: skip
+             "attention_bwd_delta", "attention_bwd_rope", *ATTENTION, *SWIGLU_MLP)  # fmt: skip
 
 
 def test_attention_and_the_elementwise_kernels_do_not_spill_anywhere(report):
     """Attention's tiles are chosen per architecture family (trm_kernels.attention.tiles) so
-    that TRM's variant and a causal GQA one at head size 128 fit registers everywhere."""
+    that TRM's variant and a causal GQA one at head size 128 fit registers everywhere; the
+    SwiGLU MLP's configs are those that fit everywhere."""
     for t, d, n, r in _entries(report):
         if n in NO_SPILLS:
             assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, (t, d, n, r["registers"])

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import trm_kernels as K
-from trm_kernels import arch, backend, verify
+from trm_kernels import arch, backend, tune, verify
 from trm_kernels.verify import relative_error, run_op, tolerance_problem
 
 from .arch import build_model
@@ -35,7 +35,7 @@ from .losses import act_loss
 
 @dataclass
 class Check:
-    kind: str  # parity | graphs | speed
+    kind: str  # parity | graphs | speed | choice (a candidate kept by timing, trm_kernels.tune)
     name: str
     backend: str
     dtype: str
@@ -154,6 +154,10 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
         ("swiglu", f"[{batch}, 97, {wide}]", args(rand(batch, 97, wide), -1)),
         ("swiglu", f"[{batch}, {2 * inter}, {d}], sequence", args(rand(batch, 2 * inter, d), -2)),
         ("swiglu", "[3, 5, 18]", args(rand(3, 5, 18), -1)),
+        ("swiglu_mlp", f"{trm}, I {3 * d}", args(rand(batch, 97, d), rand(6 * d, d, scale=d**-0.5),
+                                                 rand(d, 3 * d, scale=(3 * d) ** -0.5))),
+        ("swiglu_mlp", "[3, 7, 33], I 17", args(rand(3, 7, 33), rand(34, 33, scale=33**-0.5),
+                                                rand(33, 17, scale=17**-0.5))),
         ("token_mlp_rmsnorm", f"{trm}, I {inter}",
          args(rand(batch, 97, d), rand(2 * inter, 97, scale=97**-0.5), rand(97, inter, scale=inter**-0.5), 1e-5)),
         ("token_mlp_rmsnorm", "[2, 13, 40], I 24",
@@ -326,6 +330,31 @@ def _step_speed(device: torch.device, progress: Callable[[str], None], batch: in
     return checks
 
 
+def choices(device: torch.device, quick: bool, progress: Callable[[str], None]) -> list[Check]:
+    """Where a fused GEMM kernel competes with cuBLAS + separate ops, which one ``auto`` keeps
+    at TRM's shapes, with and without grad, and both timings (trm_kernels.tune); every choice
+    the timing runs above made is listed too."""
+    if device.type != "cuda":
+        return []
+    batch, d = (2, 64) if quick else (256, 512)
+    for grad in (False, True):
+        progress(f"choosing swiglu_mlp [{batch}, 97, {d}]{' with grad' if grad else ''}")
+        x = torch.randn(batch, 97, d, device=device, dtype=torch.bfloat16, requires_grad=grad)
+        w_gate_up = (torch.randn(6 * d, d, device=device) * d**-0.5).to(torch.bfloat16)
+        w_down = (torch.randn(d, 3 * d, device=device) * (3 * d) ** -0.5).to(torch.bfloat16)
+        try:
+            K.swiglu_mlp(x, w_gate_up, w_down, backend="triton")
+        except Exception as e:
+            return [Check("choice", "swiglu_mlp", "triton", "bfloat16", f"[{batch}, 97, {d}]", False,
+                          f"raised {type(e).__name__}: {_first_line(e)}")]  # fmt: skip
+    return [
+        Check("choice", c["op"], "triton", c["signature"].split("[")[0], c["signature"], None,
+              ", ".join(f"{name} {ms:.3f} ms" for name, ms in c["times_ms"].items()) + f": {c['choice']}",
+              {"choice": c["choice"], "times_ms": c["times_ms"]})
+        for c in tune.report()
+    ]  # fmt: skip
+
+
 def _time(fn: Callable, reps: int = 20) -> float:
     """Median milliseconds of `fn` by CUDA events, warm-up excluded."""
     for _ in range(3):
@@ -349,7 +378,9 @@ def run(out: Path | None, quick: bool, progress: Callable[[str], None]) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
     with K.use_verify("off"):  # the doctor checks every backend itself, explicitly
-        checks = parity(device, quick, progress) + graphs(device, progress) + speed(device, quick, progress)
+        with tune.use_mode("off"):  # ... and the fused kernels themselves, not the faster candidate
+            checks = parity(device, quick, progress)
+        checks += graphs(device, progress) + speed(device, quick, progress) + choices(device, quick, progress)
     skipped = []
     if device.type != "cuda":
         skipped.append("speed: not measured on a CPU")

@@ -1,0 +1,303 @@
+"""The channel MLP ``down(silu(gate) * up)`` with SwiGLU inside the GEMMs (Triton).
+
+Composed, the MLP is a gate|up GEMM writing [M, 2I], a SwiGLU kernel reading it and writing
+the activation [M, I], and the down GEMM; autograd keeps x, gate|up and the activation
+for backward, and the backward runs the down projection's dgrad GEMM, a SwiGLU backward
+kernel re-reading gate|up and d(act), then the gate|up GEMMs. Here:
+
+- forward: one kernel computes the gate and up tiles of x @ W_gate_up^T together (one read
+  of each x tile for both products) and writes only the activation silu(g) * u, [M, I];
+  with grad it also writes gate|up, the one tensor backward needs besides x (the
+  activation is not kept: backward recomputes it). The down projection is a cuBLAS GEMM.
+- backward: one kernel computes d(act) = dy @ W_down tile by tile and, in its epilogue,
+  d(gate|up) from the saved gate|up (written straight into the packed [M, 2I] gradient)
+  and the activation again (for W_down's gradient). dx and the weight gradients are cuBLAS
+  GEMMs (dx = d(gate|up) @ W_gate_up, dW_gate_up = d(gate|up)^T x, dW_down = dy^T act):
+  plain GEMMs with nothing to fuse, where cuBLAS is the fastest there is.
+
+Saved for backward: x [M, D] and gate|up [M, 2I] (the composition also keeps the
+activation [M, I]: 1536 of 5120 values per token at TRM's D = 512, I = 1536).
+
+Roundings are those of the composition: the GEMM results are rounded to the storage dtype
+before SwiGLU (as the gate|up tensor and d(act) are stored there), SwiGLU is computed in
+fp32 and rounded once; only the GEMMs' accumulation order differs.
+
+Whether this beats cuBLAS + the SwiGLU kernel depends on how close our Triton GEMM gets to
+cuBLAS on the GPU at hand: ``trm_kernels.swiglu_mlp`` times both on the first call of each
+signature and keeps the faster (:mod:`trm_kernels.tune`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import arch as _arch
+from . import swiglu as _swiglu
+from . import tune
+from ._triton import check_input, interpreting
+from .token_mlp import device_budget
+
+
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile, programs grouped GROUP_M row-tiles at
+    a time so that neighbours share weight tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _linear_swiglu_fwd(
+    X, W, ACT, GU, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_GU: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """act = swiglu(x @ W^T) for x [M, K], W [2I, K] (gate rows first); gate|up to GU [M, 2I]."""
+    dtype = X.dtype.element_ty
+    rm, rn = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rk = tl.arange(0, BLOCK_K)
+    rows = rm.to(tl.int64)
+    m_ok, n_ok = rm < M, rn < N
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(X + rows[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_offs = rn[None, :].to(tl.int64) * K + k[:, None]  # [BLOCK_K, BLOCK_N]: W^T
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        acc_g = tl.dot(a, tl.load(W + w_offs, mask=w_mask, other=0.0), acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, tl.load(W + N * K + w_offs, mask=w_mask, other=0.0), acc_u, input_precision=PREC)
+    g, u = acc_g.to(dtype), acc_u.to(dtype)  # stored values, as the gate|up tensor holds them
+    gf = g.to(tl.float32)
+    act = gf * tl.sigmoid(gf) * u.to(tl.float32)
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(ACT + rows[:, None] * N + rn[None, :], act.to(dtype), mask=mask)
+    if STORE_GU:
+        gu_offs = rows[:, None] * (2 * N) + rn[None, :]
+        tl.store(GU + gu_offs, g, mask=mask)
+        tl.store(GU + gu_offs + N, u, mask=mask)
+
+
+@triton.jit
+def _swiglu_mlp_bwd(
+    DY, WD, GU, DGU, ACT, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """d(act) = dy @ W_down (dy [M, K], W_down [K, N]) and, in the epilogue, d(gate|up) into
+    DGU [M, 2I] and the activation recomputed into ACT [M, N], from gate|up GU [M, 2I]."""
+    dtype = DY.dtype.element_ty
+    rm, rn = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rk = tl.arange(0, BLOCK_K)
+    rows = rm.to(tl.int64)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(DY + rows[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(WD + k[:, None].to(tl.int64) * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+    mask = m_ok[:, None] & n_ok[None, :]
+    d = acc.to(dtype).to(tl.float32)  # d(act) as the composition stores it
+    gu_offs = rows[:, None] * (2 * N) + rn[None, :]
+    g = tl.load(GU + gu_offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + gu_offs + N, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    silu = g * s
+    tl.store(DGU + gu_offs, (d * u * (s + silu * (1 - s))).to(dtype), mask=mask)
+    tl.store(DGU + gu_offs + N, (d * silu).to(dtype), mask=mask)
+    tl.store(ACT + rows[:, None] * N + rn[None, :], (silu * u).to(dtype), mask=mask)
+
+
+GROUP_M = 8
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries on a GPU, for both
+# kernels. Each compiles for every architecture in trm_kernels.arch with no spills
+# (trm_benchmarks.ptx; tests/test_ptx.py checks it). Wider tiles were tried and left out:
+# 128x128x32 (8 warps) and 64x128x64 (4 warps) spill 64-120 B forward on mma.sync
+# architectures and 1.1-2.6 KB backward everywhere but Blackwell (the epilogue holds
+# d(act), gate, up and the activation for the whole tile). The interpreter runs
+# INTERPRETER_CONFIG (small tiles: odd sizes cross tile edges in the tests); FIXED_CONFIG,
+# where set, runs everywhere (tests run each config).
+CONFIGS = [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]
+INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
+# Shared memory each config's forward kernel takes (two weight tiles per step: more than the
+# backward's) per architecture, bf16 and fp16, as `python -m trm_benchmarks.ptx` reports with
+# triton 3.9; the autotuner drops a config the device cannot launch. tests/test_ptx.py fails
+# if a compiled kernel needs more than is written here.
+SHARED_BYTES = {
+    (128, 64, 64, 8, 3): {80: 65536, 86: 65536, 89: 65536, 90: 98304, 100: 98336, 120: 65536},
+    (64, 64, 64, 4, 3): {80: 49152, 86: 49152, 89: 49152, 90: 73728, 100: 73760, 120: 49152},
+}
+FIXED_CONFIG: tuple[int, int, int, int, int] | None = None
+
+
+def config_name(which: str, block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> str:
+    return f"swiglu_mlp {which} {block_m}x{block_n}x{block_k} {warps} warps {stages} stages"
+
+
+def shared_needed(config: tuple[int, ...], capability: int) -> int:
+    row = SHARED_BYTES[config]
+    stands_for = _arch.nearest(capability)
+    return row[stands_for.capability] if stands_for is not None else max(row.values())
+
+
+def launchable(device: torch.device) -> list[tuple[int, int, int, int, int]]:
+    """The configs this device can launch (all where no limit applies)."""
+    budget = device_budget(device)
+    if budget is None:
+        return CONFIGS
+    capability, limit = budget
+    return [c for c in CONFIGS if shared_needed(c, capability) <= limit]
+
+
+def _prune(configs, named_args, **_):
+    """The configs this launch's device can launch (see launchable)."""
+    tiles = launchable(named_args["X" if "X" in named_args else "DY"].device)
+    return [c for c in configs if (*(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), c.num_warps,
+                                   c.num_stages) in tiles]  # fmt: skip
+
+
+def _autotuned(kernel, do_bench=None):
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in CONFIGS
+    ]
+    return triton.autotune(configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune},
+                           do_bench=do_bench)(kernel)  # fmt: skip
+
+
+_FWD = _linear_swiglu_fwd if interpreting() else _autotuned(_linear_swiglu_fwd)
+_BWD = _swiglu_mlp_bwd if interpreting() else _autotuned(_swiglu_mlp_bwd)
+
+
+def _precision(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 else "tf32"  # fp32 gets IEEE products, as torch.mm
+
+
+def _launch(plain, tuned, args: tuple, M: int, N: int, t: torch.Tensor, **meta) -> None:  # noqa: N803
+    config = FIXED_CONFIG or (INTERPRETER_CONFIG if tuned is plain else None)
+    if config is not None:
+        bm, bn, bk, warps, stages = config
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, PREC=_precision(t),
+                    num_warps=warps, num_stages=stages, **meta)  # fmt: skip
+        return
+    tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](
+        *args, GROUP_M=GROUP_M, PREC=_precision(t), **meta
+    )
+
+
+def _forward(x: torch.Tensor, w_gate_up: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act [M, I], gate|up [M, 2I] if keep else an empty tensor) of x [M, K]."""
+    (M, K), N = x.shape, w_gate_up.shape[0] // 2  # noqa: N806
+    if not launchable(x.device):
+        raise ValueError(f"swiglu_mlp: no config of the fused kernel fits the shared memory of {x.device}")
+    act = x.new_empty(M, N)
+    gate_up = x.new_empty(M, 2 * N) if keep else x.new_empty(0)
+    _launch(_linear_swiglu_fwd, _FWD, (x, w_gate_up, act, gate_up, M, N, K), M, N, x, STORE_GU=keep)
+    return act, gate_up
+
+
+@torch.library.custom_op("trm::swiglu_mlp", mutates_args=())
+def swiglu_mlp_fwd(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    act, _ = _forward(x.contiguous(), w_gate_up.contiguous(), keep=False)
+    return torch.mm(act, w_down.t())
+
+
+@swiglu_mlp_fwd.register_fake
+def _(x, w_gate_up, w_down):
+    return x.new_empty(x.shape[0], w_down.shape[0])
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("trm::swiglu_mlp_train", mutates_args=())
+def swiglu_mlp_train(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> Pair:
+    act, gate_up = _forward(x.contiguous(), w_gate_up.contiguous(), keep=True)
+    return torch.mm(act, w_down.t()), gate_up
+
+
+@swiglu_mlp_train.register_fake
+def _(x, w_gate_up, w_down):
+    return x.new_empty(x.shape[0], w_down.shape[0]), x.new_empty(x.shape[0], w_gate_up.shape[0])
+
+
+@torch.library.custom_op("trm::swiglu_mlp_backward", mutates_args=())
+def swiglu_mlp_bwd(dy: torch.Tensor, gate_up: torch.Tensor, w_down: torch.Tensor) -> Pair:
+    dy, w_down = dy.contiguous(), w_down.contiguous()
+    (M, K), N = dy.shape, w_down.shape[1]  # noqa: N806
+    dgu, act = torch.empty_like(gate_up), dy.new_empty(M, N)
+    _launch(_swiglu_mlp_bwd, _BWD, (dy, w_down, gate_up, dgu, act, M, N, K), M, N, dy)
+    return dgu, act
+
+
+@swiglu_mlp_bwd.register_fake
+def _(dy, gate_up, w_down):
+    return torch.empty_like(gate_up), dy.new_empty(dy.shape[0], w_down.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    x, w_gate_up, w_down = inputs
+    ctx.save_for_backward(x, w_gate_up, w_down, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dgate_up):
+    x, w_gate_up, w_down, gate_up = ctx.saved_tensors
+    dgu, act = swiglu_mlp_bwd(dy, gate_up, w_down)
+    dx = torch.mm(dgu, w_gate_up) if ctx.needs_input_grad[0] else None
+    dw_gate_up = torch.mm(dgu.t(), x) if ctx.needs_input_grad[1] else None
+    dw_down = torch.mm(dy.t(), act) if ctx.needs_input_grad[2] else None
+    return dx, dw_gate_up, dw_down
+
+
+swiglu_mlp_train.register_autograd(_backward, setup_context=_setup)
+
+
+def fused(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The fused kernels on x [..., D] (one kernel forward, one backward, besides cuBLAS GEMMs)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+        out = swiglu_mlp_train(flat, w_gate_up, w_down)[0]
+    else:
+        out = swiglu_mlp_fwd(flat, w_gate_up, w_down)
+    return out.view(*x.shape[:-1], w_down.shape[0])
+
+
+def composed(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """cuBLAS GEMMs around the separate Triton SwiGLU kernel (what ran before the fusion)."""
+    return F.linear(_swiglu.swiglu(F.linear(x, w_gate_up)), w_down)
+
+
+CANDIDATES = {"fused": fused, "cuBLAS + swiglu": composed}
+
+
+_HAS_TILES: dict[torch.device, bool] = {}  # a plain dict, which torch.compile traces (not functools.cache)
+
+
+def _has_tiles(device: torch.device) -> bool:
+    if device not in _HAS_TILES:
+        _HAS_TILES[device] = bool(launchable(device))
+    return _HAS_TILES[device]
+
+
+def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The faster of the fused kernels and the composition on this signature, as measured on
+    its first call (trm_kernels.tune); the composition where the device fits no config."""
+    for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        check_input(name, t)
+    if not _has_tiles(x.device):
+        return composed(x, w_gate_up, w_down)
+    return CANDIDATES[tune.choose("swiglu_mlp", CANDIDATES, (x, w_gate_up, w_down))](x, w_gate_up, w_down)

@@ -1,0 +1,238 @@
+"""The channel MLP with SwiGLU inside the GEMMs (trm_kernels.swiglu_mlp): the Triton kernels
+(under the interpreter on CPU) against the reference and float64, what backward keeps, the
+custom ops' registration, and the measured choice between the fused kernels and cuBLAS."""
+
+import pytest
+import torch
+import trm_kernels as K
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import DEVICE, DTYPES, OpLog, compare, on_device  # noqa: F401  (on_device: a fixture)
+from trm_kernels import reference as R
+from trm_kernels import tune, verify
+
+pytestmark = [
+    pytest.mark.skipif("triton" not in K.available("swiglu_mlp"), reason="triton is not installed"),
+    pytest.mark.usefixtures("on_device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    """Each test starts with no timed choice and no stand-in timer."""
+    tune.reset()
+    monkeypatch.setattr(tune, "_timer", None)
+    yield
+    tune.reset()
+
+
+def _inputs(rows: tuple[int, ...], hidden: int, inter: int, dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*rows, hidden, generator=gen)
+    w_gate_up = torch.randn(2 * inter, hidden, generator=gen) * hidden**-0.5
+    w_down = torch.randn(hidden, inter, generator=gen) * inter**-0.5
+    return [t.to(DEVICE, dtype) for t in (x, w_gate_up, w_down)]
+
+
+def _fused(*args):
+    return K.swiglu_mlp(*args, backend="triton")
+
+
+def _check(rows, hidden, inter, dtype, seed=0):
+    compare(_fused, R.swiglu_mlp, _inputs(rows, hidden, inter, dtype, seed), f"swiglu_mlp{rows} D={hidden} I={inter}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows, hidden, inter",
+    [((1,), 16, 16), ((5,), 40, 24), ((2, 97), 48, 40), ((70,), 96, 80), ((3, 7), 33, 17)],
+)
+def test_forward_and_backward_against_the_reference_and_float64(dtype, rows, hidden, inter):
+    _check(rows, hidden, inter, dtype)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 80),
+    hidden=st.integers(1, 70),
+    inter=st.integers(1, 70),
+    half=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_on_random_shapes(rows, hidden, inter, half, seed):
+    _check((rows,), hidden, inter, DTYPES[1] if half else DTYPES[0], seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_without_grad_it_equals_the_training_forward(dtype):
+    """The no-grad kernel (no gate|up written) and the training one compute the same output."""
+    inputs = _inputs((9,), 40, 24, dtype)
+    with torch.no_grad():
+        plain = _fused(*inputs)
+    trained = _fused(inputs[0].requires_grad_(), *inputs[1:])
+    assert torch.equal(plain, trained.detach())
+
+
+def _configs():
+    from trm_kernels import channel_mlp
+
+    return channel_mlp.CONFIGS
+
+
+@pytest.mark.parametrize("config", _configs())
+def test_every_autotuner_config(monkeypatch, config):
+    from trm_kernels import channel_mlp
+
+    monkeypatch.setattr(channel_mlp, "FIXED_CONFIG", config)
+    for dtype in DTYPES[1:]:  # fp16, and bf16 on a GPU
+        _check((config[0] + 3,), config[2] + 5, config[1] + 7, dtype)
+
+
+def _saved_bytes(fn, inputs) -> int:
+    """Bytes of the tensors autograd keeps for backward (each storage once, leaves excluded)."""
+    leaves = {t.untyped_storage().data_ptr() for t in inputs}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in leaves:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(kept.values())
+
+
+def test_backward_keeps_gate_up_but_not_the_activation():
+    """The composition with the SwiGLU kernel keeps gate|up [M, 2I] and the activation [M, I]
+    (eager PyTorch's also silu(gate)); the fused op only gate|up."""
+    from trm_kernels import channel_mlp
+
+    rows, hidden, inter = 12, 32, 24
+    x, w_gate_up, w_down = (t.requires_grad_() for t in _inputs((rows,), hidden, inter, torch.float32))
+    fused = _saved_bytes(_fused, (x, w_gate_up, w_down))
+    composed = _saved_bytes(channel_mlp.composed, (x, w_gate_up, w_down))
+    eager = _saved_bytes(R.swiglu_mlp, (x, w_gate_up, w_down))
+    assert fused == rows * 2 * inter * 4
+    assert composed - fused == rows * inter * 4 and eager - fused == 2 * rows * inter * 4
+
+
+def test_kernels_launched_forward_and_backward():
+    """Forward: the fused op (its GEMM kernel and cuBLAS's down GEMM inside); backward: the
+    fused dgrad op and three GEMMs, no separate SwiGLU."""
+    x, w_gate_up, w_down = (t.requires_grad_() for t in _inputs((6,), 16, 16, torch.float32))
+    with OpLog() as log:
+        _fused(x, w_gate_up, w_down).sum().backward()
+    ops = torch.ops.trm
+    assert log.count(ops.swiglu_mlp_train) == 1 and log.count(ops.swiglu_mlp_backward) == 1
+    assert log.count(ops.swiglu, ops.swiglu_backward) == 0
+    assert log.count(torch.ops.aten.mm) == 3
+
+
+def test_opcheck():
+    x, w_gate_up, w_down = _inputs((6,), 16, 8, torch.float32)
+    torch.library.opcheck(torch.ops.trm.swiglu_mlp, (x, w_gate_up, w_down))
+    torch.library.opcheck(torch.ops.trm.swiglu_mlp_train, (x.requires_grad_(), w_gate_up.requires_grad_(), w_down))
+    torch.library.opcheck(torch.ops.trm.swiglu_mlp_backward, (torch.randn(6, 16), torch.randn(6, 16), w_down))
+
+
+def test_compiles_without_graph_breaks():
+    fn = torch.compile(_fused, fullgraph=True, backend="aot_eager")
+    inputs = _inputs((2, 5), 16, 8, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(*inputs), R.swiglu_mlp(*inputs))
+    x = inputs[0].clone().requires_grad_()
+    fn(x, *inputs[1:]).sum().backward()
+    x_ref = inputs[0].clone().requires_grad_()
+    R.swiglu_mlp(x_ref, *inputs[1:]).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_arguments_are_named():
+    x, w_gate_up, w_down = _inputs((4,), 16, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"w_gate_up must be \[2\*inter, hidden=16\]"):
+        K.swiglu_mlp(x, w_gate_up[:, :8], w_down)
+    with pytest.raises(ValueError, match=r"w_down must be \[hidden, inter\] = \(16, 8\)"):
+        K.swiglu_mlp(x, w_gate_up, w_down.t())
+    with pytest.raises(TypeError, match="w_down has dtype torch.float16 but x has dtype torch.float32"):
+        K.swiglu_mlp(x, w_gate_up, w_down.half())
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        K.swiglu_mlp([1.0], w_gate_up, w_down)
+
+
+class _Timer:
+    """Stand-in for do_bench: runs the candidate once and reports the time given for it."""
+
+    def __init__(self, times: dict[str, float]):
+        self.times, self.calls = list(times.values()), []
+
+    def __call__(self, fn):
+        fn()
+        self.calls.append(len(self.calls))
+        return self.times[(len(self.calls) - 1) % len(self.times)]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("faster", ["fused", "cuBLAS + swiglu"])
+def test_the_faster_candidate_is_timed_once_and_kept(monkeypatch, grad, faster):
+    """The first call of a signature times both candidates (forward and backward with grad),
+    runs the faster and keeps it; the next call times nothing; another shape is timed again."""
+    times = {"fused": 1.0, "cuBLAS + swiglu": 2.0} if faster == "fused" else {"fused": 2.0, "cuBLAS + swiglu": 1.0}
+    timer = _Timer(times)
+    tune.set_timer(timer)
+    _, w_gate_up, w_down = _inputs((6,), 16, 8, torch.float32)
+    for rows in (6, 6, 7):
+        xs = _inputs((rows,), 16, 8, torch.float32)[0].requires_grad_(grad)
+        torch.testing.assert_close(_fused(xs, w_gate_up, w_down), R.swiglu_mlp(xs, w_gate_up, w_down))
+    assert len(timer.calls) == 4  # two signatures, two candidates each
+    (first, *_), choices = tune.report(), {d["choice"] for d in tune.report()}
+    assert choices == {faster} and first["times_ms"] == times and first["op"] == "swiglu_mlp"
+    assert ("grad" in first["signature"]) == grad
+    with OpLog() as log:
+        _fused(_inputs((6,), 16, 8, torch.float32)[0].requires_grad_(grad), w_gate_up, w_down)
+    ran = log.count(torch.ops.trm.swiglu_mlp, torch.ops.trm.swiglu_mlp_train)
+    assert (ran > 0) == (faster == "fused") and len(timer.calls) == 4
+
+
+def test_tuning_off_runs_the_fused_kernels_untimed(monkeypatch):
+    timer = _Timer({"fused": 2.0, "cuBLAS + swiglu": 1.0})
+    tune.set_timer(timer)
+    monkeypatch.setenv("TRM_TUNE", "off")
+    inputs = _inputs((6,), 16, 8, torch.float32)
+    with OpLog() as log:
+        _fused(*inputs)
+    assert log.count(torch.ops.trm.swiglu_mlp) == 1 and not timer.calls and not tune.report()
+    monkeypatch.setenv("TRM_TUNE", "sometimes")
+    with pytest.raises(ValueError, match="TRM_TUNE='sometimes'"):
+        _fused(*inputs)
+
+
+def test_the_parity_guard_checks_the_candidate_the_call_ran(monkeypatch):
+    """The guard's slice of the inputs (a new signature) runs what the full call chose,
+    untimed: with cuBLAS chosen, no fused kernel runs inside the check either."""
+    tune.set_timer(_Timer({"fused": 2.0, "cuBLAS + swiglu": 1.0}))
+    inputs = _inputs((6,), 16, 8, torch.float32)
+    verify.reset()
+    with OpLog() as log:
+        with verify.use_verify("always"):
+            out = verify.guarded("swiglu_mlp", "triton", _fused, R.swiglu_mlp, tuple(inputs))
+    torch.testing.assert_close(out, R.swiglu_mlp(*inputs))
+    assert [d["choice"] for d in tune.report()] == ["cuBLAS + swiglu"]  # the slice was not timed
+    assert log.count(torch.ops.trm.swiglu_mlp) == 1  # only while timing the full call
+    assert all(r.ok for r in verify.verified.values())
+
+
+def test_a_device_with_no_fitting_config_runs_the_composition(monkeypatch):
+    from trm_kernels import channel_mlp
+
+    monkeypatch.setattr(channel_mlp, "device_budget", lambda device: (89, 10 * 1024))
+    channel_mlp._HAS_TILES.clear()
+    try:
+        inputs = _inputs((6,), 16, 8, torch.float32)
+        with OpLog() as log:
+            out = _fused(*inputs)
+        assert log.count(torch.ops.trm.swiglu_mlp) == 0 and log.count(torch.ops.trm.swiglu) == 1
+        torch.testing.assert_close(out, R.swiglu_mlp(*inputs))
+    finally:
+        channel_mlp._HAS_TILES.clear()
