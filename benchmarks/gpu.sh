@@ -2,23 +2,27 @@
 # Everything only a GPU can show, in one script, run from the repository root on a GPU
 # machine (it needs no network). Writes its logs and results under OUT_DIR.
 #
-#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: doctor | tests | ops | model[=CONFIG,...] | adaptive | lm
+#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: doctor | tests | ops | mlp | model[=CONFIG,...] | adaptive | lm
 #
 #   bash benchmarks/gpu.sh $OUT doctor tests ops                      # trm doctor, CUDA tests, op table
 #   bash benchmarks/gpu.sh $OUT model=sudoku-mlp,sudoku-att           # model table, profiled
 #   bash benchmarks/gpu.sh $OUT model=maze,hrm-sudoku
 #   bash benchmarks/gpu.sh $OUT adaptive                              # train sudoku4, adaptive vs fixed evaluation
 #   bash benchmarks/gpu.sh $OUT lm                                    # the recurrent-depth LM, plain vs trm_kernels.nn
+#   bash benchmarks/gpu.sh $OUT mlp                                   # SwiGLU in the GEMMs against cuBLAS + swiglu
 #
 # doctor: `trm doctor` (environment, parity of every op and dtype, graphs, op speeds) in
 # OUT_DIR/doctor/. tests: build the extension, then every test on CUDA (bf16 kernels, the extension,
-# graph capture, graph vs eager). ops: results in OUT_DIR/ops/. model: results in
-# OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
+# graph capture, graph vs eager). ops: results in OUT_DIR/ops/. mlp: the SwiGLU MLP's op rows
+# (OUT_DIR/mlp/: eager, torch.compile, cuBLAS + swiglu, our GEMM epilogues, auto's timed
+# choice), then the sudoku-mlp model table with the GEMM epilogues forced (TRM_TUNE=off,
+# OUT_DIR/mlp-model-off/) and without them (TRM_TUNE=composed, OUT_DIR/mlp-model-composed/).
+# model: results in OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
 # results as they go, so a part stopped by a time limit (PART_TIMEOUT seconds, default
 # 540) keeps what it measured. Merge the parts of one GPU run with
 # `python -m trm_benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
 set -uo pipefail
-out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR doctor|tests|ops|model[=CONFIGS]|adaptive|lm...}"
+out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR doctor|tests|ops|mlp|model[=CONFIGS]|adaptive|lm...}"
 shift
 limit="${PART_TIMEOUT:-540}"
 mkdir -p "$out"
@@ -59,9 +63,15 @@ for part in "$@"; do
       timeout "$limit" bash -c "trm train --preset sudoku4 --set data.num_test=2048 --out '$out/sudoku4-run' \
           > '$out/sudoku4-train.log' 2>&1 && python3 -m trm_benchmarks.run --out '$out/adaptive' --only adaptive \
           --adaptive-run '$out/sudoku4-run'" 2>&1 | tee "$out/bench-adaptive.log" | tail -8 ;;
+    mlp)
+      timeout "$limit" python3 -m trm_benchmarks.run --out "$out/mlp" --only mlp 2>&1 | tee "$out/bench-mlp.log" | tail -8
+      for mode in off composed; do
+        TRM_TUNE=$mode timeout "$limit" python3 -m trm_benchmarks.run --out "$out/mlp-model-$mode" --only model \
+          --configs sudoku-mlp --no-compile 2>&1 | tee "$out/bench-mlp-model-$mode.log" | tail -4
+      done ;;
     lm)
       # another recursive model: the recurrent-depth LM's training step, plain PyTorch against trm_kernels.nn
       timeout "$limit" python3 -m trm_benchmarks.run --out "$out/lm" --only lm 2>&1 | tee "$out/bench-lm.log" | tail -5 ;;
-    *) echo "unknown part: $part (doctor, tests, ops, model[=CONFIGS], adaptive, lm)"; exit 2 ;;
+    *) echo "unknown part: $part (doctor, tests, ops, mlp, model[=CONFIGS], adaptive, lm)"; exit 2 ;;
   esac
 done

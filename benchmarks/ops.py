@@ -75,6 +75,30 @@ def _swiglu_cases(rows_list, inter, dtype, device, compile_ok) -> Iterator[Row]:
             yield from _timed_fwd_bwd("swiglu", case, name, fn, [gu], device, 3 * half, 5 * half)
 
 
+def _channel_mlp_cases(rows_list, hidden, inter, dtype, device, compile_ok) -> Iterator[Row]:
+    """The SwiGLU MLP, forward and backward: eager, torch.compile, cuBLAS GEMMs around the
+    Triton SwiGLU kernel, our GEMMs with SwiGLU in their epilogues, and what ``auto`` keeps
+    after timing both (trm_kernels.tune). TFLOP/s counts the three GEMMs (six backward)."""
+    from trm_kernels import channel_mlp
+
+    for batch, seq in rows_list:
+        x = torch.randn(batch * seq, hidden, device=device, dtype=dtype)
+        w_gu = torch.randn(2 * inter, hidden, device=device, dtype=dtype) * hidden**-0.5
+        w_down = torch.randn(hidden, inter, device=device, dtype=dtype) * inter**-0.5
+        flops = 2 * batch * seq * hidden * 3 * inter
+        case = f"swiglu_mlp {batch * seq}x{hidden}, I={inter}"
+        providers = _providers("swiglu_mlp", R.swiglu_mlp, compile_ok, device)
+        if "triton" in K.available("swiglu_mlp") and fused_runs_on(device):
+            providers[-1] = ("triton (auto: the faster, timed)", providers[-1][1])
+            providers += [("cuBLAS + triton swiglu", channel_mlp.composed),
+                          ("triton GEMM epilogues", channel_mlp.fused)]  # fmt: skip
+        for name, fn in providers:
+            fwd, bwd = _fwd_bwd(fn, [x, w_gu, w_down])
+            for direction, run, work in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
+                ms = bench(run, device)
+                yield Row(f"swiglu_mlp {direction}", case, name, ms, tflops=work / ms / 1e9)
+
+
 def _inject_cases(rows_list, hidden, dtype, device, compile_ok) -> Iterator[Row]:
     for batch, seq in rows_list:
         h, a, b = (torch.randn(batch, seq, hidden, device=device, dtype=dtype) for _ in range(3))
@@ -187,23 +211,40 @@ def _token_mlp_cases(batch, seq, hidden, inter, dtype, device, compile_ok) -> It
         yield Row("mlp_t sub-layer forward, no grad", case, name, ms, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9)
 
 
+def _shapes(quick: bool):
+    if quick:
+        return [(2, 17)], 64, 96, [(2, 17, 2, 32)]
+    return [(768, 97), (768, 916)], 512, 1536, [(768, 97, 8, 64), (768, 916, 8, 64)]
+
+
+def _printed(cases: Iterator[Row]) -> list[Row]:
+    out = []
+    for row in cases:
+        print(f"{row.group:32s} {row.case:40s} {row.provider:28s} {row.ms:9.4f} ms", flush=True)
+        out.append(row)
+    return out
+
+
+def channel_mlp(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
+    """The SwiGLU MLP's rows alone (``trm_benchmarks.run --only mlp``)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows_list, hidden, inter, _ = _shapes(quick)
+    return _printed(_channel_mlp_cases(rows_list[:1], hidden, inter, dtype, device, compile_ok))
+
+
 def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if quick:
-        rows_list, hidden, inter, attn = [(2, 17)], 64, 96, [(2, 17, 2, 32)]
-    else:
-        rows_list, hidden, inter, attn = [(768, 97), (768, 916)], 512, 1536, [(768, 97, 8, 64), (768, 916, 8, 64)]
+    rows_list, hidden, inter, attn = _shapes(quick)
     out: list[Row] = []
     for cases in (
         _norm_cases(rows_list, hidden, dtype, device, compile_ok),
         _swiglu_cases(rows_list, inter, dtype, device, compile_ok),
+        _channel_mlp_cases(rows_list[:1], hidden, inter, dtype, device, compile_ok),
         _inject_cases(rows_list, hidden, dtype, device, compile_ok),
         _ce_cases([(768, 81)] if not quick else [(2, 16)], 11, dtype, device, compile_ok),
         _attention_cases(attn, dtype, device, compile_ok),
         _token_mix_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device),
         _token_mlp_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),
     ):
-        for row in cases:
-            print(f"{row.group:32s} {row.case:40s} {row.provider:28s} {row.ms:9.4f} ms", flush=True)
-            out.append(row)
+        out += _printed(cases)
     return out

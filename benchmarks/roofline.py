@@ -81,7 +81,27 @@ LAUNCHES = {
     "trm.rope_attention": 1,
     "trm.rope_attention_backward": 3,  # delta = rowsum(dO * O), dK/dV, dQ
     "trm.token_mlp_rmsnorm": 5,  # two zero-padded weight copies (fill + copy each), the fused kernel
+    "trm.swiglu_mlp": 2,  # the gate|up GEMM with SwiGLU in its epilogue, cuBLAS's down GEMM (PARTS)
+    "trm.swiglu_mlp_train": 2,
+    "trm.swiglu_mlp_backward": 1,  # d(act) GEMM with d(gate|up) and the activation in its epilogue
 }
+# Ops made of more than one kernel whose intermediate crosses memory: counted per kernel
+# (parts(args, out) -> [(name, bytes, flops)]), not as one op reading its inputs once.
+
+
+def _swiglu_mlp_parts(args, out) -> list[tuple[str, int, int]]:
+    """trm::swiglu_mlp(_train): the gate|up GEMM with SwiGLU in its epilogue (writing the
+    activation, and gate|up for backward when training), then cuBLAS's down GEMM."""
+    x, w_gate_up, w_down = args[:3]
+    rows, hidden, inter = x.shape[0], x.shape[1], w_down.shape[1]
+    act = rows * inter * x.element_size()
+    kept = nbytes(out[1]) if isinstance(out, tuple | list) else 0
+    y = out[0] if isinstance(out, tuple | list) else out
+    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((x, w_gate_up)) + act + kept, 4 * rows * hidden * inter)
+    return [up, ("trm.swiglu_mlp: down GEMM (cuBLAS)", act + nbytes((w_down, y)), 2 * rows * inter * hidden)]
+
+
+PARTS = {"trm.swiglu_mlp": _swiglu_mlp_parts, "trm.swiglu_mlp_train": _swiglu_mlp_parts}
 # Ops that launch no kernel: allocations, views not tagged as views, and the 0-dim tensor a
 # Python number becomes in torch.where(mask, 0, t) (a CPU wrapped number on CUDA).
 NO_LAUNCH = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
@@ -146,6 +166,9 @@ def trm_flops(name: str, args: tuple) -> int:
         h, w_gate_up = args[0], args[1]
         batch, seq, hidden = h.shape
         return 2 * batch * hidden * seq * w_gate_up.shape[0] + 2 * batch * hidden * seq * w_gate_up.shape[0] // 2
+    if name == "trm.swiglu_mlp_backward":  # d(act) = dy [M, D] @ W_down [D, I]
+        dy, _, w_down = args
+        return 2 * dy.shape[0] * dy.shape[1] * w_down.shape[1]
     return 0
 
 
@@ -175,6 +198,10 @@ class Counter(TorchDispatchMode):
         # what stays on the host (a Python number wrapped as a CPU scalar tensor) launches nothing
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
         if func.is_view or name in NO_LAUNCH or not outputs:
+            return out
+        if name in PARTS:
+            for part, moved, flops in PARTS[name](args, out):
+                self.ops.append(Op(part, moved, flops, 1, self.graphed))
             return out
         if name.startswith("trm."):
             flops, launches = trm_flops(name, args), LAUNCHES[name]
@@ -441,6 +468,45 @@ def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
     }
 
 
+def break_even(gpu: GPU, rows: int, hidden: int, inter: int, elt: int = 2) -> list[dict]:
+    """Per fused GEMM kernel of the channel MLP (rows tokens, hidden D, intermediate I): the
+    fraction of cuBLAS's rate (taken as the GPU's dense bf16 rate) our Triton GEMM must reach
+    for the fused kernel to beat cuBLAS + the separate SwiGLU kernel it replaces. Predicted:
+    each kernel's time is the larger of bytes / bandwidth and FLOPs / rate; the fused kernel
+    wins when its GEMM at fraction f of the rate beats both composed kernels together,
+    f > (FLOPs / rate) / composed time; never when its own bytes alone take longer."""
+    x, gu, act = rows * hidden * elt, rows * 2 * inter * elt, rows * inter * elt
+    w_gate_up, w_down = 2 * inter * hidden * elt, inter * hidden * elt
+
+    def seconds(moved: int, flops: int = 0) -> float:
+        return max(moved / gpu.bandwidth, flops / gpu.bf16)
+
+    up_flops, down_flops = 2 * rows * hidden * 2 * inter, 2 * rows * hidden * inter
+    kernels = (  # (kernel, composed: cuBLAS GEMM + SwiGLU kernel, fused kernel's bytes, its GEMM FLOPs)
+        ("gate|up GEMM + SwiGLU, no grad", seconds(x + w_gate_up + gu, up_flops) + seconds(gu + act),
+         x + w_gate_up + act, up_flops),
+        ("gate|up GEMM + SwiGLU, training (gate|up kept)", seconds(x + w_gate_up + gu, up_flops) + seconds(gu + act),
+         x + w_gate_up + act + gu, up_flops),
+        ("d(act) GEMM + SwiGLU backward", seconds(x + w_down + act, down_flops) + seconds(act + gu + gu),
+         x + w_down + gu + gu + act, down_flops),
+    )  # fmt: skip
+    out = []
+    for name, composed, fused_bytes, flops in kernels:
+        memory = fused_bytes / gpu.bandwidth
+        fraction = None if memory >= composed else flops / gpu.bf16 / composed
+        out.append({"kernel": name, "composed_us": composed * 1e6, "fused_memory_us": memory * 1e6,
+                    "cublas_gemm_us": flops / gpu.bf16 * 1e6, "break_even": fraction})  # fmt: skip
+    return out
+
+
+def mlp_shapes(config: str, batch: int) -> tuple[int, int, int]:
+    """(tokens, hidden, intermediate) of a TRM config's channel MLP at a batch size."""
+    from trm.layers import intermediate_size
+
+    m = preset(config).model
+    return batch * (m.seq_len + m.puzzle_emb_len), m.hidden_size, intermediate_size(m.hidden_size, m.expansion)
+
+
 DOCTOR_STEP = "train, no optimizer"  # what trm doctor times: forward with ACT, loss, backward
 
 
@@ -512,6 +578,7 @@ def run(
         },
         "steps": [],
         "saved_for_backward": [],
+        "break_even": [],
     }
     for config in configs:
         lm = config == LM
@@ -539,6 +606,11 @@ def run(
             log(f"{config} train B={batch}: saved for backward, eager {saved['eager']:,} B, fused {saved['fused']:,} B")
         report["saved_for_backward"].append({"config": config, "batch": batch, "eager_bytes": saved["eager"],
                                              "fused_bytes": saved["fused"]})  # fmt: skip
+        if not lm:
+            shapes = mlp_shapes(config, batch)
+            for row in break_even(GPUS[gpus[0]], *shapes):
+                report["break_even"].append({"config": config, "batch": batch, "gpu": gpus[0], "tokens": shapes[0],
+                                             "hidden": shapes[1], "intermediate": shapes[2], **row})  # fmt: skip
     if measured_dir is not None:
         report["measured"] = compare_measured(measured_dir, mean_steps)
     return report
@@ -603,6 +675,20 @@ def markdown(report: dict) -> str:
                          f"{saved['eager_bytes'] / 1e9:.1f} GB / {saved['fused_bytes'] / 1e9:.1f} GB "
                          f"({ratio:.2f}x) |")  # fmt: skip
     lines.append("")
+    if report.get("break_even"):
+        lines += [f"## Break-even of each fused GEMM kernel ({ref})", "",
+                  "How fast our Triton GEMM must run, as a fraction of cuBLAS's rate (taken as the dense bf16 rate), "
+                  "for the fused kernel to beat cuBLAS + the separate SwiGLU kernel (predicted). On a GPU "
+                  "`trm_kernels.swiglu_mlp` does not rely on this: it times both on each shape's first call "
+                  "and keeps the faster (`trm doctor` lists the choices).", "",
+                  "| config | tokens x D x I | kernel | cuBLAS + SwiGLU | fused kernel's bytes alone | "
+                  "break-even |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
+        for r in report["break_even"]:
+            even = f"{100 * r['break_even']:.0f}% of cuBLAS" if r["break_even"] is not None else "never"
+            kernel = r["kernel"].replace("|", "\\|")  # a table cell
+            lines.append(f"| {r['config']} | {r['tokens']:,} x {r['hidden']} x {r['intermediate']} | {kernel} | "
+                         f"{_fmt_us(r['composed_us'])} | {_fmt_us(r['fused_memory_us'])} | {even} |")  # fmt: skip
+        lines.append("")
     titles = {"train": "training step", "eval": "evaluation step", "adaptive": "adaptive evaluation step"}
     for config in configs:
         for step in [s for s in STEPS if _find(report, config=config, step=s)]:

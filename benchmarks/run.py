@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for the result files")
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
-    parser.add_argument("--only", choices=("ops", "model", "lm", "adaptive"), help="run one part")
+    parser.add_argument("--only", choices=("ops", "mlp", "model", "lm", "adaptive"),
+                        help="run one part (mlp: the SwiGLU MLP's rows of the op table, every provider)")  # fmt: skip
     parser.add_argument(
         "--adaptive-run",
         type=Path,
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> Path:
     # results are rewritten as they come, so a run stopped by a time limit keeps what it measured
     if args.only in (None, "ops"):
         results.rows += ops.run(device, quick, compile_ok)
+        write_results(args.out, results)
+    if args.only == "mlp":  # (part of "ops")
+        results.rows += ops.channel_mlp(device, quick, compile_ok)
         write_results(args.out, results)
     if args.only in (None, "model"):
         model.run(results, device, quick, compile_ok, names, args.profile, lambda: write_results(args.out, results))

@@ -10,7 +10,8 @@ of repeated runs, forward plus backward where a gradient is needed), the choice 
 
 Setting: ``TRM_TUNE`` = ``on`` (default) | ``off`` (no timing: the fused kernel runs, as it
 does where nothing can be timed: the interpreter, CUDA-graph capture, ``torch.compile``
-tracing). :data:`decisions` holds every choice with both timings; ``trm doctor`` and the
+tracing) | ``composed`` (no timing: cuBLAS + the separate ops run; the benchmarks' "without
+the fusion"). :data:`decisions` holds every choice with both timings; ``trm doctor`` and the
 benchmarks print them. The parity guard checks the candidate chosen for the call it
 checks (:func:`same_choice`).
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("on", "off")
+MODES = ("on", "off", "composed")
 
 
 @dataclass
@@ -45,7 +46,8 @@ _override: str | None = None
 
 
 def mode() -> str:
-    """``on`` (time each signature's candidates once) or ``off``: :func:`use_mode`'s, else ``TRM_TUNE``."""
+    """``on`` (time each signature's candidates once), ``off`` (the fused kernels) or ``composed``
+    (cuBLAS + separate ops): :func:`use_mode`'s, else ``TRM_TUNE``."""
     if _override is not None:
         return _override
     value = os.environ.get("TRM_TUNE", "on").strip().lower() or "on"
@@ -138,10 +140,14 @@ def _time(fn: Callable[[], object]) -> float:
 
 def choose(op: str, candidates: dict[str, Callable], args: tuple) -> str:
     """The name of the candidate to run on `args` (each candidate takes ``*args`` and
-    returns one tensor; the first is the default). Times them all on the first call of a
+    returns one tensor; the first is the fused kernel and the default, the last the
+    composition of cuBLAS and separate ops). Times them all on the first call of a
     signature where timing is possible (see the module docstring), then keeps the choice."""
     global _last
     if _following and _last in candidates:
+        return _last
+    if mode() == "composed":
+        _last = list(candidates)[-1]
         return _last
     key = (op, *(((a.dtype, a.shape, a.device, a.requires_grad and torch.is_grad_enabled()) if isinstance(
         a, torch.Tensor) else a) for a in args))  # fmt: skip

@@ -195,7 +195,7 @@ def test_the_faster_candidate_is_timed_once_and_kept(monkeypatch, grad, faster):
     assert (ran > 0) == (faster == "fused") and len(timer.calls) == 4
 
 
-def test_tuning_off_runs_the_fused_kernels_untimed(monkeypatch):
+def test_tuning_off_runs_the_fused_kernels_untimed_and_composed_the_composition(monkeypatch):
     timer = _Timer({"fused": 2.0, "cuBLAS + swiglu": 1.0})
     tune.set_timer(timer)
     monkeypatch.setenv("TRM_TUNE", "off")
@@ -203,6 +203,10 @@ def test_tuning_off_runs_the_fused_kernels_untimed(monkeypatch):
     with OpLog() as log:
         _fused(*inputs)
     assert log.count(torch.ops.trm.swiglu_mlp) == 1 and not timer.calls and not tune.report()
+    monkeypatch.setenv("TRM_TUNE", "composed")
+    with OpLog() as log:
+        _fused(*inputs)
+    assert log.count(torch.ops.trm.swiglu_mlp) == 0 and log.count(torch.ops.trm.swiglu) == 1 and not timer.calls
     monkeypatch.setenv("TRM_TUNE", "sometimes")
     with pytest.raises(ValueError, match="TRM_TUNE='sometimes'"):
         _fused(*inputs)

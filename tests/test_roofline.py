@@ -56,6 +56,37 @@ def test_whole_step_gemm_flops_match_a_hand_count(step):
     assert counted == step_flops(cfg, batch, step == "train")
 
 
+@pytest.mark.parametrize("step", ["train", "eval"])
+def test_the_fused_channel_mlp_counts_the_products_eager_runs(step):
+    """sudoku-mlp has no attention (whose fused backward recomputes two products): its fused
+    step, the SwiGLU MLP's GEMM epilogues included, does the eager step's matrix FLOPs."""
+    fused = R.count_step("sudoku-mlp", "fused", step, 4)
+    assert sum(op.flops for op in fused) == sum(op.flops for op in R.count_step("sudoku-mlp", "eager", step, 4))
+    names = {op.name for op in fused}
+    assert "trm.swiglu_mlp: gate|up GEMM + SwiGLU" in names  # (trm.swiglu remains: mlp_t's, with grad)
+    assert ("trm.swiglu_mlp_backward" in names) == (step == "train")
+
+
+def test_break_even_against_a_hand_count():
+    """One GPU with 1 B/s and 1 FLOP/s: every time is bytes or FLOPs, in seconds."""
+    gpu = R.GPU("unit", 1.0, 1.0, "a test")
+    rows, hidden, inter = 10, 4, 6
+    forward, training, backward = R.break_even(gpu, rows, hidden, inter, elt=1)
+    x, gu, act, w_gu, w_down = 40, 120, 60, 48, 24
+    up, down = 2 * rows * hidden * 2 * inter, 2 * rows * hidden * inter  # 960 and 480: compute-bound
+    composed = up + (gu + act)
+    assert forward["composed_us"] == pytest.approx(composed * 1e6)
+    assert forward["fused_memory_us"] == pytest.approx((x + w_gu + act) * 1e6)
+    assert forward["break_even"] == pytest.approx(up / composed)
+    assert training["fused_memory_us"] == pytest.approx((x + w_gu + act + gu) * 1e6)
+    assert backward["break_even"] == pytest.approx(down / (down + act + 2 * gu))
+    # memory-bound (1 byte per 1e6 s): both fused kernels move fewer bytes than the composition,
+    # so they win even with a GEMM at a small fraction of cuBLAS's rate
+    slow = R.break_even(R.GPU("narrow", 1e-6, 1.0, "a test"), rows, hidden, inter, elt=1)
+    assert slow[1]["break_even"] == pytest.approx(up / ((x + w_gu + gu + gu + act) * 1e6))
+    assert slow[2]["break_even"] == pytest.approx(down / ((x + w_down + act + act + 2 * gu) * 1e6))
+
+
 def _composite(overload: str) -> bool | None:
     """Whether PyTorch decomposes this overload before any device kernel (None: not a dispatcher op)."""
     try:
@@ -205,7 +236,7 @@ def test_the_recurrent_depth_lms_step_counts_its_products_and_its_causal_attenti
     causal, every = batch * cfg.num_heads * hd * s * (s + 1) // 2, batch * cfg.num_heads * hd * s * s
     counts = {p: R.count_step(R.LM, p, "train", batch) for p in ("eager", "fused")}
     for provider, ops in counts.items():
-        gemm = sum(op.flops for op in ops if op.name.startswith("aten.") and "attention" not in op.name)
+        gemm = sum(op.flops for op in ops if "attention" not in op.name)  # aten GEMMs, the SwiGLU MLP's epilogue GEMMs
         attention = sum(op.flops for op in ops if "attention" in op.name)
         assert gemm == 3 * (cfg.loops * linear + head), provider
         want = every * (4 + 10) if provider == "eager" else causal * (4 + 14)
@@ -215,7 +246,7 @@ def test_the_recurrent_depth_lms_step_counts_its_products_and_its_causal_attenti
         "aten._fused_attention_backward",
     }
     fused_names = {op.name for op in counts["fused"]}
-    assert {"trm.rope_attention", "trm.add_rmsnorm", "trm.swiglu", "trm.inject"} <= fused_names
+    assert {"trm.rope_attention", "trm.add_rmsnorm", "trm.swiglu_mlp_backward", "trm.inject"} <= fused_names
     report = R.run(configs=(R.LM,), gpus=("h100",), batches=(768,))
     assert {e["batch"] for e in report["steps"]} == set(R.LM_BATCHES) and "recurrent-depth" in R.markdown(report)
 
