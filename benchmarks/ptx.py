@@ -97,6 +97,17 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             {"M", "N", "K"},
             (warps, stages),
         )
+    # the down GEMM + residual + RMSNorm: hidden N = 512 is one tile (BLOCK_N), intermediate K = 1536
+    norm_sig = {"A": t, "WD": t, "H": t, "OUT": t, "SUM": t, "RSTD": "*fp32", **mlp_sizes, "eps": "fp32"}
+    for bm, bk, warps, stages in channel_mlp.NORM_CONFIGS:
+        meta = {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_K": bk, "STORE_SUM": True, "PREC": "tf32"}
+        mlp_configs[channel_mlp.norm_config_name(bm, bk, warps, stages)] = (
+            channel_mlp._down_add_rmsnorm_fwd,
+            norm_sig,
+            meta,
+            {"M", "N", "K"},
+            (warps, stages),
+        )
     attn = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "OUT": t, "LSE": "*fp32", "S": "i32",
             "H": "i32", "KVH": "i32", "scale": "fp32"}  # fmt: skip
     attn_bwd = {"QKV": t, "QK": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "DOUT": t, "LSE": "*fp32",

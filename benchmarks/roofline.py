@@ -83,6 +83,8 @@ LAUNCHES = {
     "trm.token_mlp_rmsnorm": 5,  # two zero-padded weight copies (fill + copy each), the fused kernel
     "trm.swiglu_mlp": 2,  # the gate|up GEMM with SwiGLU in its epilogue, cuBLAS's down GEMM (PARTS)
     "trm.swiglu_mlp_train": 2,
+    "trm.swiglu_mlp_rmsnorm": 2,  # the two GEMMs with their epilogues (PARTS)
+    "trm.swiglu_mlp_rmsnorm_train": 2,
     "trm.swiglu_mlp_backward": 1,  # d(act) GEMM with d(gate|up) and the activation in its epilogue
 }
 # Ops made of more than one kernel whose intermediate crosses memory: counted per kernel
@@ -101,7 +103,27 @@ def _swiglu_mlp_parts(args, out) -> list[tuple[str, int, int]]:
     return [up, ("trm.swiglu_mlp: down GEMM (cuBLAS)", act + nbytes((w_down, y)), 2 * rows * inter * hidden)]
 
 
-PARTS = {"trm.swiglu_mlp": _swiglu_mlp_parts, "trm.swiglu_mlp_train": _swiglu_mlp_parts}
+def _swiglu_mlp_rmsnorm_parts(args, out) -> list[tuple[str, int, int]]:
+    """trm::swiglu_mlp_rmsnorm(_train): the gate|up GEMM with SwiGLU in its epilogue, then the
+    down GEMM with the residual add and RMSNorm in its (reading h, writing the output, rstd
+    and, when training, gate|up and the pre-norm sum)."""
+    h, w_gate_up, w_down = args[:3]
+    rows, hidden, inter = h.shape[0], h.shape[1], w_down.shape[1]
+    act = rows * inter * h.element_size()
+    training = isinstance(out, tuple | list)
+    gate_up, rest = (nbytes(out[1]), nbytes((out[0], *out[2:]))) if training else (0, nbytes(out) + rows * 4)
+    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((h, w_gate_up)) + act + gate_up, 4 * rows * hidden * inter)
+    down = ("trm.swiglu_mlp_rmsnorm: down GEMM + residual + RMSNorm", act + nbytes((w_down, h)) + rest,
+            2 * rows * inter * hidden)  # fmt: skip
+    return [up, down]
+
+
+PARTS = {
+    "trm.swiglu_mlp": _swiglu_mlp_parts,
+    "trm.swiglu_mlp_train": _swiglu_mlp_parts,
+    "trm.swiglu_mlp_rmsnorm": _swiglu_mlp_rmsnorm_parts,
+    "trm.swiglu_mlp_rmsnorm_train": _swiglu_mlp_rmsnorm_parts,
+}
 # Ops that launch no kernel: allocations, views not tagged as views, and the 0-dim tensor a
 # Python number becomes in torch.where(mask, 0, t) (a CPU wrapped number on CUDA).
 NO_LAUNCH = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
@@ -471,7 +493,8 @@ def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
 def break_even(gpu: GPU, rows: int, hidden: int, inter: int, elt: int = 2) -> list[dict]:
     """Per fused GEMM kernel of the channel MLP (rows tokens, hidden D, intermediate I): the
     fraction of cuBLAS's rate (taken as the GPU's dense bf16 rate) our Triton GEMM must reach
-    for the fused kernel to beat cuBLAS + the separate SwiGLU kernel it replaces. Predicted:
+    for the fused kernel to beat cuBLAS + the separate kernel it replaces (SwiGLU, its
+    backward, or add + RMSNorm). Predicted:
     each kernel's time is the larger of bytes / bandwidth and FLOPs / rate; the fused kernel
     wins when its GEMM at fraction f of the rate beats both composed kernels together,
     f > (FLOPs / rate) / composed time; never when its own bytes alone take longer."""
@@ -482,6 +505,8 @@ def break_even(gpu: GPU, rows: int, hidden: int, inter: int, elt: int = 2) -> li
         return max(moved / gpu.bandwidth, flops / gpu.bf16)
 
     up_flops, down_flops = 2 * rows * hidden * 2 * inter, 2 * rows * hidden * inter
+    # the down GEMM (act -> mix [rows, D]) then add + RMSNorm (h, mix -> out, rstd); or one kernel
+    norm_composed = seconds(act + w_down + x, down_flops) + seconds(3 * x + rows * 4)
     kernels = (  # (kernel, composed: cuBLAS GEMM + SwiGLU kernel, fused kernel's bytes, its GEMM FLOPs)
         ("gate|up GEMM + SwiGLU, no grad", seconds(x + w_gate_up + gu, up_flops) + seconds(gu + act),
          x + w_gate_up + act, up_flops),
@@ -489,6 +514,9 @@ def break_even(gpu: GPU, rows: int, hidden: int, inter: int, elt: int = 2) -> li
          x + w_gate_up + act + gu, up_flops),
         ("d(act) GEMM + SwiGLU backward", seconds(x + w_down + act, down_flops) + seconds(act + gu + gu),
          x + w_down + gu + gu + act, down_flops),
+        ("down GEMM + residual + RMSNorm, no grad", norm_composed, act + w_down + 2 * x + rows * 4, down_flops),
+        ("down GEMM + residual + RMSNorm, training (sum kept)", norm_composed, act + w_down + 3 * x + rows * 4,
+         down_flops),
     )  # fmt: skip
     out = []
     for name, composed, fused_bytes, flops in kernels:
@@ -678,10 +706,11 @@ def markdown(report: dict) -> str:
     if report.get("break_even"):
         lines += [f"## Break-even of each fused GEMM kernel ({ref})", "",
                   "How fast our Triton GEMM must run, as a fraction of cuBLAS's rate (taken as the dense bf16 rate), "
-                  "for the fused kernel to beat cuBLAS + the separate SwiGLU kernel (predicted). On a GPU "
-                  "`trm_kernels.swiglu_mlp` does not rely on this: it times both on each shape's first call "
-                  "and keeps the faster (`trm doctor` lists the choices).", "",
-                  "| config | tokens x D x I | kernel | cuBLAS + SwiGLU | fused kernel's bytes alone | "
+                  "for the fused kernel to beat cuBLAS + the separate kernel it replaces (predicted). On a GPU "
+                  "`trm_kernels.swiglu_mlp` and `swiglu_mlp_rmsnorm` do not rely on this: they time the "
+                  "candidates on each shape's first call and keep the fastest (`trm doctor` lists the "
+                  "choices).", "",
+                  "| config | tokens x D x I | kernel | cuBLAS + separate kernel | fused kernel's bytes alone | "
                   "break-even |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
         for r in report["break_even"]:
             even = f"{100 * r['break_even']:.0f}% of cuBLAS" if r["break_even"] is not None else "never"

@@ -29,6 +29,7 @@ __all__ = [
     "inject",
     "swiglu",
     "swiglu_mlp",
+    "swiglu_mlp_rmsnorm",
     "token_mlp_rmsnorm",
     "rope_attention",
     "rope_cos_sin",
@@ -48,8 +49,8 @@ __all__ = [
 
 rope_cos_sin = reference.rope_cos_sin  # (seq_len, head_dim, base=10000.0) -> fp32 cos, sin [seq_len, head_dim]
 
-_OPS = ("add_rmsnorm", "inject", "swiglu", "swiglu_mlp", "token_mlp_rmsnorm", "rope_attention",
-        "stablemax_cross_entropy", "softmax_cross_entropy")  # fmt: skip
+_OPS = ("add_rmsnorm", "inject", "swiglu", "swiglu_mlp", "swiglu_mlp_rmsnorm", "token_mlp_rmsnorm",
+        "rope_attention", "stablemax_cross_entropy", "softmax_cross_entropy")  # fmt: skip
 for _name in _OPS:
     register(_name, "reference", getattr(reference, _name))
 
@@ -74,6 +75,7 @@ else:
     register("inject", "triton", _inject.inject, takes)
     register("swiglu", "triton", _swiglu.swiglu, takes)
     register("swiglu_mlp", "triton", _channel_mlp.swiglu_mlp, takes)
+    register("swiglu_mlp_rmsnorm", "triton", _channel_mlp.swiglu_mlp_rmsnorm, takes)
     register("token_mlp_rmsnorm", "triton", _token_mlp.token_mlp_rmsnorm, takes)
     register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy, takes)
     register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy, takes)
@@ -209,13 +211,18 @@ def swiglu_mlp(
     that against cuBLAS + the separate SwiGLU kernel on each signature's first call and runs
     the faster (``TRM_TUNE=off``: always the fused kernels; see ``trm_kernels.tune``).
     """
-    _check_float("x", x)
-    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        _check_float(name, w)
+    _check_mlp(x, w_gate_up, w_down)
+    return call("swiglu_mlp", x.device, backend, x, w_gate_up, w_down)
+
+
+def _check_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, name: str = "x") -> None:
+    _check_float(name, x)
+    for wname, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        _check_float(wname, w)
         if w.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {w.dtype} but x has dtype {x.dtype}")
+            raise TypeError(f"{wname} has dtype {w.dtype} but {name} has dtype {x.dtype}")
         if w.device != x.device:
-            raise ValueError(f"{name} is on {w.device} but x is on {x.device}")
+            raise ValueError(f"{wname} is on {w.device} but {name} is on {x.device}")
     hidden = x.shape[-1]
     if w_gate_up.dim() != 2 or w_gate_up.shape[1] != hidden or w_gate_up.shape[0] % 2:
         raise ValueError(f"w_gate_up must be [2*inter, hidden={hidden}], got shape {tuple(w_gate_up.shape)}")
@@ -223,7 +230,27 @@ def swiglu_mlp(
         raise ValueError(
             f"w_down must be [hidden, inter] = {(hidden, w_gate_up.shape[0] // 2)}, got {tuple(w_down.shape)}"
         )
-    return call("swiglu_mlp", x.device, backend, x, w_gate_up, w_down)
+
+
+def swiglu_mlp_rmsnorm(
+    h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float = 1e-5, backend: str | None = None
+) -> torch.Tensor:
+    """A post-norm SwiGLU MLP sub-layer: ``rmsnorm(h + swiglu_mlp(h, w_gate_up, w_down))``.
+
+    h [..., D]; w_gate_up [2I, D] (gate rows first), w_down [D, I]; one dtype and device;
+    returns [..., D] in it. The norm is over the last axis with no weight (TRM's post-norm
+    blocks: ``h = rmsnorm(h + mlp(h))``), statistics in fp32; it computes what
+    ``add_rmsnorm(swiglu_mlp(h, ...), h, eps=eps)`` computes. On the triton backend the
+    down projection's GEMM adds the residual and normalises whole rows in its epilogue
+    (hidden <= 512), after the gate|up GEMM with SwiGLU in its own; backward keeps h,
+    gate|up, the pre-norm sum and one fp32 rstd per row. On a GPU the first call of each
+    signature times that against the SwiGLU epilogue alone and against cuBLAS + separate
+    kernels, and runs the fastest (``trm_kernels.tune``).
+    """
+    _check_mlp(h, w_gate_up, w_down, "h")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return call("swiglu_mlp_rmsnorm", h.device, backend, h, w_gate_up, w_down, float(eps))
 
 
 def token_mlp_rmsnorm(

@@ -29,15 +29,18 @@ signature and keeps the faster (:mod:`trm_kernels.tune`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import arch as _arch
+from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
 from . import tune
-from ._triton import check_input, interpreting
+from ._triton import check_input, interpreting, next_pow2
 from .token_mlp import device_budget
 
 
@@ -118,6 +121,39 @@ def _swiglu_mlp_bwd(
     tl.store(DGU + gu_offs, (d * u * (s + silu * (1 - s))).to(dtype), mask=mask)
     tl.store(DGU + gu_offs + N, (d * silu).to(dtype), mask=mask)
     tl.store(ACT + rows[:, None] * N + rn[None, :], (silu * u).to(dtype), mask=mask)
+
+
+@triton.jit
+def _down_add_rmsnorm_fwd(
+    A, WD, H, OUT, SUM, RSTD, M, N, K, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STORE_SUM: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """out = rmsnorm(h + a @ W_down^T) for a [M, K], W_down [N, K], h [M, N]: a program owns
+    BLOCK_M whole rows (BLOCK_N >= N), so the norm's statistics are taken in the epilogue.
+    Writes rstd [M] (fp32) and, when STORE_SUM, the rounded sum h + mix for backward."""
+    dtype = A.dtype.element_ty
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn, rk = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    rows = rm.to(tl.int64)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(A + rows[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(WD + rn[None, :].to(tl.int64) * K + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+    mask = m_ok[:, None] & n_ok[None, :]
+    offs = rows[:, None] * N + rn[None, :]
+    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (h + acc.to(dtype).to(tl.float32)).to(dtype)  # the down product and the sum rounded as stored
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(yf * yf, axis=1) / N + eps))  # as trm::add_rmsnorm
+    tl.store(OUT + offs, (yf * rstd[:, None]).to(dtype), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=m_ok)
+    if STORE_SUM:
+        tl.store(SUM + offs, y, mask=mask)
 
 
 GROUP_M = 8
@@ -301,3 +337,150 @@ def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -
     if not _has_tiles(x.device):
         return composed(x, w_gate_up, w_down)
     return CANDIDATES[tune.choose("swiglu_mlp", CANDIDATES, (x, w_gate_up, w_down))](x, w_gate_up, w_down)
+
+
+# ---- the whole sub-layer: rmsnorm(h + swiglu_mlp(h)), the down GEMM's epilogue adding the
+# residual and normalising whole rows -------------------------------------------------------
+
+MAX_NORM_HIDDEN = 512  # a row of the down GEMM's output is one tile: [BLOCK_M, hidden] in registers
+# (BLOCK_M, BLOCK_K, num_warps, num_stages) of the down GEMM + residual + RMSNorm kernel at
+# hidden 512, autotuned on a GPU. These two compile with no spills on every architecture in
+# trm_kernels.arch, with mma.sync everywhere (32 rows is under a warpgroup MMA's 64); the
+# 64-row tiles that would take wgmma / tcgen05 spill 4-188 B (trm_benchmarks.ptx), and
+# 16x512x64 needs 132 KB of shared memory. Each takes 68 KB (69632 B) on every architecture.
+NORM_CONFIGS = [(32, 32, 8, 3), (32, 64, 8, 2)]
+NORM_SHARED_BYTES = 69632
+NORM_INTERPRETER_CONFIG = (16, 32, 4, 1)
+NORM_FIXED_CONFIG: tuple[int, int, int, int] | None = None
+
+
+def norm_config_name(block_m: int, block_k: int, warps: int, stages: int) -> str:
+    return f"swiglu_mlp_rmsnorm down+norm {block_m}x512x{block_k} {warps} warps {stages} stages"
+
+
+def _norm_launchable(device: torch.device, hidden: int) -> bool:
+    budget = device_budget(device)
+    return hidden <= MAX_NORM_HIDDEN and (budget is None or NORM_SHARED_BYTES <= budget[1])
+
+
+def _norm_prune(configs, named_args, **_):
+    return configs if _norm_launchable(named_args["A"].device, named_args["N"]) else []
+
+
+def _norm_autotuned(do_bench=None):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+               for bm, bk, w, st in NORM_CONFIGS]  # fmt: skip
+    return triton.autotune(configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _norm_prune},
+                           do_bench=do_bench)(_down_add_rmsnorm_fwd)  # fmt: skip
+
+
+_NORM = _down_add_rmsnorm_fwd if interpreting() else _norm_autotuned()
+
+
+def _down_norm(act, w_down, h, eps: float, keep: bool):
+    """(out, the rounded sum h + act @ W_down^T if keep else an empty tensor, rstd [M, 1] fp32)."""
+    (M, K), N = act.shape, w_down.shape[0]  # noqa: N806
+    out = torch.empty_like(h)
+    total = torch.empty_like(h) if keep else h.new_empty(0)
+    rstd = torch.empty(M, 1, dtype=torch.float32, device=h.device)
+    args = (act, w_down, h, out, total, rstd, M, N, K, eps)
+    block_n = max(16, next_pow2(N))
+    config = NORM_FIXED_CONFIG or (NORM_INTERPRETER_CONFIG if _NORM is _down_add_rmsnorm_fwd else None)
+    if config is not None:
+        bm, bk, warps, stages = config
+        _down_add_rmsnorm_fwd[(triton.cdiv(M, bm),)](*args, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk,
+                                                     STORE_SUM=keep, PREC=_precision(h), num_warps=warps,
+                                                     num_stages=stages)  # fmt: skip
+    else:
+        _NORM[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*args, BLOCK_N=block_n, STORE_SUM=keep, PREC=_precision(h))
+    return out, total, rstd
+
+
+@torch.library.custom_op("trm::swiglu_mlp_rmsnorm", mutates_args=())
+def swiglu_mlp_rmsnorm_fwd(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    h = h.contiguous()
+    act, _ = _forward(h, w_gate_up.contiguous(), keep=False)
+    return _down_norm(act, w_down.contiguous(), h, eps, keep=False)[0]
+
+
+@swiglu_mlp_rmsnorm_fwd.register_fake
+def _(h, w_gate_up, w_down, eps):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+Quad = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("trm::swiglu_mlp_rmsnorm_train", mutates_args=())
+def swiglu_mlp_rmsnorm_train(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> Quad:
+    """(out, gate|up, the rounded pre-norm sum, rstd): the last three for backward."""
+    h = h.contiguous()
+    act, gate_up = _forward(h, w_gate_up.contiguous(), keep=True)
+    out, total, rstd = _down_norm(act, w_down.contiguous(), h, eps, keep=True)
+    return out, gate_up, total, rstd
+
+
+@swiglu_mlp_rmsnorm_train.register_fake
+def _(h, w_gate_up, w_down, eps):
+    rows = h.shape[0]
+    like = functools.partial(torch.empty_like, h, memory_format=torch.contiguous_format)
+    return like(), h.new_empty(rows, w_gate_up.shape[0]), like(), h.new_empty(rows, 1, dtype=torch.float32)
+
+
+def _norm_setup(ctx, inputs, output):
+    h, w_gate_up, w_down, _ = inputs
+    _, gate_up, total, rstd = output
+    ctx.save_for_backward(h, w_gate_up, w_down, gate_up, total, rstd)
+    ctx.mark_non_differentiable(gate_up, total, rstd)
+
+
+def _norm_backward(ctx, dout, *_):
+    h, w_gate_up, w_down, gate_up, total, rstd = ctx.saved_tensors
+    dsum, _ = _rmsnorm.add_rmsnorm_bwd(dout, None, total, None, None, rstd, 1, "triton")  # d(h + mix)
+    dgu, act = swiglu_mlp_bwd(dsum, gate_up, w_down)
+    dh = torch.addmm(dsum, dgu, w_gate_up) if ctx.needs_input_grad[0] else None  # the residual's and the MLP's
+    dw_gate_up = torch.mm(dgu.t(), h) if ctx.needs_input_grad[1] else None
+    dw_down = torch.mm(dsum.t(), act) if ctx.needs_input_grad[2] else None
+    return dh, dw_gate_up, dw_down, None
+
+
+swiglu_mlp_rmsnorm_train.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+def sublayer_fused(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    """Both GEMMs with their epilogues: SwiGLU in the first, residual + RMSNorm in the second."""
+    flat = h.reshape(-1, h.shape[-1])
+    if torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+        out = swiglu_mlp_rmsnorm_train(flat, w_gate_up, w_down, eps)[0]
+    else:
+        out = swiglu_mlp_rmsnorm_fwd(flat, w_gate_up, w_down, eps)
+    return out.view(h.shape)
+
+
+def sublayer_swiglu_fused(h, w_gate_up, w_down, eps):
+    """The SwiGLU epilogue only; cuBLAS's down GEMM and the add + RMSNorm kernel after it."""
+    return _rmsnorm.add_rmsnorm(fused(h, w_gate_up, w_down), h, -1, eps)
+
+
+def sublayer_composed(h, w_gate_up, w_down, eps):
+    """cuBLAS GEMMs, the SwiGLU kernel, the add + RMSNorm kernel."""
+    return _rmsnorm.add_rmsnorm(composed(h, w_gate_up, w_down), h, -1, eps)
+
+
+SUBLAYER_CANDIDATES = {"fused": sublayer_fused, "SwiGLU epilogue + add_rmsnorm": sublayer_swiglu_fused,
+                       "cuBLAS + swiglu + add_rmsnorm": sublayer_composed}  # fmt: skip
+
+
+def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    """The fastest of SUBLAYER_CANDIDATES on this signature, as measured on its first call
+    (trm_kernels.tune); without the norm epilogue where the hidden size exceeds
+    MAX_NORM_HIDDEN or the device fits no config of it."""
+    for name, t in (("h", h), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        check_input(name, t)
+    if not _has_tiles(h.device):
+        return sublayer_composed(h, w_gate_up, w_down, eps)
+    candidates = SUBLAYER_CANDIDATES
+    if not _norm_launchable(h.device, h.shape[-1]):
+        candidates = dict(list(SUBLAYER_CANDIDATES.items())[1:])
+    choice = tune.choose("swiglu_mlp_rmsnorm", candidates, (h, w_gate_up, w_down, eps))
+    return candidates[choice](h, w_gate_up, w_down, eps)

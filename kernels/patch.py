@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import add_rmsnorm, inject, rope_attention, swiglu_mlp, token_mlp_rmsnorm
+from . import add_rmsnorm, inject, rope_attention, swiglu_mlp, swiglu_mlp_rmsnorm, token_mlp_rmsnorm
 from .nn import weight_as
 
 OPS = ("attention", "rmsnorm", "swiglu", "token_mixer", "inject")
@@ -150,9 +150,19 @@ def _block_forward(block, ops: set[str]):
                                  head_dim=attn.head_dim)  # fmt: skip
             return norm(h, attn.o_proj(out), eps)
 
+    if {"rmsnorm", "swiglu"} <= ops:  # the MLP sub-layer as one op: residual + RMSNorm in the down GEMM too
+
+        def sublayer(h):
+            w_gate_up, w_down = weight_as(block.mlp.gate_up_proj, h.dtype), weight_as(block.mlp.down_proj, h.dtype)
+            return swiglu_mlp_rmsnorm(h, w_gate_up, w_down, eps)
+
+    else:
+
+        def sublayer(h):
+            return norm(h, mlp(h), eps)
+
     def forward(self, cos_sin, hidden_states):
-        h = mix(hidden_states, cos_sin)
-        return norm(h, mlp(h), eps)
+        return sublayer(mix(hidden_states, cos_sin))
 
     return forward
 

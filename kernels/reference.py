@@ -65,6 +65,11 @@ def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -
     return F.linear(swiglu(F.linear(x, w_gate_up)), w_down)
 
 
+def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float = 1e-5):
+    """A post-norm SwiGLU MLP sub-layer: ``rmsnorm(h + swiglu_mlp(h))`` over the last axis, no weight."""
+    return add_rmsnorm(swiglu_mlp(h, w_gate_up, w_down), h, -1, eps)
+
+
 def token_mlp_rmsnorm(
     h: torch.Tensor,
     w_gate_up: torch.Tensor,

@@ -41,6 +41,7 @@ BATCHED: dict[str, tuple[int, ...]] = {
     "inject": (0, 1, 2),
     "swiglu": (0,),
     "swiglu_mlp": (0,),
+    "swiglu_mlp_rmsnorm": (0,),
     "token_mlp_rmsnorm": (0,),
     "rope_attention": (0, 6),  # qkv, key_mask
     "stablemax_cross_entropy": (0, 1),
@@ -52,13 +53,19 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "inject": ("h", "a", "b"),
     "swiglu": ("gate_up", "dim"),
     "swiglu_mlp": ("x", "w_gate_up", "w_down"),
+    "swiglu_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
     "token_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
     "rope_attention": ("qkv", "cos", "sin", "num_heads", "num_kv_heads", "causal", "key_mask"),
     "stablemax_cross_entropy": ("logits", "labels", "ignore_index"),
     "softmax_cross_entropy": ("logits", "labels", "ignore_index"),
 }
 # learnable, not batched
-WEIGHTS: dict[str, tuple[int, ...]] = {"add_rmsnorm": (4,), "swiglu_mlp": (1, 2), "token_mlp_rmsnorm": (1, 2)}
+WEIGHTS: dict[str, tuple[int, ...]] = {
+    "add_rmsnorm": (4,),
+    "swiglu_mlp": (1, 2),
+    "swiglu_mlp_rmsnorm": (1, 2),
+    "token_mlp_rmsnorm": (1, 2),
+}
 _override: str | None = None
 
 

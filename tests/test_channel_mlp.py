@@ -240,3 +240,99 @@ def test_a_device_with_no_fitting_config_runs_the_composition(monkeypatch):
         torch.testing.assert_close(out, R.swiglu_mlp(*inputs))
     finally:
         channel_mlp._HAS_TILES.clear()
+
+
+# ---- the whole sub-layer: rmsnorm(h + swiglu_mlp(h)) ------------------------------------------
+
+
+def _sublayer(h, w_gate_up, w_down):
+    return K.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, 1e-5, backend="triton")
+
+
+def _reference_sublayer(h, w_gate_up, w_down):
+    return R.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, 1e-5)
+
+
+def _check_sublayer(rows, hidden, inter, dtype, seed=0):
+    inputs = _inputs(rows, hidden, inter, dtype, seed)
+    compare(_sublayer, _reference_sublayer, inputs, f"swiglu_mlp_rmsnorm{rows} D={hidden} I={inter}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows, hidden, inter",
+    [((1,), 16, 16), ((5,), 40, 24), ((2, 97), 48, 40), ((3, 11), 512, 32), ((3, 7), 33, 17), ((4,), 520, 16)],
+)
+def test_sublayer_against_the_reference_and_float64(dtype, rows, hidden, inter):
+    """Hidden 520 is above the norm epilogue's 512: the SwiGLU epilogue and add_rmsnorm run."""
+    _check_sublayer(rows, hidden, inter, dtype)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 70), hidden=st.integers(1, 80), inter=st.integers(1, 50), half=st.booleans(),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_sublayer_on_random_shapes(rows, hidden, inter, half, seed):
+    _check_sublayer((rows,), hidden, inter, DTYPES[1] if half else DTYPES[0], seed)
+
+
+def _norm_configs():
+    from trm_kernels import channel_mlp
+
+    return channel_mlp.NORM_CONFIGS
+
+
+@pytest.mark.parametrize("config", _norm_configs())
+def test_every_norm_epilogue_config(monkeypatch, config):
+    from trm_kernels import channel_mlp
+
+    monkeypatch.setattr(channel_mlp, "NORM_FIXED_CONFIG", config)
+    for dtype in DTYPES[1:]:
+        _check_sublayer((config[0] + 3,), 72, config[1] + 5, dtype)
+
+
+def test_sublayer_kernels_and_what_backward_keeps():
+    """Forward: one op (two kernels); backward: the norm's backward kernel, the dgrad epilogue
+    kernel, and three GEMMs (the residual's gradient added by cuBLAS's addmm). Kept: gate|up,
+    the pre-norm sum and rstd (h is the caller's)."""
+    rows, hidden, inter = 12, 32, 24
+    h, w_gate_up, w_down = (t.requires_grad_() for t in _inputs((rows,), hidden, inter, torch.float32))
+    with OpLog() as log:
+        _sublayer(h, w_gate_up, w_down).sum().backward()
+    ops = torch.ops.trm
+    assert log.count(ops.swiglu_mlp_rmsnorm_train) == 1 and log.count(ops.add_rmsnorm) == 0
+    assert log.count(ops.add_rmsnorm_backward) == 1 and log.count(ops.swiglu_mlp_backward) == 1
+    assert log.count(torch.ops.aten.mm) == 2 and log.count(torch.ops.aten.addmm) == 1
+    kept = _saved_bytes(_sublayer, (h, w_gate_up, w_down))
+    assert kept == rows * 2 * inter * 4 + rows * hidden * 4 + rows * 4
+
+
+def test_sublayer_opcheck_and_compile():
+    h, w_gate_up, w_down = _inputs((6,), 16, 8, torch.float32)
+    torch.library.opcheck(torch.ops.trm.swiglu_mlp_rmsnorm, (h, w_gate_up, w_down, 1e-5))
+    torch.library.opcheck(torch.ops.trm.swiglu_mlp_rmsnorm_train,
+                          (h.clone().requires_grad_(), w_gate_up.requires_grad_(), w_down, 1e-5))  # fmt: skip
+    fn = torch.compile(_sublayer, fullgraph=True, backend="aot_eager")
+    x = h.clone().requires_grad_()
+    torch.testing.assert_close(fn(x, w_gate_up, w_down), _reference_sublayer(h, w_gate_up, w_down))
+
+
+@pytest.mark.parametrize("hidden, timed", [(16, 3), (520, 2)])
+def test_sublayer_times_every_candidate_it_can_run(hidden, timed):
+    """Three candidates where the norm epilogue fits the hidden size, two above it."""
+    timer = _Timer({"a": 3.0, "b": 1.0, "c": 2.0})
+    tune.set_timer(timer)
+    inputs = _inputs((4,), hidden, 8, torch.float32)
+    torch.testing.assert_close(_sublayer(*inputs), _reference_sublayer(*inputs))
+    (decision,) = tune.report()
+    assert len(timer.calls) == timed == len(decision["times_ms"])
+    assert decision["choice"] == list(decision["times_ms"])[1]  # the one timed at 1.0
+
+
+def test_sublayer_arguments_are_named():
+    h, w_gate_up, w_down = _inputs((4,), 16, 8, torch.float32)
+    with pytest.raises(TypeError, match="w_down has dtype torch.float16 but h has dtype torch.float32"):
+        K.swiglu_mlp_rmsnorm(h, w_gate_up, w_down.half())
+    with pytest.raises(ValueError, match="eps must be a number >= 0, got -1"):
+        K.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, eps=-1)
+    with pytest.raises(ValueError, match=r"w_gate_up must be \[2\*inter, hidden=16\]"):
+        K.swiglu_mlp_rmsnorm(h, w_down, w_down)

@@ -51,6 +51,16 @@ def test_the_pruning_table_covers_every_compiled_token_mlp_config(report):
 
 
 SWIGLU_MLP = [channel_mlp.config_name(which, *c) for c in channel_mlp.CONFIGS for which in ("fwd", "bwd")]
+NORM_EPILOGUE = [channel_mlp.norm_config_name(*c) for c in channel_mlp.NORM_CONFIGS]
+
+
+def test_the_norm_epilogue_kernels_fit_their_stated_shared_memory_and_use_mma_sync(report):
+    """The down GEMM + residual + RMSNorm tiles (32 rows) take mma.sync on every architecture,
+    Hopper and Blackwell included (a warpgroup MMA needs 64 rows), within NORM_SHARED_BYTES."""
+    for t, d, n, r in _entries(report):
+        if n in NORM_EPILOGUE:
+            assert r["shared_bytes"] <= channel_mlp.NORM_SHARED_BYTES and r["mma_sync"] > 0, (t, d, n)
+            assert r["cp_async"] > 0 and r["other_loads"] == 0, (t, d, n, r["accesses"])
 
 
 def test_the_pruning_table_covers_every_compiled_swiglu_mlp_config(report):
@@ -106,7 +116,7 @@ def test_fused_mlp_t_sublayer_on_hopper_uses_async_copies_and_does_not_spill(rep
 
 NO_SPILLS = ("add_rmsnorm_fwd hidden", "add_rmsnorm_bwd hidden", "add_rmsnorm_fwd pre-norm, weight",
              "add_rmsnorm_bwd pre-norm, weight", "swiglu_fwd", "swiglu_bwd", "inject", "inject broadcast",
-             "attention_bwd_delta", "attention_bwd_rope", *ATTENTION, *SWIGLU_MLP)  # fmt: skip
+             "attention_bwd_delta", "attention_bwd_rope", *ATTENTION, *SWIGLU_MLP, *NORM_EPILOGUE)  # fmt: skip
 
 
 def test_attention_and_the_elementwise_kernels_do_not_spill_anywhere(report):

@@ -71,7 +71,7 @@ def test_break_even_against_a_hand_count():
     """One GPU with 1 B/s and 1 FLOP/s: every time is bytes or FLOPs, in seconds."""
     gpu = R.GPU("unit", 1.0, 1.0, "a test")
     rows, hidden, inter = 10, 4, 6
-    forward, training, backward = R.break_even(gpu, rows, hidden, inter, elt=1)
+    forward, training, backward, norm, norm_training = R.break_even(gpu, rows, hidden, inter, elt=1)
     x, gu, act, w_gu, w_down = 40, 120, 60, 48, 24
     up, down = 2 * rows * hidden * 2 * inter, 2 * rows * hidden * inter  # 960 and 480: compute-bound
     composed = up + (gu + act)
@@ -80,6 +80,9 @@ def test_break_even_against_a_hand_count():
     assert forward["break_even"] == pytest.approx(up / composed)
     assert training["fused_memory_us"] == pytest.approx((x + w_gu + act + gu) * 1e6)
     assert backward["break_even"] == pytest.approx(down / (down + act + 2 * gu))
+    # down GEMM (compute-bound) + add + RMSNorm reading h and mix, writing out and rstd
+    assert norm["break_even"] == pytest.approx(down / (down + 3 * x + rows * 4))
+    assert norm_training["fused_memory_us"] == pytest.approx((act + w_down + 3 * x + rows * 4) * 1e6)
     # memory-bound (1 byte per 1e6 s): both fused kernels move fewer bytes than the composition,
     # so they win even with a GEMM at a small fraction of cuBLAS's rate
     slow = R.break_even(R.GPU("narrow", 1e-6, 1.0, "a test"), rows, hidden, inter, elt=1)

@@ -158,6 +158,10 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
                                                  rand(d, 3 * d, scale=(3 * d) ** -0.5))),
         ("swiglu_mlp", "[3, 7, 33], I 17", args(rand(3, 7, 33), rand(34, 33, scale=33**-0.5),
                                                 rand(33, 17, scale=17**-0.5))),
+        ("swiglu_mlp_rmsnorm", f"{trm}, I {3 * d}", args(rand(batch, 97, d), rand(6 * d, d, scale=d**-0.5),
+                                                         rand(d, 3 * d, scale=(3 * d) ** -0.5), 1e-5)),
+        ("swiglu_mlp_rmsnorm", "[3, 7, 600], I 40 (hidden above the norm epilogue's 512)",
+         args(rand(3, 7, 600), rand(80, 600, scale=600**-0.5), rand(600, 40, scale=40**-0.5), 1e-5)),
         ("token_mlp_rmsnorm", f"{trm}, I {inter}",
          args(rand(batch, 97, d), rand(2 * inter, 97, scale=97**-0.5), rand(97, inter, scale=inter**-0.5), 1e-5)),
         ("token_mlp_rmsnorm", "[2, 13, 40], I 24",
@@ -337,16 +341,17 @@ def choices(device: torch.device, quick: bool, progress: Callable[[str], None]) 
     if device.type != "cuda":
         return []
     batch, d = (2, 64) if quick else (256, 512)
-    for grad in (False, True):
-        progress(f"choosing swiglu_mlp [{batch}, 97, {d}]{' with grad' if grad else ''}")
-        x = torch.randn(batch, 97, d, device=device, dtype=torch.bfloat16, requires_grad=grad)
-        w_gate_up = (torch.randn(6 * d, d, device=device) * d**-0.5).to(torch.bfloat16)
-        w_down = (torch.randn(d, 3 * d, device=device) * (3 * d) ** -0.5).to(torch.bfloat16)
-        try:
-            K.swiglu_mlp(x, w_gate_up, w_down, backend="triton")
-        except Exception as e:
-            return [Check("choice", "swiglu_mlp", "triton", "bfloat16", f"[{batch}, 97, {d}]", False,
-                          f"raised {type(e).__name__}: {_first_line(e)}")]  # fmt: skip
+    for op in ("swiglu_mlp", "swiglu_mlp_rmsnorm"):
+        for grad in (False, True):
+            progress(f"choosing {op} [{batch}, 97, {d}]{' with grad' if grad else ''}")
+            x = torch.randn(batch, 97, d, device=device, dtype=torch.bfloat16, requires_grad=grad)
+            w_gate_up = (torch.randn(6 * d, d, device=device) * d**-0.5).to(torch.bfloat16)
+            w_down = (torch.randn(d, 3 * d, device=device) * (3 * d) ** -0.5).to(torch.bfloat16)
+            try:
+                getattr(K, op)(x, w_gate_up, w_down, backend="triton")
+            except Exception as e:
+                return [Check("choice", op, "triton", "bfloat16", f"[{batch}, 97, {d}]", False,
+                              f"raised {type(e).__name__}: {_first_line(e)}")]  # fmt: skip
     return [
         Check("choice", c["op"], "triton", c["signature"].split("[")[0], c["signature"], None,
               ", ".join(f"{name} {ms:.3f} ms" for name, ms in c["times_ms"].items()) + f": {c['choice']}",

@@ -107,7 +107,10 @@ class Attention(KN.RoPEAttention):
 
 
 class Block(nn.Module):
-    """Post-norm block: h = rmsnorm(h + mix(h)); h = rmsnorm(h + SwiGLU(h)). No norm weights."""
+    """Post-norm block: h = rmsnorm(h + mix(h)); h = rmsnorm(h + SwiGLU(h)). No norm weights.
+
+    The second sub-layer is one op, ``trm_kernels.swiglu_mlp_rmsnorm`` (the modules ``mlp`` and
+    ``mlp_norm`` hold its weights and eps, so state dicts keep the reference's names)."""
 
     def __init__(self, hidden: int, num_heads: int, expansion: float, seq_len: int, mlp_t: bool, eps: float):
         super().__init__()
@@ -124,7 +127,9 @@ class Block(nn.Module):
             h = self.mlp_t(h)
         else:
             h = self.attn_norm(self.self_attn(h, cos, sin), h)
-        return self.mlp_norm(self.mlp(h), h)
+        # mlp_norm(mlp(h), h) as one op: on the triton backend both GEMMs carry the elementwise work
+        w_gate_up, w_down = self.mlp.gate_up_proj.weight_as(h.dtype), self.mlp.down_proj.weight_as(h.dtype)
+        return K.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, self.mlp_norm.eps)
 
 
 class ReasoningNet(nn.Module):
