@@ -130,7 +130,7 @@ def test_the_check_runs_on_a_few_rows(fused_on_cpu, monkeypatch):
 
 def test_tiny_trm_learns_4x4_sudoku_even_with_a_broken_fused_op(fused_on_cpu, tmp_path):
     """The sudoku4 preset end to end, twice (about 80 s each on 2 cores): it learns (held-out
-    exact accuracy >= 80%), and with a deliberately broken fused add + RMSNorm the run is the
+    exact accuracy >= 80%), and with a deliberately broken fused MLP sub-layer the run is the
     reference path's, loss for loss, with one warning per signature the broken op took."""
     from trm.config import preset
     from trm.data.dataset import build
@@ -148,9 +148,11 @@ def test_tiny_trm_learns_4x4_sudoku_even_with_a_broken_fused_op(fused_on_cpu, tm
     backend.AUTO_ORDER["cpu"] = ("reference",)
     want, want_log = run("reference")
     backend.AUTO_ORDER["cpu"] = ("triton", "reference")
-    backend.register(
-        "add_rmsnorm", "triton", lambda x, r, dim, eps, *rest: reference.add_rmsnorm(x, r, dim, eps, *rest) + 0.5
-    )
+
+    def broken(h, w_gate_up, w_down, eps):  # the MLP sub-layer every block runs
+        return reference.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, eps) + 0.5
+
+    backend.register("swiglu_mlp_rmsnorm", "triton", broken)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         got, got_log = run("broken")
@@ -161,7 +163,7 @@ def test_tiny_trm_learns_4x4_sudoku_even_with_a_broken_fused_op(fused_on_cpu, tm
     # one signature per distinct call shape (training and evaluation batches), one warning each
     messages = parity_warnings(record)
     assert 1 <= len(messages) == sum(not r.ok for r in verify.verified.values()) <= 4
-    assert all("triton add_rmsnorm failed its check" in m for m in messages)
+    assert all("triton swiglu_mlp_rmsnorm failed its check" in m for m in messages)
 
 
 def test_a_failing_cuda_graph_capture_falls_back_to_the_eager_path(monkeypatch):
