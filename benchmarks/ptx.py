@@ -68,13 +68,14 @@ def _specs(dtype: str = "bf16", capability: int = 90):
         "BLOCK_N": 512,
         "BLOCK_C": 16,
     }  # fmt: skip  (the recurrent-depth LM's hidden 512, as _grid tiles it)
-    token_mlp_sig = {"H": t, "WGU": t, "WD": t, "OUT": t, "B": "i32", "S": "i32", "D": "i32", "I_PAD": "i32",
-                     "eps": "fp32"}  # fmt: skip
+    token_mlp_sig = {"H": t, "WGU": t, "WD": t, "OUT": t, "SUM": t, "RSTD": "*fp32", "B": "i32", "S": "i32",
+                     "D": "i32", "I_PAD": "i32", "eps": "fp32"}  # fmt: skip
     token_mlp_configs = {  # every config the autotuner may pick; Sudoku's mlp_t: S = 97, D = 512, I = 512
-        token_mlp.config_name(block_s, bd, bi, warps): (
+        token_mlp.config_name(block_s, bd, bi, warps) + (" training" if store else ""): (
             token_mlp._token_mlp_rmsnorm_fwd, token_mlp_sig,
-            {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32"}, {"D", "I_PAD"}, (warps, 2))
-        for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles
+            {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32", "STORE": store}, {"D", "I_PAD"},
+            (warps, 2))
+        for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles for store in (False, True)
     }  # fmt: skip
     # the channel MLP: rows M = 768 * 97, hidden K = 512, intermediate N = 1536 (all multiples of 16)
     mlp_sizes = {"M": "i32", "N": "i32", "K": "i32"}

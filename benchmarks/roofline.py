@@ -54,7 +54,7 @@ from trm.losses import act_loss
 from trm.optim import AdamATan2
 
 from .recurrent_depth import LMConfig
-from .traffic import UNTAGGED_VIEWS, nbytes
+from .traffic import PARTS, UNTAGGED_VIEWS, nbytes
 
 TRM_CONFIGS = ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku")
 LM = "recurrent-depth"  # trm_benchmarks.recurrent_depth's language model: its training step, no CUDA graphs
@@ -81,48 +81,12 @@ LAUNCHES = {
     "trm.rope_attention": 1,
     "trm.rope_attention_backward": 3,  # delta = rowsum(dO * O), dK/dV, dQ
     "trm.token_mlp_rmsnorm": 5,  # two zero-padded weight copies (fill + copy each), the fused kernel
+    "trm.token_mlp_rmsnorm_train": 5,  # the same, writing the pre-norm sum and rstd too
     "trm.swiglu_mlp": 2,  # the gate|up GEMM with SwiGLU in its epilogue, cuBLAS's down GEMM (PARTS)
     "trm.swiglu_mlp_train": 2,
     "trm.swiglu_mlp_rmsnorm": 2,  # the two GEMMs with their epilogues (PARTS)
     "trm.swiglu_mlp_rmsnorm_train": 2,
     "trm.swiglu_mlp_backward": 1,  # d(act) GEMM with d(gate|up) and the activation in its epilogue
-}
-# Ops made of more than one kernel whose intermediate crosses memory: counted per kernel
-# (parts(args, out) -> [(name, bytes, flops)]), not as one op reading its inputs once.
-
-
-def _swiglu_mlp_parts(args, out) -> list[tuple[str, int, int]]:
-    """trm::swiglu_mlp(_train): the gate|up GEMM with SwiGLU in its epilogue (writing the
-    activation, and gate|up for backward when training), then cuBLAS's down GEMM."""
-    x, w_gate_up, w_down = args[:3]
-    rows, hidden, inter = x.shape[0], x.shape[1], w_down.shape[1]
-    act = rows * inter * x.element_size()
-    kept = nbytes(out[1]) if isinstance(out, tuple | list) else 0
-    y = out[0] if isinstance(out, tuple | list) else out
-    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((x, w_gate_up)) + act + kept, 4 * rows * hidden * inter)
-    return [up, ("trm.swiglu_mlp: down GEMM (cuBLAS)", act + nbytes((w_down, y)), 2 * rows * inter * hidden)]
-
-
-def _swiglu_mlp_rmsnorm_parts(args, out) -> list[tuple[str, int, int]]:
-    """trm::swiglu_mlp_rmsnorm(_train): the gate|up GEMM with SwiGLU in its epilogue, then the
-    down GEMM with the residual add and RMSNorm in its (reading h, writing the output, rstd
-    and, when training, gate|up and the pre-norm sum)."""
-    h, w_gate_up, w_down = args[:3]
-    rows, hidden, inter = h.shape[0], h.shape[1], w_down.shape[1]
-    act = rows * inter * h.element_size()
-    training = isinstance(out, tuple | list)
-    gate_up, rest = (nbytes(out[1]), nbytes((out[0], *out[2:]))) if training else (0, nbytes(out) + rows * 4)
-    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((h, w_gate_up)) + act + gate_up, 4 * rows * hidden * inter)
-    down = ("trm.swiglu_mlp_rmsnorm: down GEMM + residual + RMSNorm", act + nbytes((w_down, h)) + rest,
-            2 * rows * inter * hidden)  # fmt: skip
-    return [up, down]
-
-
-PARTS = {
-    "trm.swiglu_mlp": _swiglu_mlp_parts,
-    "trm.swiglu_mlp_train": _swiglu_mlp_parts,
-    "trm.swiglu_mlp_rmsnorm": _swiglu_mlp_rmsnorm_parts,
-    "trm.swiglu_mlp_rmsnorm_train": _swiglu_mlp_rmsnorm_parts,
 }
 # Ops that launch no kernel: allocations, views not tagged as views, and the 0-dim tensor a
 # Python number becomes in torch.where(mask, 0, t) (a CPU wrapped number on CUDA).
@@ -184,7 +148,7 @@ def trm_flops(name: str, args: tuple) -> int:
     if name == "trm.rope_attention_backward":  # dK/dV: q k^T, p^T dO, dO v^T, dS^T q; dQ: q k^T, dO v^T, dS k
         _, qkv, _, _, _, _, heads, kv_heads, causal, _ = args
         return 14 * _attention_pairs(qkv, heads, kv_heads, causal)
-    if name == "trm.token_mlp_rmsnorm":  # gate|up [2I, S] @ h and down [S, I] @ act, per batch element
+    if name in ("trm.token_mlp_rmsnorm", "trm.token_mlp_rmsnorm_train"):  # gate|up [2I, S] @ h, down [S, I] @ act
         h, w_gate_up = args[0], args[1]
         batch, seq, hidden = h.shape
         return 2 * batch * hidden * seq * w_gate_up.shape[0] + 2 * batch * hidden * seq * w_gate_up.shape[0] // 2

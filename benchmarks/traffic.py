@@ -4,7 +4,8 @@
     python -m trm_benchmarks.traffic --config sudoku-mlp --eval     # evaluation step (no grad)
 
 Every op the step dispatches is counted as reading its tensor inputs and writing its
-outputs once (views move nothing). The step runs at batch 1 and 2 and the difference is
+outputs once (views move nothing); an op of several kernels whose intermediate crosses
+memory (PARTS) is counted kernel by kernel. The step runs at batch 1 and 2 and the difference is
 reported, so what is left is the traffic per batch element (weights, read once per call
 whatever the batch, cancel). On CPU the Triton kernels run in the interpreter: set
 TRITON_INTERPRET=1 (fp16 stands in for bf16, which it cannot run; the bytes are the same).
@@ -39,6 +40,45 @@ def nbytes(tree) -> int:
     return sum(tensor_bytes(t) for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
+# Ops made of more than one kernel whose intermediate crosses memory: counted per kernel
+# (parts(args, out) -> [(name, bytes, flops)]), not as one op reading its inputs once.
+
+
+def _swiglu_mlp_parts(args, out) -> list[tuple[str, int, int]]:
+    """trm::swiglu_mlp(_train): the gate|up GEMM with SwiGLU in its epilogue (writing the
+    activation, and gate|up for backward when training), then cuBLAS's down GEMM."""
+    x, w_gate_up, w_down = args[:3]
+    rows, hidden, inter = x.shape[0], x.shape[1], w_down.shape[1]
+    act = rows * inter * x.element_size()
+    kept = nbytes(out[1]) if isinstance(out, tuple | list) else 0
+    y = out[0] if isinstance(out, tuple | list) else out
+    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((x, w_gate_up)) + act + kept, 4 * rows * hidden * inter)
+    return [up, ("trm.swiglu_mlp: down GEMM (cuBLAS)", act + nbytes((w_down, y)), 2 * rows * inter * hidden)]
+
+
+def _swiglu_mlp_rmsnorm_parts(args, out) -> list[tuple[str, int, int]]:
+    """trm::swiglu_mlp_rmsnorm(_train): the gate|up GEMM with SwiGLU in its epilogue, then the
+    down GEMM with the residual add and RMSNorm in its (reading h, writing the output, rstd
+    and, when training, gate|up and the pre-norm sum)."""
+    h, w_gate_up, w_down = args[:3]
+    rows, hidden, inter = h.shape[0], h.shape[1], w_down.shape[1]
+    act = rows * inter * h.element_size()
+    training = isinstance(out, tuple | list)
+    gate_up, rest = (nbytes(out[1]), nbytes((out[0], *out[2:]))) if training else (0, nbytes(out) + rows * 4)
+    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((h, w_gate_up)) + act + gate_up, 4 * rows * hidden * inter)
+    down = ("trm.swiglu_mlp_rmsnorm: down GEMM + residual + RMSNorm", act + nbytes((w_down, h)) + rest,
+            2 * rows * inter * hidden)  # fmt: skip
+    return [up, down]
+
+
+PARTS = {
+    "trm.swiglu_mlp": _swiglu_mlp_parts,
+    "trm.swiglu_mlp_train": _swiglu_mlp_parts,
+    "trm.swiglu_mlp_rmsnorm": _swiglu_mlp_rmsnorm_parts,
+    "trm.swiglu_mlp_rmsnorm_train": _swiglu_mlp_rmsnorm_parts,
+}
+
+
 class Traffic(TorchDispatchMode):
     """Bytes read plus written, per op name (views excluded)."""
 
@@ -49,7 +89,10 @@ class Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket)
-        if not (func.is_view or name in UNTAGGED_VIEWS):
+        if name in PARTS:  # its kernels one by one: their intermediates cross memory
+            for part, moved, _ in PARTS[name](args, out):
+                self.bytes[part] += moved
+        elif not (func.is_view or name in UNTAGGED_VIEWS):
             self.bytes[name] += nbytes((args, kwargs)) + nbytes(out)
         return out
 

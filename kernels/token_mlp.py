@@ -1,4 +1,4 @@
-"""The whole ``mlp_t`` sub-layer in one kernel, where no gradient is needed (Triton).
+"""The whole ``mlp_t`` sub-layer in one kernel (Triton).
 
 out = rmsnorm over the sequence of (h + W_down @ swiglu(W_gate_up @ h)), for h [B, S, D],
 W_gate_up [2I, S], W_down [S, I]. Composed of separate ops this is four kernels that write
@@ -20,8 +20,15 @@ The intermediate values are rounded to the storage dtype where the composed ops 
 them (gate|up product, activation, down product, the residual sum), so both paths make
 the same roundings; only the GEMMs' accumulation order differs.
 
-Only the forward exists: with grad the composed ops run, which keep what their backward
-needs (``trm_kernels.token_mlp_rmsnorm`` chooses).
+Training: the same kernel also writes the rounded pre-norm sum and one fp32 rstd per
+hidden unit, all its backward keeps besides h and the weights (the composition keeps the
+[B, 2I, D] gate|up, the [B, I, D] activation and the [B, S, D] down product: 16x the bytes
+at Sudoku's sizes). Backward: the norm's backward kernel, gate|up recomputed by one batched
+GEMM, then the composition's backward (d(act), the SwiGLU backward kernel, dh, and weight
+gradients summed over the batch in fp32 and rounded once). That recomputation costs a
+GEMM, so with grad ``trm_kernels.token_mlp_rmsnorm`` times this against the composition
+on a GPU and keeps the faster. A backward that never writes d(gate|up) either (its weight
+gradients reduced over the batch inside the kernel) is not written yet.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import arch as _arch
-from . import reference
+from . import reference, tune
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
 from ._triton import check_input, interpreting, next_pow2
@@ -42,8 +49,8 @@ MAX_SEQ = 256  # the whole sequence of a tile is held in registers
 
 @triton.jit
 def _token_mlp_rmsnorm_fwd(
-    H, WGU, WD, OUT, B, S, D, I_PAD, eps,  # B only keys the autotuner: the best tile differs at batch 1
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PREC: tl.constexpr,
+    H, WGU, WD, OUT, SUM, RSTD, B, S, D, I_PAD, eps,  # B only keys the autotuner: the best tile differs at batch 1
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PREC: tl.constexpr, STORE: tl.constexpr,
 ):  # fmt: skip
     dtype = H.dtype.element_ty
     d_block, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -66,6 +73,9 @@ def _token_mlp_rmsnorm_fwd(
     y = tl.where(mask, y, 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(y * y, axis=1) / S + eps))  # as trm::add_rmsnorm
     tl.store(OUT + offs, (y * rstd[:, None]).to(dtype), mask=mask)
+    if STORE:  # for backward (training): the rounded pre-norm sum and one fp32 rstd per hidden unit
+        tl.store(SUM + offs, y.to(dtype), mask=mask)
+        tl.store(RSTD + b * D + d, rstd, mask=d < D)
 
 
 # (BLOCK_D, BLOCK_I, num_warps) tried by the autotuner on a GPU, per sequence tile. All of
@@ -172,8 +182,8 @@ def padded_weights(w_gate_up: torch.Tensor, w_down: torch.Tensor, block_s: int, 
     return wgu.contiguous(), wd.contiguous(), i_pad
 
 
-@torch.library.custom_op("trm::token_mlp_rmsnorm", mutates_args=())
-def token_mlp_rmsnorm_fwd(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+def _launch(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float, store: bool):
+    """(out, the rounded pre-norm sum and rstd [B, D] fp32 if store, else empty tensors)."""
     batch, seq, hidden = h.shape
     if seq > MAX_SEQ:
         raise ValueError(f"token_mlp_rmsnorm: sequence length {seq} > {MAX_SEQ}, the most the fused kernel holds")
@@ -183,16 +193,24 @@ def token_mlp_rmsnorm_fwd(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
     wgu, wd, i_pad = padded_weights(w_gate_up, w_down, block_s, I_ALIGN)
     h = h.contiguous()
     out = torch.empty_like(h)
+    total = torch.empty_like(h) if store else h.new_empty(0)
+    rstd = torch.empty(batch, hidden, dtype=torch.float32, device=h.device) if store else h.new_empty(0)
     prec = "ieee" if h.dtype == torch.float32 else "tf32"  # fp32 gets IEEE products, as torch.bmm
-    args = (h, wgu, wd, out, batch, seq, hidden, i_pad, eps)
+    args = (h, wgu, wd, out, total, rstd, batch, seq, hidden, i_pad, eps)
     if FIXED_CONFIG is not None or _KERNEL is _token_mlp_rmsnorm_fwd:  # one config, chosen here
         block_d, block_i, warps = FIXED_CONFIG or tiles[0]
         _token_mlp_rmsnorm_fwd[(triton.cdiv(hidden, block_d), batch)](
-            *args, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_I=block_i, PREC=prec, num_warps=warps, num_stages=2
-        )
+            *args, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_I=block_i, PREC=prec, STORE=store, num_warps=warps,
+            num_stages=2,
+        )  # fmt: skip
     else:
-        _KERNEL[lambda meta: (triton.cdiv(hidden, meta["BLOCK_D"]), batch)](*args, PREC=prec)
-    return out
+        _KERNEL[lambda meta: (triton.cdiv(hidden, meta["BLOCK_D"]), batch)](*args, PREC=prec, STORE=store)
+    return out, total, rstd
+
+
+@torch.library.custom_op("trm::token_mlp_rmsnorm", mutates_args=())
+def token_mlp_rmsnorm_fwd(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch(h, w_gate_up, w_down, eps, store=False)[0]
 
 
 @token_mlp_rmsnorm_fwd.register_fake
@@ -200,15 +218,77 @@ def _(h, w_gate_up, w_down, eps):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("trm::token_mlp_rmsnorm_train", mutates_args=())
+def token_mlp_rmsnorm_train(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> Triple:
+    """(out, the rounded pre-norm sum h + mix, rstd [B, D] fp32): the fused kernel, keeping
+    for backward what the norm's backward needs; the MLP's intermediates are not kept."""
+    return _launch(h, w_gate_up, w_down, eps, store=True)
+
+
+@token_mlp_rmsnorm_train.register_fake
+def _(h, w_gate_up, w_down, eps):
+    like = torch.empty_like(h, memory_format=torch.contiguous_format)
+    return like, torch.empty_like(like), h.new_empty(h.shape[0], h.shape[2], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    h, w_gate_up, w_down, _ = inputs
+    ctx.save_for_backward(h, w_gate_up, w_down, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, dout, *_):
+    """The sum's gradient from the norm's backward kernel; then gate|up recomputed by one
+    batched GEMM (what the forward did not keep) and the composition's backward: d(act),
+    the SwiGLU backward kernel, dh, and the weight gradients summed over the batch in fp32
+    and rounded once (reference.left_matmul's)."""
+    h, w_gate_up, w_down, total, rstd = ctx.saved_tensors
+    dsum, _ = _rmsnorm.add_rmsnorm_bwd(dout, None, total, None, None, rstd, 1, "triton")
+    batch = h.shape[0]
+    gate_up = torch.bmm(w_gate_up.expand(batch, -1, -1), h)  # [B, 2I, D], rounded as the forward's
+    act = _swiglu.swiglu_fwd(gate_up, 1)
+    dgu = _swiglu.swiglu_bwd(torch.bmm(w_down.t().expand(batch, -1, -1), dsum), gate_up, 1)
+    dh = torch.baddbmm(dsum, w_gate_up.t().expand(batch, -1, -1), dgu) if ctx.needs_input_grad[0] else None
+    dw_gate_up = reference._weight_grad(dgu, h) if ctx.needs_input_grad[1] else None
+    dw_down = reference._weight_grad(dsum, act) if ctx.needs_input_grad[2] else None
+    return dh, dw_gate_up, dw_down, None
+
+
+token_mlp_rmsnorm_train.register_autograd(_backward, setup_context=_setup)
+
+
+def composed(h, w_gate_up, w_down, eps):
+    """The Triton SwiGLU and add + RMSNorm kernels around batched GEMMs, keeping every
+    intermediate for backward (reference.token_mlp_rmsnorm with the fused element-wise ops)."""
+    ops = {"swiglu": _swiglu.swiglu, "add_rmsnorm": _rmsnorm.add_rmsnorm}
+    return reference.token_mlp_rmsnorm(h, w_gate_up, w_down, eps, **ops)
+
+
+def fused(h, w_gate_up, w_down, eps):
+    """The one-kernel forward; with grad its training form (backward recomputes gate|up)."""
+    if torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+        return token_mlp_rmsnorm_train(h, w_gate_up, w_down, eps)[0]
+    return token_mlp_rmsnorm_fwd(h, w_gate_up, w_down, eps)
+
+
+CANDIDATES = {"fused": fused, "composed": composed}
+
+
 def token_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
-    """The fused kernel where no gradient is needed, the sequence fits a tile and the device
-    can launch one of its configs; the composition of the Triton SwiGLU and add + RMSNorm
-    kernels otherwise."""
+    """The fused kernel where the sequence fits a tile and the device can launch one of its
+    configs (the composition otherwise). Without grad it is always faster (it moves a
+    fraction of the bytes); with grad its backward recomputes gate|up, so on a GPU the first
+    call of each signature times it against the composition and keeps the faster
+    (trm_kernels.tune)."""
     for name, t in (("h", h), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_input(name, t)
-    needs_grad = torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
-    if needs_grad or h.shape[1] > MAX_SEQ or not launchable_tiles(h.shape[1], h.device):
-        return reference.token_mlp_rmsnorm(
-            h, w_gate_up, w_down, eps, swiglu=_swiglu.swiglu, add_rmsnorm=_rmsnorm.add_rmsnorm
-        )
-    return token_mlp_rmsnorm_fwd(h, w_gate_up, w_down, eps)
+    if h.shape[1] > MAX_SEQ or not launchable_tiles(h.shape[1], h.device):
+        return composed(h, w_gate_up, w_down, eps)
+    if not (torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)):
+        return token_mlp_rmsnorm_fwd(h, w_gate_up, w_down, eps)
+    return CANDIDATES[tune.choose("token_mlp_rmsnorm", CANDIDATES, (h, w_gate_up, w_down, eps))](
+        h, w_gate_up, w_down, eps
+    )

@@ -163,17 +163,43 @@ def test_token_mlp_rmsnorm_autotuner_prunes_what_the_device_cannot_launch(monkey
         torch.ops.trm.token_mlp_rmsnorm(*inputs, 1e-5)
 
 
-def test_token_mlp_rmsnorm_runs_one_kernel_without_grad_and_the_composed_ops_with_grad():
-    h, w_gu, w_down = _token_mlp_inputs(2, 9, 16, 8, torch.float32)
+def _saved_bytes(fn, inputs) -> int:
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad) and t.data_ptr() not in {i.data_ptr() for i in inputs}:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(kept.values())
+
+
+def test_token_mlp_rmsnorm_kernels_with_and_without_grad(monkeypatch):
+    """No grad: the one kernel. With grad: its training form (writing the pre-norm sum and
+    rstd, all backward keeps besides the inputs) and a backward that recomputes gate|up
+    (one bmm) instead of keeping it; TRM_TUNE=composed: the composition, which keeps the
+    [B, 2I, D] gate|up and the down product (and the activation where W_down needs a gradient)."""
+    batch, seq, hidden, inter = 2, 9, 16, 8
+    h, w_gu, w_down = _token_mlp_inputs(batch, seq, hidden, inter, torch.float32)
     with torch.no_grad(), OpLog() as no_grad:
         K.token_mlp_rmsnorm(h, w_gu, w_down, backend="triton")
+    w_gu.requires_grad_()
     with OpLog() as with_grad:
-        K.token_mlp_rmsnorm(h, w_gu.requires_grad_(), w_down, backend="triton").sum().backward()
+        K.token_mlp_rmsnorm(h, w_gu, w_down, backend="triton").sum().backward()
     trm = torch.ops.trm
     assert no_grad.count(trm.token_mlp_rmsnorm) == 1 and no_grad.count(trm.swiglu) == 0
-    assert with_grad.count(trm.token_mlp_rmsnorm) == 0
-    for op in (trm.swiglu, trm.add_rmsnorm, trm.swiglu_backward, trm.add_rmsnorm_backward):
-        assert with_grad.count(op) > 0, op
+    assert with_grad.count(trm.token_mlp_rmsnorm_train) == 1 and with_grad.count(trm.add_rmsnorm) == 0
+    assert with_grad.count(trm.add_rmsnorm_backward) == 1 and with_grad.count(trm.swiglu_backward) == 1
+    fused = _saved_bytes(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), (h, w_gu, w_down))
+    assert fused == batch * seq * hidden * 4 + batch * hidden * 4  # the sum, rstd
+    monkeypatch.setenv("TRM_TUNE", "composed")
+    with OpLog() as composed:
+        K.token_mlp_rmsnorm(h, w_gu, w_down, backend="triton").sum().backward()
+    assert composed.count(trm.token_mlp_rmsnorm_train) == 0 and composed.count(trm.add_rmsnorm) == 1
+    kept = _saved_bytes(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), (h, w_gu, w_down))
+    assert kept >= batch * 2 * inter * hidden * 4 + fused  # gate|up at least (w_down needs no grad here)
 
 
 def test_token_mlp_rmsnorm_longer_sequences_than_a_tile_take_the_composed_ops():
