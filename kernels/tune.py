@@ -105,12 +105,14 @@ def _describe(args: tuple) -> str:
 
 
 def _can_time(args: tuple) -> bool:
-    if mode() == "off" or torch.compiler.is_compiling():
+    """Not untimed modes, not while torch.compile traces, never during CUDA-graph capture
+    (timing synchronises and allocates); on CPU only with a stand-in timer."""
+    if mode() != "on" or torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    if device.type == "cuda":
-        return not torch.cuda.is_current_stream_capturing()
-    return _timer is not None  # on CPU only with a stand-in timer
+    return device.type == "cuda" or _timer is not None
 
 
 def _run(fn: Callable, args: tuple) -> Callable[[], object]:

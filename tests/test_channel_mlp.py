@@ -45,7 +45,7 @@ def _check(rows, hidden, inter, dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "rows, hidden, inter",
-    [((1,), 16, 16), ((5,), 40, 24), ((2, 97), 48, 40), ((70,), 96, 80), ((3, 7), 33, 17)],
+    [((1,), 16, 16), ((5,), 40, 24), ((2, 97), 48, 40), ((70,), 96, 80), ((3, 7), 33, 17), ((1, 916), 24, 40)],
 )
 def test_forward_and_backward_against_the_reference_and_float64(dtype, rows, hidden, inter):
     _check(rows, hidden, inter, dtype)
@@ -210,6 +210,22 @@ def test_tuning_off_runs_the_fused_kernels_untimed_and_composed_the_composition(
     monkeypatch.setenv("TRM_TUNE", "sometimes")
     with pytest.raises(ValueError, match="TRM_TUNE='sometimes'"):
         _fused(*inputs)
+
+
+def test_nothing_is_timed_during_cuda_graph_capture_or_compilation(monkeypatch):
+    """Inside a capture (or a torch.compile trace) an untimed signature runs the fused kernels
+    and records no choice: timing would synchronise and allocate inside the graph."""
+    timer = _Timer({"fused": 2.0, "cuBLAS + swiglu": 1.0})
+    tune.set_timer(timer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    inputs = _inputs((6,), 16, 8, torch.float32)
+    with OpLog() as log:
+        _fused(*inputs)
+    assert log.count(torch.ops.trm.swiglu_mlp) == 1 and not timer.calls and not tune.report()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    _fused(*inputs)  # outside: timed once, then kept
+    assert len(timer.calls) == 2 and [d["choice"] for d in tune.report()] == ["cuBLAS + swiglu"]
 
 
 def test_the_parity_guard_checks_the_candidate_the_call_ran(monkeypatch):
