@@ -22,6 +22,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# No timing of fused GEMMs against cuBLAS (trm_kernels.tune) unless a test asks for it: on a
+# GPU the tests then run the fused kernels themselves, and count the ops they dispatch.
+os.environ.setdefault("TRM_TUNE", "off")
+
 
 @pytest.fixture(scope="session")
 def sudoku4_data(tmp_path_factory):

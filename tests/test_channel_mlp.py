@@ -19,11 +19,17 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch):
-    """Each test starts with no timed choice and no stand-in timer."""
+    """Each test starts with no timed choice and no stand-in timer (and TRM_TUNE=off, conftest)."""
     tune.reset()
     monkeypatch.setattr(tune, "_timer", None)
     yield
     tune.reset()
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Candidates timed (TRM_TUNE=on), by a stand-in timer the test sets."""
+    monkeypatch.setenv("TRM_TUNE", "on")
 
 
 def _inputs(rows: tuple[int, ...], hidden: int, inter: int, dtype, seed: int = 0):
@@ -175,7 +181,7 @@ class _Timer:
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("faster", ["fused", "cuBLAS + swiglu"])
-def test_the_faster_candidate_is_timed_once_and_kept(monkeypatch, grad, faster):
+def test_the_faster_candidate_is_timed_once_and_kept(tuning, monkeypatch, grad, faster):
     """The first call of a signature times both candidates (forward and backward with grad),
     runs the faster and keeps it; the next call times nothing; another shape is timed again."""
     times = {"fused": 1.0, "cuBLAS + swiglu": 2.0} if faster == "fused" else {"fused": 2.0, "cuBLAS + swiglu": 1.0}
@@ -195,7 +201,7 @@ def test_the_faster_candidate_is_timed_once_and_kept(monkeypatch, grad, faster):
     assert (ran > 0) == (faster == "fused") and len(timer.calls) == 4
 
 
-def test_tuning_off_runs_the_fused_kernels_untimed_and_composed_the_composition(monkeypatch):
+def test_tuning_off_runs_the_fused_kernels_untimed_and_composed_the_composition(tuning, monkeypatch):
     timer = _Timer({"fused": 2.0, "cuBLAS + swiglu": 1.0})
     tune.set_timer(timer)
     monkeypatch.setenv("TRM_TUNE", "off")
@@ -212,7 +218,7 @@ def test_tuning_off_runs_the_fused_kernels_untimed_and_composed_the_composition(
         _fused(*inputs)
 
 
-def test_nothing_is_timed_during_cuda_graph_capture_or_compilation(monkeypatch):
+def test_nothing_is_timed_during_cuda_graph_capture_or_compilation(tuning, monkeypatch):
     """Inside a capture (or a torch.compile trace) an untimed signature runs the fused kernels
     and records no choice: timing would synchronise and allocate inside the graph."""
     timer = _Timer({"fused": 2.0, "cuBLAS + swiglu": 1.0})
@@ -228,7 +234,7 @@ def test_nothing_is_timed_during_cuda_graph_capture_or_compilation(monkeypatch):
     assert len(timer.calls) == 2 and [d["choice"] for d in tune.report()] == ["cuBLAS + swiglu"]
 
 
-def test_the_parity_guard_checks_the_candidate_the_call_ran(monkeypatch):
+def test_the_parity_guard_checks_the_candidate_the_call_ran(tuning, monkeypatch):
     """The guard's slice of the inputs (a new signature) runs what the full call chose,
     untimed: with cuBLAS chosen, no fused kernel runs inside the check either."""
     tune.set_timer(_Timer({"fused": 2.0, "cuBLAS + swiglu": 1.0}))
@@ -333,7 +339,7 @@ def test_sublayer_opcheck_and_compile():
 
 
 @pytest.mark.parametrize("hidden, timed", [(16, 3), (520, 2)])
-def test_sublayer_times_every_candidate_it_can_run(hidden, timed):
+def test_sublayer_times_every_candidate_it_can_run(tuning, hidden, timed):
     """Three candidates where the norm epilogue fits the hidden size, two above it."""
     timer = _Timer({"a": 3.0, "b": 1.0, "c": 2.0})
     tune.set_timer(timer)
