@@ -215,21 +215,24 @@ def swiglu_mlp(
     return call("swiglu_mlp", x.device, backend, x, w_gate_up, w_down)
 
 
-def _check_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, name: str = "x") -> None:
-    _check_float(name, x)
+def _check_mlp_weights(name: str, x: torch.Tensor, w_gate_up, w_down, axis: str, size: int) -> None:
+    """w_gate_up [2I, size] and w_down [size, I] of x's dtype and device (axis: what size is)."""
     for wname, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         _check_float(wname, w)
         if w.dtype != x.dtype:
             raise TypeError(f"{wname} has dtype {w.dtype} but {name} has dtype {x.dtype}")
         if w.device != x.device:
             raise ValueError(f"{wname} is on {w.device} but {name} is on {x.device}")
-    hidden = x.shape[-1]
-    if w_gate_up.dim() != 2 or w_gate_up.shape[1] != hidden or w_gate_up.shape[0] % 2:
-        raise ValueError(f"w_gate_up must be [2*inter, hidden={hidden}], got shape {tuple(w_gate_up.shape)}")
-    if w_down.shape != (hidden, w_gate_up.shape[0] // 2):
-        raise ValueError(
-            f"w_down must be [hidden, inter] = {(hidden, w_gate_up.shape[0] // 2)}, got {tuple(w_down.shape)}"
-        )
+    if w_gate_up.dim() != 2 or w_gate_up.shape[1] != size or w_gate_up.shape[0] % 2:
+        raise ValueError(f"w_gate_up must be [2*inter, {axis}={size}], got shape {tuple(w_gate_up.shape)}")
+    if w_down.shape != (size, w_gate_up.shape[0] // 2):
+        raise ValueError(f"w_down must be [{axis}, inter] = {(size, w_gate_up.shape[0] // 2)}, "
+                         f"got {tuple(w_down.shape)}")  # fmt: skip
+
+
+def _check_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, name: str = "x") -> None:
+    _check_float(name, x)
+    _check_mlp_weights(name, x, w_gate_up, w_down, "hidden", x.shape[-1])
 
 
 def swiglu_mlp_rmsnorm(
@@ -261,24 +264,16 @@ def token_mlp_rmsnorm(
     h [B, S, D]; w_gate_up [2I, S] (gate rows first); w_down [S, I]; all one dtype (cast the
     weights first); returns [B, S, D] in it. Each batch element is multiplied by the weights
     from the left (no transposes; the weight gradients are summed over the batch in fp32 and
-    rounded once). Where no gradient is needed (the no-grad recursion, evaluation) the triton
-    backend runs it as one kernel that never writes the [B, 2I, D] intermediate (S <= 256);
-    with grad it composes the fused ops, which keep what their backward needs.
+    rounded once). The triton backend runs it as one kernel that never writes the [B, 2I, D]
+    intermediate (S <= 256). With grad that kernel also writes the pre-norm sum and rstd, all
+    its backward keeps, and the backward recomputes gate|up by one batched GEMM; on a GPU the
+    first call of each signature times that against the composition of the fused elementwise
+    ops, which keeps every intermediate, and runs the faster (``trm_kernels.tune``).
     """
     _check_float("h", h)
     if h.dim() != 3:
         raise ValueError(f"h must be [batch, seq, hidden], got shape {tuple(h.shape)}")
-    seq = h.shape[1]
-    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        _check_float(name, w)
-        if w.dtype != h.dtype:
-            raise TypeError(f"{name} has dtype {w.dtype} but h has dtype {h.dtype}")
-        if w.device != h.device:
-            raise ValueError(f"{name} is on {w.device} but h is on {h.device}")
-    if w_gate_up.dim() != 2 or w_gate_up.shape[1] != seq or w_gate_up.shape[0] % 2:
-        raise ValueError(f"w_gate_up must be [2*inter, seq={seq}], got shape {tuple(w_gate_up.shape)}")
-    if w_down.shape != (seq, w_gate_up.shape[0] // 2):
-        raise ValueError(f"w_down must be [seq, inter] = {(seq, w_gate_up.shape[0] // 2)}, got {tuple(w_down.shape)}")
+    _check_mlp_weights("h", h, w_gate_up, w_down, "seq", h.shape[1])
     return call("token_mlp_rmsnorm", h.device, backend, h, w_gate_up, w_down, eps)
 
 

@@ -59,6 +59,25 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def _gemm(A, B, rows, m_ok, cols, n_ok, K, ld_b, acc,
+          B_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """acc + A[rows, :] @ B[:, cols] over K in BLOCK_K steps, A [M, K] row-major; B [K, N] with
+    leading dimension ld_b, or stored transposed ([N, K], B_T) as nn.Linear weights are."""
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(A + rows[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if B_T:
+            b_offs = cols[None, :].to(tl.int64) * ld_b + k[:, None]
+        else:
+            b_offs = k[:, None].to(tl.int64) * ld_b + cols[None, :]
+        b = tl.load(B + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _linear_swiglu_fwd(
     X, W, ACT, GU, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -101,16 +120,9 @@ def _swiglu_mlp_bwd(
     DGU [M, 2I] and the activation recomputed into ACT [M, N], from gate|up GU [M, 2I]."""
     dtype = DY.dtype.element_ty
     rm, rn = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rk = tl.arange(0, BLOCK_K)
     rows = rm.to(tl.int64)
     m_ok, n_ok = rm < M, rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        k_ok = k < K
-        a = tl.load(DY + rows[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(WD + k[:, None].to(tl.int64) * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PREC)
+    acc = _gemm(DY, WD, rows, m_ok, rn, n_ok, K, N, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), False, BLOCK_K, PREC)
     mask = m_ok[:, None] & n_ok[None, :]
     d = acc.to(dtype).to(tl.float32)  # d(act) as the composition stores it
     gu_offs = rows[:, None] * (2 * N) + rn[None, :]
@@ -133,17 +145,10 @@ def _down_add_rmsnorm_fwd(
     BLOCK_M whole rows (BLOCK_N >= N), so the norm's statistics are taken in the epilogue.
     Writes rstd [M] (fp32) and, when STORE_SUM, the rounded sum h + mix for backward."""
     dtype = A.dtype.element_ty
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn, rk = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    rm, rn = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
     rows = rm.to(tl.int64)
     m_ok, n_ok = rm < M, rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        k_ok = k < K
-        a = tl.load(A + rows[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(WD + rn[None, :].to(tl.int64) * K + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PREC)
+    acc = _gemm(A, WD, rows, m_ok, rn, n_ok, K, K, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), True, BLOCK_K, PREC)
     mask = m_ok[:, None] & n_ok[None, :]
     offs = rows[:, None] * N + rn[None, :]
     h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
