@@ -16,6 +16,7 @@ from trm_kernels import reference as R
 from trm_kernels._triton import interpreting
 
 from .common import Row, bench
+from .targets import AUTO_MLP
 
 Provider = tuple[str, Callable]
 
@@ -89,7 +90,7 @@ def _channel_mlp_cases(rows_list, hidden, inter, dtype, device, compile_ok) -> I
         case = f"swiglu_mlp {batch * seq}x{hidden}, I={inter}"
         providers = _providers("swiglu_mlp", R.swiglu_mlp, compile_ok, device)
         if "triton" in K.available("swiglu_mlp") and fused_runs_on(device):
-            providers[-1] = ("triton (auto: the faster, timed)", providers[-1][1])
+            providers[-1] = (AUTO_MLP, providers[-1][1])
             providers += [("cuBLAS + triton swiglu", channel_mlp.composed),
                           ("triton GEMM epilogues", channel_mlp.fused)]  # fmt: skip
         for name, fn in providers:

@@ -164,6 +164,12 @@ def test_targets_are_checked_against_the_run():
             tflops=380.0,
             extra={"batch": 768, "peak_gib": 20},
         ),  # fmt: skip
+        Row("swiglu_mlp forward", "74496x512", targets.AUTO_MLP, 1.02, tflops=1.0),
+        Row("swiglu_mlp forward", "74496x512", "cuBLAS + triton swiglu", 1.0, tflops=1.0),
+        Row("swiglu_mlp forward", "74496x512", "triton GEMM epilogues", 1.2, tflops=1.0),
+        Row("swiglu_mlp backward", "74496x512", targets.AUTO_MLP, 2.0, tflops=1.0),
+        Row("swiglu_mlp backward", "74496x512", "cuBLAS + triton swiglu", 1.5, tflops=1.0),
+        Row("swiglu_mlp backward", "74496x512", "triton GEMM epilogues", 1.8, tflops=1.0),
         Row("evaluation (full solve)", "sudoku-mlp B=1", "eager", 50.0, extra={"batch": 1}),
         Row("evaluation (full solve)", "sudoku-mlp B=1", "fused + CUDA graphs", 5.0, extra={"batch": 1}),
     ]
@@ -182,6 +188,8 @@ def test_targets_are_checked_against_the_run():
     assert met("training step MFU >= 45%", "sudoku-mlp B=768")  # 380 / 800
     assert met("training peak memory <= eager's", "sudoku-mlp B=768")
     assert met("evaluation (full solve): ours >= 5.0x eager", "sudoku-mlp B=1")  # 10x
+    assert met("swiglu_mlp forward: the timed choice within 5% of the faster candidate", "74496x512")  # 1.02x
+    assert met("swiglu_mlp backward: the timed choice within 5% of the faster candidate", "74496x512") is False
     md = report.markdown(_results("H100", rows))
     assert "| training step: ours >= 2.0x eager | maze B=768 |  | not measured |" in md
 
