@@ -53,13 +53,20 @@ def _has_bias(linear: nn.Module) -> bool:
     return getattr(linear, "bias", None) is not None
 
 
+def _linear_problem(module, name: str, what: str, bias_note: str = "") -> str | None:
+    """Why `module.name` is not a bias-free linear layer with a weight, or None."""
+    layer = getattr(module, name, None)
+    if not isinstance(getattr(layer, "weight", None), torch.Tensor):
+        return f"{what} has no {name}.weight"
+    if _has_bias(layer):
+        return f"{what}.{name} has a bias{bias_note}"
+    return None
+
+
 def _swiglu_problem(mlp, what: str) -> str | None:
     for name in ("gate_up_proj", "down_proj"):
-        layer = getattr(mlp, name, None)
-        if not isinstance(getattr(layer, "weight", None), torch.Tensor):
-            return f"{what} has no {name}.weight"
-        if _has_bias(layer):
-            return f"{what}.{name} has a bias (the reference's SwiGLU has none)"
+        if problem := _linear_problem(mlp, name, what, " (the reference's SwiGLU has none)"):
+            return problem
     if mlp.gate_up_proj.weight.shape[0] != 2 * mlp.down_proj.weight.shape[1]:
         return f"{what}.gate_up_proj is not [2 * intermediate, in] for its down_proj"
     return None
@@ -70,11 +77,8 @@ def _attention_problem(attn) -> str | None:
         if not hasattr(attn, name):
             return f"self_attn has no {name}"
     for name in ("qkv_proj", "o_proj"):
-        layer = getattr(attn, name, None)
-        if not isinstance(getattr(layer, "weight", None), torch.Tensor):
-            return f"self_attn has no {name}.weight"
-        if _has_bias(layer):
-            return f"self_attn.{name} has a bias"
+        if problem := _linear_problem(attn, name, "self_attn"):
+            return problem
     width = (attn.num_heads + 2 * attn.num_key_value_heads) * attn.head_dim
     if attn.qkv_proj.weight.shape[0] != width:
         return f"self_attn.qkv_proj has {attn.qkv_proj.weight.shape[0]} outputs, not (heads + 2 kv heads) * head_dim"

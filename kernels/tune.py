@@ -19,11 +19,12 @@ checks (:func:`same_choice`).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from .settings import env_choice
 
 MODES = ("on", "off", "composed")
 
@@ -50,10 +51,7 @@ def mode() -> str:
     (cuBLAS + separate ops): :func:`use_mode`'s, else ``TRM_TUNE``."""
     if _override is not None:
         return _override
-    value = os.environ.get("TRM_TUNE", "on").strip().lower() or "on"
-    if value not in MODES:
-        raise ValueError(f"TRM_TUNE={value!r}: choose one of {', '.join(MODES)}")
-    return value
+    return env_choice("TRM_TUNE", "on", MODES)
 
 
 @contextlib.contextmanager

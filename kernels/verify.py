@@ -24,7 +24,6 @@ fp32). Error is the relative norm ``||out - oracle|| / ||oracle||``.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tune
+from .settings import env_choice
 
 MODES = ("first", "always", "off")
 ROWS = 2  # batch rows compared per check
@@ -90,10 +90,7 @@ def get_verify() -> str:
     (every call, for debugging) or ``off``; set by set_verify / use_verify or ``TRM_VERIFY``."""
     if _override is not None:
         return _override
-    mode = os.environ.get("TRM_VERIFY", "first").strip().lower() or "first"
-    if mode not in MODES:
-        raise ValueError(f"TRM_VERIFY={mode!r}: choose one of {', '.join(MODES)}")
-    return mode
+    return env_choice("TRM_VERIFY", "first", MODES)
 
 
 def set_verify(mode: str) -> None:
