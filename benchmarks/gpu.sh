@@ -9,14 +9,16 @@
 #   bash benchmarks/gpu.sh $OUT model=maze,hrm-sudoku
 #   bash benchmarks/gpu.sh $OUT adaptive                              # train sudoku4, adaptive vs fixed evaluation
 #   bash benchmarks/gpu.sh $OUT lm                                    # the recurrent-depth LM, plain vs trm_kernels.nn
-#   bash benchmarks/gpu.sh $OUT mlp                                   # SwiGLU in the GEMMs against cuBLAS + swiglu
+#   bash benchmarks/gpu.sh $OUT mlp                                   # the fused MLP kernels against cuBLAS + separate ops
 #
 # doctor: `trm doctor` (environment, parity of every op and dtype, graphs, op speeds) in
 # OUT_DIR/doctor/. tests: build the extension, then every test on CUDA (bf16 kernels, the extension,
 # graph capture, graph vs eager). ops: results in OUT_DIR/ops/. mlp: the SwiGLU MLP's op rows
 # (OUT_DIR/mlp/: eager, torch.compile, cuBLAS + swiglu, our GEMM epilogues, auto's timed
-# choice), then the sudoku-mlp model table with the GEMM epilogues forced (TRM_TUNE=off,
-# OUT_DIR/mlp-model-off/) and without them (TRM_TUNE=composed, OUT_DIR/mlp-model-composed/).
+# choice) and the mlp_t sub-layer's with grad (eager, torch.compile, the composition, the
+# fused training kernels, auto's timed choice), then the sudoku-mlp model table with every
+# fused GEMM kernel forced (TRM_TUNE=off, OUT_DIR/mlp-model-off/) and with the compositions
+# instead (TRM_TUNE=composed, OUT_DIR/mlp-model-composed/).
 # model: results in OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
 # results as they go, so a part stopped by a time limit (PART_TIMEOUT seconds, default
 # 540) keeps what it measured. Merge the parts of one GPU run with

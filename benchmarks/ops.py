@@ -7,6 +7,7 @@ attention with B*H = 768*8, d = 64. ``quick`` shrinks everything for a CPU smoke
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -16,7 +17,7 @@ from trm_kernels import reference as R
 from trm_kernels._triton import interpreting
 
 from .common import Row, bench
-from .targets import AUTO_MLP
+from .targets import AUTO_MLP, TOKEN_COMPOSED, TOKEN_FUSED
 
 Provider = tuple[str, Callable]
 
@@ -212,6 +213,36 @@ def _token_mlp_cases(batch, seq, hidden, inter, dtype, device, compile_ok) -> It
         yield Row("mlp_t sub-layer forward, no grad", case, name, ms, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9)
 
 
+def _token_mlp_training_cases(batch, seq, hidden, inter, dtype, device, compile_ok) -> Iterator[Row]:
+    """The mlp_t sub-layer with grad, forward and backward together: eager, torch.compile,
+    the composition (batched GEMMs around the Triton SwiGLU and norm kernels, keeping every
+    intermediate), the fused training kernels (the one-kernel forward writing the pre-norm
+    sum and rstd, then dh and the weight gradients by the two recomputing kernels), and
+    what ``auto`` keeps after timing both (trm_kernels.tune). TFLOP/s counts the eager
+    step's GEMMs (3 forward, 6 backward) whatever a provider recomputes."""
+    from trm_kernels import token_mlp
+
+    h = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
+    w_gu = torch.randn(2 * inter, seq, device=device, dtype=dtype) * seq**-0.5
+    w_down = torch.randn(seq, inter, device=device, dtype=dtype) * inter**-0.5
+    flops = 3 * 2 * batch * hidden * 3 * inter * seq
+    case = f"h {batch}x{seq}x{hidden}, I={inter}"
+    providers = _providers("token_mlp_rmsnorm", R.token_mlp_rmsnorm, compile_ok, device)
+    if fused_runs_on(device) and "triton" in K.available("token_mlp_rmsnorm"):
+        providers[-1] = (AUTO_MLP, providers[-1][1])
+        providers += [(TOKEN_COMPOSED, token_mlp.composed), (TOKEN_FUSED, token_mlp.fused)]
+    leaves = [t.detach().requires_grad_() for t in (h, w_gu, w_down)]
+    grad = torch.randn_like(h)
+    for name, fn in providers:
+
+        def step(_f=fn):
+            out = _f(*leaves, 1e-5)
+            torch.autograd.grad(out, leaves, grad)
+
+        ms = bench(step, device)
+        yield Row("mlp_t sub-layer forward+backward", case, name, ms, tflops=flops / ms / 1e9)
+
+
 def _shapes(quick: bool):
     if quick:
         return [(2, 17)], 64, 96, [(2, 17, 2, 32)]
@@ -230,7 +261,8 @@ def channel_mlp(device: torch.device, quick: bool, compile_ok: bool) -> list[Row
     """The SwiGLU MLP's rows alone (``trm_benchmarks.run --only mlp``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows_list, hidden, inter, _ = _shapes(quick)
-    return _printed(_channel_mlp_cases(rows_list[:1], hidden, inter, dtype, device, compile_ok))
+    token = _token_mlp_training_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok)
+    return _printed(itertools.chain(_channel_mlp_cases(rows_list[:1], hidden, inter, dtype, device, compile_ok), token))
 
 
 def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
@@ -246,6 +278,7 @@ def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
         _attention_cases(attn, dtype, device, compile_ok),
         _token_mix_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device),
         _token_mlp_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),
+        _token_mlp_training_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),
     ):
         out += _printed(cases)
     return out

@@ -77,6 +77,21 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             (warps, 2))
         for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles for store in (False, True)
     }  # fmt: skip
+    token_bwd_sig = {"DSUM": t, "H": t, "WGU": t, "WD": t, "S": "i32", "D": "i32", "I_PAD": "i32"}
+    token_dw_sig = token_bwd_sig | {"PARTIAL": "*fp32", "TILES": "i32", "PER_SPLIT": "i32"}
+    for block_s, tiles in token_mlp.BWD_CONFIGS.items():  # the training backward's two recomputing kernels
+        for which, kernel, sig in (
+            ("dh", token_mlp._token_mlp_bwd_dh, token_bwd_sig | {"DH": t}),
+            ("dw", token_mlp._token_mlp_bwd_dw, token_dw_sig),
+        ):  # fmt: skip
+            bd, bi, warps = tiles[which]
+            token_mlp_configs[token_mlp.bwd_config_name(which, block_s)] = (
+                kernel,
+                dict(sorted(sig.items(), key=lambda kv: list(kernel.arg_names).index(kv[0]))),
+                {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32"},
+                {"D", "I_PAD"},
+                (warps, 2),
+            )
     # the channel MLP: rows M = 768 * 97, hidden K = 512, intermediate N = 1536 (all multiples of 16)
     mlp_sizes = {"M": "i32", "N": "i32", "K": "i32"}
     mlp_fwd = {"X": t, "W": t, "ACT": t, "GU": t, **mlp_sizes}

@@ -82,6 +82,9 @@ LAUNCHES = {
     "trm.rope_attention_backward": 3,  # delta = rowsum(dO * O), dK/dV, dQ
     "trm.token_mlp_rmsnorm": 5,  # two zero-padded weight copies (fill + copy each), the fused kernel
     "trm.token_mlp_rmsnorm_train": 5,  # the same, writing the pre-norm sum and rstd too
+    # with both gradients: the norm's backward, the weight padding (4), the dh kernel, the
+    # weight-gradient kernel, the sum of its slices, two rounding copies (PARTS)
+    "trm.token_mlp_rmsnorm_backward": 10,
     "trm.swiglu_mlp": 2,  # the gate|up GEMM with SwiGLU in its epilogue, cuBLAS's down GEMM (PARTS)
     "trm.swiglu_mlp_train": 2,
     "trm.swiglu_mlp_rmsnorm": 2,  # the two GEMMs with their epilogues (PARTS)

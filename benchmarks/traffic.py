@@ -71,7 +71,44 @@ def _swiglu_mlp_rmsnorm_parts(args, out) -> list[tuple[str, int, int]]:
     return [up, down]
 
 
+def _token_mlp_backward_parts(args, out) -> list[tuple[str, int, int]]:
+    """trm::token_mlp_rmsnorm_backward, launch by launch: the norm's backward (writing dsum),
+    the two zero-padded weight copies (fill + copy each), the dh kernel, the weight-gradient
+    kernel writing its fp32 partial sums per slice, their sum, and the two rounding copies.
+    FLOPs by what the kernels compute on the unpadded shapes: dh recomputes gate|up (4 I*S*D
+    per batch element) and d(act) (2), then W_gate_up^T d(gate|up) (4); the weight gradients
+    recompute the same (6) and add d(W_gate_up) (4) and d(W_down) (2)."""
+    from trm_kernels import token_mlp
+
+    dout, h, w_gate_up, w_down, total, rstd, need_dh, need_dweights = args
+    batch, seq, hidden = h.shape
+    inter, elt = w_down.shape[1], h.element_size()
+    block_s = max(16, 1 << (seq - 1).bit_length())
+    i_pad = -(-inter // token_mlp.I_ALIGN) * token_mlp.I_ALIGN
+    padded = (2 * i_pad * block_s * elt, block_s * i_pad * elt)
+    dsum, product = nbytes(h), batch * seq * hidden * inter
+    parts = [("trm.token_mlp_rmsnorm_backward: norm backward", nbytes((dout, total, rstd)) + dsum, 0)]
+    for weight, size in zip((w_gate_up, w_down), padded, strict=True):
+        parts += [("trm.token_mlp_rmsnorm_backward: weight padding", size, 0),
+                  ("trm.token_mlp_rmsnorm_backward: weight padding", nbytes(weight) + size, 0)]  # fmt: skip
+    if need_dh:
+        parts.append(("trm.token_mlp_rmsnorm_backward: dh kernel", dsum + nbytes(h) + sum(padded) + nbytes(out[0]),
+                      10 * product))  # fmt: skip
+    if need_dweights:
+        splits, _ = token_mlp.dw_splits(batch, seq, hidden)
+        partial, summed = splits * 3 * i_pad * block_s * 4, 3 * i_pad * block_s * 4
+        parts += [
+            ("trm.token_mlp_rmsnorm_backward: weight-gradient kernel", dsum + nbytes(h) + sum(padded) + partial,
+             12 * product),
+            ("trm.token_mlp_rmsnorm_backward: weight-gradient sum", partial + summed, 0),
+            ("trm.token_mlp_rmsnorm_backward: weight-gradient rounding", nbytes(out[1]) * (1 + 4 // elt), 0),
+            ("trm.token_mlp_rmsnorm_backward: weight-gradient rounding", nbytes(out[2]) * (1 + 4 // elt), 0),
+        ]  # fmt: skip
+    return parts
+
+
 PARTS = {
+    "trm.token_mlp_rmsnorm_backward": _token_mlp_backward_parts,
     "trm.swiglu_mlp": _swiglu_mlp_parts,
     "trm.swiglu_mlp_train": _swiglu_mlp_parts,
     "trm.swiglu_mlp_rmsnorm": _swiglu_mlp_rmsnorm_parts,

@@ -436,9 +436,12 @@ def _setup(ctx, inputs, output):
     qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask = inputs
     ctx.save_for_backward(qkv, cos, sin, key_mask, output[0], output[1])
     ctx.num_heads, ctx.num_kv_heads, ctx.causal = num_heads, num_kv_heads, causal
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs backward ignores
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:  # the output is unused
+        return None, None, None, None, None, None, None
     qkv, cos, sin, key_mask, out, lse = ctx.saved_tensors
     dqkv = attention_bwd(dout, qkv, cos, sin, out, lse, ctx.num_heads, ctx.num_kv_heads, ctx.causal, key_mask)
     return dqkv, None, None, None, None, None, None

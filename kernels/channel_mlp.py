@@ -168,10 +168,11 @@ GROUP_M = 8
 # 128x128x32 (8 warps) and 64x128x64 (4 warps) spill 64-120 B forward on mma.sync
 # architectures and 1.1-2.6 KB backward everywhere but Blackwell (the epilogue holds
 # d(act), gate, up and the activation for the whole tile). The interpreter runs
-# INTERPRETER_CONFIG (small tiles: odd sizes cross tile edges in the tests); FIXED_CONFIG,
-# where set, runs everywhere (tests run each config).
+# INTERPRETER_CONFIG: wide tiles, as its cost is per operation whatever the tile's size (the
+# kernel tests set small ones, so that odd sizes cross tile edges); FIXED_CONFIG, where set,
+# runs everywhere (tests run each config).
 CONFIGS = [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]
-INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
+INTERPRETER_CONFIG = (128, 128, 64, 4, 1)
 # Shared memory each config's forward kernel takes (two weight tiles per step: more than the
 # backward's) per architecture, bf16 and fp16, as `python -m trm_benchmarks.ptx` reports with
 # triton 3.9; the autotuner drops a config the device cannot launch. tests/test_ptx.py fails
@@ -293,9 +294,12 @@ def _setup(ctx, inputs, output):
     x, w_gate_up, w_down = inputs
     ctx.save_for_backward(x, w_gate_up, w_down, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs backward ignores
 
 
 def _backward(ctx, dy, _dgate_up):
+    if dy is None:  # the output is unused
+        return None, None, None
     x, w_gate_up, w_down, gate_up = ctx.saved_tensors
     dgu, act = swiglu_mlp_bwd(dy, gate_up, w_down)
     dx = torch.mm(dgu, w_gate_up) if ctx.needs_input_grad[0] else None
@@ -355,7 +359,7 @@ MAX_NORM_HIDDEN = 512  # a row of the down GEMM's output is one tile: [BLOCK_M, 
 # 16x512x64 needs 132 KB of shared memory. Each takes 68 KB (69632 B) on every architecture.
 NORM_CONFIGS = [(32, 32, 8, 3), (32, 64, 8, 2)]
 NORM_SHARED_BYTES = 69632
-NORM_INTERPRETER_CONFIG = (16, 32, 4, 1)
+NORM_INTERPRETER_CONFIG = (64, 128, 4, 1)  # wide, as INTERPRETER_CONFIG
 NORM_FIXED_CONFIG: tuple[int, int, int, int] | None = None
 
 
@@ -437,9 +441,12 @@ def _norm_setup(ctx, inputs, output):
     _, gate_up, total, rstd = output
     ctx.save_for_backward(h, w_gate_up, w_down, gate_up, total, rstd)
     ctx.mark_non_differentiable(gate_up, total, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs backward ignores
 
 
 def _norm_backward(ctx, dout, *_):
+    if dout is None:  # the output is unused
+        return None, None, None, None
     h, w_gate_up, w_down, gate_up, total, rstd = ctx.saved_tensors
     dsum, _ = _rmsnorm.add_rmsnorm_bwd(dout, None, total, None, None, rstd, 1, "triton")  # d(h + mix)
     dgu, act = swiglu_mlp_bwd(dsum, gate_up, w_down)

@@ -102,9 +102,12 @@ def _(logits, labels, ignore_index, stablemax):
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs backward ignores
 
 
 def _backward(ctx, dloss, _ddlogits):
+    if dloss is None:  # the loss is unused
+        return None, None, None, None
     (dlogits,) = ctx.saved_tensors
     return (dlogits * dloss.unsqueeze(-1)).to(dlogits.dtype), None, None, None
 

@@ -211,10 +211,17 @@ def _setup(ctx, inputs, output):
     x, residual, weight, dim, _, prenorm, impl = inputs
     ctx.save_for_backward(x, residual, weight, output[2])
     ctx.dim, ctx.prenorm, ctx.impl = dim, prenorm, impl
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for rstd (and the empty sum of a post-norm)
+    ctx.outputs = [(o.shape, o.dtype) for o in output[:2]]
 
 
 def _backward(ctx, dy, dsum, _drstd):
+    if dy is None and (dsum is None or not ctx.prenorm):  # no output is used
+        return None, None, None, None, None, None, None
     x, residual, weight, rstd = ctx.saved_tensors
+    if dy is None or (ctx.prenorm and dsum is None):  # one of a pre-norm's two outputs is unused
+        dy, dsum = (g if g is not None else torch.zeros(shape, dtype=dtype, device=x.device)
+                    for g, (shape, dtype) in zip((dy, dsum), ctx.outputs, strict=True))  # fmt: skip
     dh, dweight = add_rmsnorm_bwd(dy, dsum if ctx.prenorm else None, x, residual, weight, rstd, ctx.dim, ctx.impl)
     dx = dh.to(x.dtype)
     dr = dh.to(residual.dtype) if residual is not None else None

@@ -23,12 +23,27 @@ the same roundings; only the GEMMs' accumulation order differs.
 Training: the same kernel also writes the rounded pre-norm sum and one fp32 rstd per
 hidden unit, all its backward keeps besides h and the weights (the composition keeps the
 [B, 2I, D] gate|up, the [B, I, D] activation and the [B, S, D] down product: 16x the bytes
-at Sudoku's sizes). Backward: the norm's backward kernel, gate|up recomputed by one batched
-GEMM, then the composition's backward (d(act), the SwiGLU backward kernel, dh, and weight
-gradients summed over the batch in fp32 and rounded once). That recomputation costs a
-GEMM, so with grad ``trm_kernels.token_mlp_rmsnorm`` times this against the composition
-on a GPU and keeps the faster. A backward that never writes d(gate|up) either (its weight
-gradients reduced over the batch inside the kernel) is not written yet.
+at Sudoku's sizes). Backward is three kernels that never write gate|up, the activation or
+their gradients ([B, 2I, D] each) to memory:
+
+1. the norm's backward (trm::add_rmsnorm's): dsum = d(h + mix), [B, S, D];
+2. dh (`_token_mlp_bwd_dh`, one program per BLOCK_D hidden units of one batch element, the
+   forward's tile): over the intermediate axis in BLOCK_I chunks it recomputes gate|up and
+   the activation's gradient d(act) = W_down^T dsum, applies the SwiGLU backward in
+   registers and accumulates dh = dsum + W_gate_up^T d(gate|up) in fp32, rounded once;
+3. the weight gradients (`_token_mlp_bwd_dw`, one program per BLOCK_I intermediate rows and
+   one of at most DW_SPLITS slices of the (batch element, hidden block) tiles): it
+   recomputes the same chunk's gate|up, activation and d(gate|up) for each tile of its slice
+   and accumulates d(W_gate_up) = sum d(gate|up) h^T and d(W_down) = sum dsum act^T in fp32
+   registers; each slice writes its fp32 partial sums, which are then added in a fixed order
+   and rounded once (no atomics: the result does not depend on scheduling or the device).
+
+The recomputation costs FLOPs (the backward's GEMMs do 22 I*S*D per batch element where
+the composition's do 12 and a gate|up recomputation 4) and saves the [B, 2I, D]
+round trips, which dominate at TRM's sizes. Each intermediate is rounded to the storage
+dtype where the composition stores it, so both paths make the same roundings; dh is rounded
+once where the composition adds two rounded terms. With grad ``trm_kernels.token_mlp_rmsnorm``
+times the fused pair against the composition on a GPU and keeps the faster (trm_kernels.tune).
 """
 
 from __future__ import annotations
@@ -78,6 +93,83 @@ def _token_mlp_rmsnorm_fwd(
         tl.store(RSTD + b * D + d, rstd, mask=d < D)
 
 
+@triton.jit
+def _swiglu_grads(g, u, da, dtype: tl.constexpr):
+    """(d gate, d up, act) from fp32 gate, up and d(act), each rounded to `dtype` as the
+    SwiGLU kernels round them (trm::swiglu_backward's formula)."""
+    sg = tl.sigmoid(g)
+    silu = g * sg
+    return (da * u * (sg + silu * (1 - sg))).to(dtype), (da * silu).to(dtype), (silu * u).to(dtype)
+
+
+@triton.jit
+def _token_mlp_bwd_dh(
+    DSUM, H, WGU, WD, DH, S, D, I_PAD,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    dtype = H.dtype.element_ty
+    d_block, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.arange(0, BLOCK_S)
+    i = tl.arange(0, BLOCK_I)
+    mask = (d[:, None] < D) & (s[None, :] < S)
+    offs = b * S * D + s[None, :] * D + d[:, None]  # [BLOCK_D, BLOCK_S] tiles, transposed as the forward's
+    h = tl.load(H + offs, mask=mask, other=0.0)
+    ds = tl.load(DSUM + offs, mask=mask, other=0.0)
+    acc = ds.to(tl.float32)  # dh = dsum + W_gate_up^T d(gate|up): the residual's gradient first
+    for i0 in range(0, I_PAD, BLOCK_I):
+        rows = i0 + i
+        w_offs = rows[None, :] * BLOCK_S + s[:, None]  # [BLOCK_S, BLOCK_I]: W_gate_up^T
+        wg = tl.load(WGU + w_offs)
+        wu = tl.load(WGU + I_PAD * BLOCK_S + w_offs)
+        g = tl.dot(h, wg, input_precision=PREC).to(dtype).to(tl.float32)
+        u = tl.dot(h, wu, input_precision=PREC).to(dtype).to(tl.float32)
+        wd = tl.load(WD + s[:, None] * I_PAD + rows[None, :])  # [BLOCK_S, BLOCK_I]: W_down
+        da = tl.dot(ds, wd, input_precision=PREC).to(dtype).to(tl.float32)
+        dg, du, _ = _swiglu_grads(g, u, da, dtype)
+        acc = tl.dot(dg, tl.trans(wg), acc, input_precision=PREC)
+        acc = tl.dot(du, tl.trans(wu), acc, input_precision=PREC)
+    tl.store(DH + offs, acc.to(dtype), mask=mask)
+
+
+@triton.jit
+def _token_mlp_bwd_dw(
+    DSUM, H, WGU, WD, PARTIAL, S, D, I_PAD, TILES, PER_SPLIT,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    dtype = H.dtype.element_ty
+    i_block, split = tl.program_id(0), tl.program_id(1)
+    rows = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
+    s = tl.arange(0, BLOCK_S)
+    dd = tl.arange(0, BLOCK_D)
+    w_offs = rows[:, None] * BLOCK_S + s[None, :]  # [BLOCK_I, BLOCK_S]
+    wg = tl.load(WGU + w_offs)  # this program's rows of W_gate_up, read once
+    wu = tl.load(WGU + I_PAD * BLOCK_S + w_offs)
+    wdt = tl.load(WD + s[None, :] * I_PAD + rows[:, None])  # W_down^T
+    acc_g = tl.zeros([BLOCK_I, BLOCK_S], tl.float32)
+    acc_u = tl.zeros([BLOCK_I, BLOCK_S], tl.float32)
+    acc_d = tl.zeros([BLOCK_I, BLOCK_S], tl.float32)  # d(W_down)^T
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    for tile in range(split * PER_SPLIT, tl.minimum((split + 1) * PER_SPLIT, TILES)):
+        b = (tile // d_blocks).to(tl.int64)
+        d = (tile % d_blocks) * BLOCK_D + dd
+        mask = (s[:, None] < S) & (d[None, :] < D)
+        offs = b * S * D + s[:, None] * D + d[None, :]  # [BLOCK_S, BLOCK_D]
+        h = tl.load(H + offs, mask=mask, other=0.0)
+        ds = tl.load(DSUM + offs, mask=mask, other=0.0)
+        g = tl.dot(wg, h, input_precision=PREC).to(dtype).to(tl.float32)  # [BLOCK_I, BLOCK_D]
+        u = tl.dot(wu, h, input_precision=PREC).to(dtype).to(tl.float32)
+        da = tl.dot(wdt, ds, input_precision=PREC).to(dtype).to(tl.float32)
+        dg, du, a = _swiglu_grads(g, u, da, dtype)
+        acc_g = tl.dot(dg, tl.trans(h), acc_g, input_precision=PREC)
+        acc_u = tl.dot(du, tl.trans(h), acc_u, input_precision=PREC)
+        acc_d = tl.dot(a, tl.trans(ds), acc_d, input_precision=PREC)
+    out = PARTIAL + split.to(tl.int64) * 3 * I_PAD * BLOCK_S + w_offs
+    tl.store(out, acc_g)
+    tl.store(out + I_PAD * BLOCK_S, acc_u)
+    tl.store(out + 2 * I_PAD * BLOCK_S, acc_d)
+
+
 # (BLOCK_D, BLOCK_I, num_warps) tried by the autotuner on a GPU, per sequence tile. All of
 # them compile for every architecture in trm_kernels.arch (trm_benchmarks.ptx); registers,
 # shared memory and so CTAs per SM differ, and which is fastest is measured, not guessed. The
@@ -101,12 +193,50 @@ SHARED_BYTES = {
 }
 
 
+# Backward tiles per sequence tile: (BLOCK_D, BLOCK_I, num_warps) of the dh kernel and of
+# the weight-gradient kernel. One each, not autotuned: the pair as a whole is timed against
+# the composition on a GPU (trm_kernels.tune). Compiled for every architecture in the static
+# report (trm_benchmarks.ptx), which checks spills and shared memory.
+BWD_CONFIGS = {128: {"dh": (64, 32, 8), "dw": (64, 32, 8)}, 256: {"dh": (32, 32, 8), "dw": (64, 16, 8)}}
+# Shared memory of each backward kernel per architecture, as `python -m trm_benchmarks.ptx`
+# reports it with triton 3.9 (bf16 and fp16 alike); tests/test_ptx.py fails if a compiled
+# kernel needs more. The fused path is taken with grad only where both fit (backward_fits).
+BWD_SHARED_BYTES = {
+    (128, "dh"): {80: 61440, 86: 61440, 89: 61440, 90: 86016, 100: 98384, 120: 61440},
+    (128, "dw"): {80: 69632, 86: 69632, 89: 69632, 90: 69632, 100: 69632, 120: 69632},
+    (256, "dh"): {80: 86016, 86: 86016, 89: 86016, 90: 86016, 100: 86016, 120: 86016},
+    (256, "dw"): {80: 96256, 86: 96256, 89: 96256, 90: 96256, 100: 96256, 120: 96256},
+}
+DW_SPLITS = 64  # slices of the (batch element, hidden block) tiles: fixed, so results do not depend on the device
+
+
+def dw_splits(batch: int, seq: int, hidden: int) -> tuple[int, int]:
+    """(slices the weight-gradient kernel divides its tiles into, tiles per slice)."""
+    tiles = batch * triton.cdiv(hidden, BWD_CONFIGS[max(128, _block_s(seq))]["dw"][0])
+    per_split = triton.cdiv(tiles, min(DW_SPLITS, tiles))
+    return triton.cdiv(tiles, per_split), per_split
+
+
+def bwd_config_name(which: str, block_s: int) -> str:
+    block_d, block_i, warps = BWD_CONFIGS[block_s][which]
+    return f"token_mlp_bwd_{which} S<={block_s} {block_d}x{block_i}" + (f" {warps} warps" if warps != 8 else "")
+
+
 def config_name(block_s: int, block_d: int, block_i: int, warps: int) -> str:
     return f"token_mlp_rmsnorm_fwd S<={block_s} {block_d}x{block_i}" + (f" {warps} warps" if warps != 8 else "")
 
 
 I_ALIGN = 64  # the intermediate axis is padded to a multiple of every BLOCK_I
 FIXED_CONFIG: tuple[int, int, int] | None = None
+# The interpreter runs a program's operations one by one in NumPy, at a cost per operation
+# nearly independent of the tile's size: there the kernels take the widest intermediate
+# chunk (fewer programs and loop trips). Tests set this False (or FIXED_CONFIG) to run the
+# GPU's tiles.
+WIDE_TILES_ON_INTERPRETER = True
+
+
+def _interpreter_chunk(i_pad: int) -> int:
+    return min(256, i_pad & -i_pad)  # the largest power of two dividing i_pad (a multiple of 64), at most 256
 
 
 def _block_s(seq: int) -> int:
@@ -133,6 +263,19 @@ def shared_needed(seq_class: int, tile: tuple[int, int, int], capability: int) -
     row = SHARED_BYTES[(seq_class, *tile)]
     stands_for = _arch.nearest(capability)
     return row[stands_for.capability] if stands_for is not None else max(row.values())
+
+
+def backward_fits(seq: int, device: torch.device) -> bool:
+    """Whether the device can launch both backward kernels at this sequence length (always
+    where no limit applies); where not, training takes the composition."""
+    seq_class, budget = max(128, _block_s(seq)), device_budget(device)
+    if budget is None:
+        return True
+    capability, limit = budget
+    stands_for = _arch.nearest(capability)
+    needed = [row[stands_for.capability] if stands_for is not None else max(row.values())
+              for (block_s, _), row in BWD_SHARED_BYTES.items() if block_s == seq_class]  # fmt: skip
+    return max(needed) <= limit
 
 
 def launchable_tiles(seq: int, device: torch.device) -> list[tuple[int, int, int]]:
@@ -199,6 +342,8 @@ def _launch(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps:
     args = (h, wgu, wd, out, total, rstd, batch, seq, hidden, i_pad, eps)
     if FIXED_CONFIG is not None or _KERNEL is _token_mlp_rmsnorm_fwd:  # one config, chosen here
         block_d, block_i, warps = FIXED_CONFIG or tiles[0]
+        if FIXED_CONFIG is None and WIDE_TILES_ON_INTERPRETER and interpreting():
+            block_i = _interpreter_chunk(i_pad)
         _token_mlp_rmsnorm_fwd[(triton.cdiv(hidden, block_d), batch)](
             *args, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_I=block_i, PREC=prec, STORE=store, num_warps=warps,
             num_stages=2,
@@ -234,27 +379,74 @@ def _(h, w_gate_up, w_down, eps):
     return like, torch.empty_like(like), h.new_empty(h.shape[0], h.shape[2], dtype=torch.float32)
 
 
+def _bwd_meta(dtype: torch.dtype, block_s: int, which: str, i_pad: int) -> dict:
+    block_d, block_i, warps = BWD_CONFIGS[max(128, block_s)][which]
+    if WIDE_TILES_ON_INTERPRETER and interpreting():
+        block_i = _interpreter_chunk(i_pad)
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    return {"BLOCK_S": block_s, "BLOCK_D": block_d, "BLOCK_I": block_i, "PREC": prec, "num_warps": warps,
+            "num_stages": 2}  # fmt: skip
+
+
+@torch.library.custom_op("trm::token_mlp_rmsnorm_backward", mutates_args=())
+def token_mlp_rmsnorm_backward(
+    dout: torch.Tensor, h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, total: torch.Tensor,
+    rstd: torch.Tensor, need_dh: bool, need_dweights: bool,
+) -> Triple:  # fmt: skip
+    """(dh [B, S, D], d W_gate_up [2I, S], d W_down [S, I]), each in h's dtype, from the
+    output's gradient and what the training form kept (the pre-norm sum, rstd [B, D] fp32).
+    A gradient not asked for (need_dh, need_dweights) is an empty tensor and its kernel is
+    not launched. The weight gradients are sums over the batch in fp32, rounded once."""
+    batch, seq, hidden = h.shape
+    inter = w_down.shape[1]
+    dsum, _ = _rmsnorm.add_rmsnorm_bwd(dout, None, total, None, None, rstd, 1, "triton")
+    block_s = _block_s(seq)
+    wgu, wd, i_pad = padded_weights(w_gate_up, w_down, block_s, I_ALIGN)
+    h = h.contiguous()
+    dh, dw_gate_up, dw_down = h.new_empty(0), h.new_empty(0), h.new_empty(0)
+    if need_dh:
+        dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        meta = _bwd_meta(h.dtype, block_s, "dh", i_pad)
+        _token_mlp_bwd_dh[(triton.cdiv(hidden, meta["BLOCK_D"]), batch)](dsum, h, wgu, wd, dh, seq, hidden, i_pad,
+                                                                          **meta)  # fmt: skip
+    if need_dweights:
+        splits, per_split = dw_splits(batch, seq, hidden)
+        partial = torch.empty(splits, 3, i_pad, block_s, dtype=torch.float32, device=h.device)
+        meta = _bwd_meta(h.dtype, block_s, "dw", i_pad)
+        tiles = batch * triton.cdiv(hidden, meta["BLOCK_D"])
+        _token_mlp_bwd_dw[(i_pad // meta["BLOCK_I"], splits)](dsum, h, wgu, wd, partial, seq, hidden, i_pad, tiles,
+                                                              per_split, **meta)  # fmt: skip
+        summed = partial.sum(0)  # the slices in a fixed order, in fp32
+        dw_gate_up, dw_down = h.new_empty(2 * inter, seq), h.new_empty(seq, inter)
+        dw_gate_up.view(2, inter, seq).copy_(summed[:2, :inter, :seq])  # rounded once, here
+        dw_down.copy_(summed[2, :inter, :seq].t())
+    return dh, dw_gate_up, dw_down
+
+
+@token_mlp_rmsnorm_backward.register_fake
+def _(dout, h, w_gate_up, w_down, total, rstd, need_dh, need_dweights):
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else h.new_empty(0)
+    weights = (torch.empty_like(w_gate_up, memory_format=torch.contiguous_format),
+               torch.empty_like(w_down, memory_format=torch.contiguous_format))  # fmt: skip
+    return dh, *(weights if need_dweights else (h.new_empty(0), h.new_empty(0)))
+
+
 def _setup(ctx, inputs, output):
     h, w_gate_up, w_down, _ = inputs
     ctx.save_for_backward(h, w_gate_up, w_down, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs backward ignores
 
 
 def _backward(ctx, dout, *_):
-    """The sum's gradient from the norm's backward kernel; then gate|up recomputed by one
-    batched GEMM (what the forward did not keep) and the composition's backward: d(act),
-    the SwiGLU backward kernel, dh, and the weight gradients summed over the batch in fp32
-    and rounded once (reference.left_matmul's)."""
+    """The two recomputing kernels (see the module's docstring), each where its gradient is needed."""
+    if dout is None:  # the output is unused
+        return None, None, None, None
     h, w_gate_up, w_down, total, rstd = ctx.saved_tensors
-    dsum, _ = _rmsnorm.add_rmsnorm_bwd(dout, None, total, None, None, rstd, 1, "triton")
-    batch = h.shape[0]
-    gate_up = torch.bmm(w_gate_up.expand(batch, -1, -1), h)  # [B, 2I, D], rounded as the forward's
-    act = _swiglu.swiglu_fwd(gate_up, 1)
-    dgu = _swiglu.swiglu_bwd(torch.bmm(w_down.t().expand(batch, -1, -1), dsum), gate_up, 1)
-    dh = torch.baddbmm(dsum, w_gate_up.t().expand(batch, -1, -1), dgu) if ctx.needs_input_grad[0] else None
-    dw_gate_up = reference._weight_grad(dgu, h) if ctx.needs_input_grad[1] else None
-    dw_down = reference._weight_grad(dsum, act) if ctx.needs_input_grad[2] else None
-    return dh, dw_gate_up, dw_down, None
+    need = ctx.needs_input_grad
+    dh, dw_gate_up, dw_down = token_mlp_rmsnorm_backward(dout, h, w_gate_up, w_down, total, rstd, need[0],
+                                                         need[1] or need[2])  # fmt: skip
+    return dh if need[0] else None, dw_gate_up if need[1] else None, dw_down if need[2] else None, None
 
 
 token_mlp_rmsnorm_train.register_autograd(_backward, setup_context=_setup)
@@ -280,15 +472,17 @@ CANDIDATES = {"fused": fused, "composed": composed}
 def token_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
     """The fused kernel where the sequence fits a tile and the device can launch one of its
     configs (the composition otherwise). Without grad it is always faster (it moves a
-    fraction of the bytes); with grad its backward recomputes gate|up, so on a GPU the first
-    call of each signature times it against the composition and keeps the faster
-    (trm_kernels.tune)."""
+    fraction of the bytes); with grad (where the device can launch the backward kernels too)
+    its backward recomputes gate|up twice, so on a GPU the first call of each signature
+    times it against the composition and keeps the faster (trm_kernels.tune)."""
     for name, t in (("h", h), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_input(name, t)
     if h.shape[1] > MAX_SEQ or not launchable_tiles(h.shape[1], h.device):
         return composed(h, w_gate_up, w_down, eps)
     if not (torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)):
         return token_mlp_rmsnorm_fwd(h, w_gate_up, w_down, eps)
+    if not backward_fits(h.shape[1], h.device):
+        return composed(h, w_gate_up, w_down, eps)
     return CANDIDATES[tune.choose("token_mlp_rmsnorm", CANDIDATES, (h, w_gate_up, w_down, eps))](
         h, w_gate_up, w_down, eps
     )

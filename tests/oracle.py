@@ -47,9 +47,11 @@ class OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: list = []
+        self.calls: list = []  # (overload packet, args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.overloadpacket)
+        self.calls.append((func.overloadpacket, args))
         return func(*args, **(kwargs or {}))
 
     def count(self, *packets) -> int:

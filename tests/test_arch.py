@@ -64,6 +64,21 @@ def test_pruning_reads_the_device_budget(monkeypatch):
     assert token_mlp.launchable_tiles(97, cpu) == [(128, 32, 8), (64, 32, 4)]
 
 
+def test_the_training_backward_launches_on_every_architecture_and_is_checked_against_the_budget(monkeypatch):
+    for (seq_class, which), row in token_mlp.BWD_SHARED_BYTES.items():
+        warps = token_mlp.BWD_CONFIGS[seq_class][which][-1]
+        for capability, a in A.ARCHS.items():
+            assert A.launch_problem(a, 255, row[capability], warps) is None, (a.target, seq_class, which)
+    cpu = torch.device("cpu")
+    assert token_mlp.backward_fits(200, cpu)  # no limit where nothing launches
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (90, 90 * 1024))
+    assert token_mlp.backward_fits(97, cpu) and not token_mlp.backward_fits(200, cpu)  # 94 KB at S <= 256
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (100, 90 * 1024))
+    assert not token_mlp.backward_fits(97, cpu)  # the dh kernel takes 96 KB on sm_100
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (75, 64 * 1024))
+    assert not token_mlp.backward_fits(97, cpu)  # what any listed architecture needs: over 64 KB
+
+
 def test_doctor_says_what_ci_verified_for_the_users_architecture():
     from trm.doctor import static_verification
 

@@ -21,6 +21,8 @@ def test_benchmark_command_writes_json_markdown_and_plots(tmp_path, monkeypatch)
     data = json.loads((tmp_path / "results.json").read_text())
     groups = {r["group"] for r in data["rows"]}
     assert {"add+rmsnorm forward", "swiglu backward", "attention forward", "training step"} <= groups
+    mlp_t = {r["provider"] for r in data["rows"] if r["group"] == "mlp_t sub-layer forward+backward"}
+    assert mlp_t == {"eager", targets.AUTO_MLP, targets.TOKEN_COMPOSED, targets.TOKEN_FUSED}
     assert data["ceilings"]["copy_gbps"] > 0 and data["environment"]["torch"] == torch.__version__
     providers = {r["provider"] for r in data["rows"] if r["group"] == "add+rmsnorm forward"}
     assert {"eager", "triton"} <= providers  # the interpreter runs the fused kernels on CPU
@@ -170,6 +172,9 @@ def test_targets_are_checked_against_the_run():
         Row("swiglu_mlp backward", "74496x512", targets.AUTO_MLP, 2.0, tflops=1.0),
         Row("swiglu_mlp backward", "74496x512", "cuBLAS + triton swiglu", 1.5, tflops=1.0),
         Row("swiglu_mlp backward", "74496x512", "triton GEMM epilogues", 1.8, tflops=1.0),
+        Row("mlp_t sub-layer forward+backward", "h 768x97x512, I=512", targets.AUTO_MLP, 3.0, tflops=1.0),
+        Row("mlp_t sub-layer forward+backward", "h 768x97x512, I=512", targets.TOKEN_COMPOSED, 3.0, tflops=1.0),
+        Row("mlp_t sub-layer forward+backward", "h 768x97x512, I=512", targets.TOKEN_FUSED, 2.0, tflops=1.0),
         Row("evaluation (full solve)", "sudoku-mlp B=1", "eager", 50.0, extra={"batch": 1}),
         Row("evaluation (full solve)", "sudoku-mlp B=1", "fused + CUDA graphs", 5.0, extra={"batch": 1}),
     ]
@@ -190,6 +195,8 @@ def test_targets_are_checked_against_the_run():
     assert met("evaluation (full solve): ours >= 5.0x eager", "sudoku-mlp B=1")  # 10x
     assert met("swiglu_mlp forward: the timed choice within 5% of the faster candidate", "74496x512")  # 1.02x
     assert met("swiglu_mlp backward: the timed choice within 5% of the faster candidate", "74496x512") is False
+    mlp_t = "mlp_t sub-layer forward+backward: the timed choice within 5% of the faster candidate"
+    assert met(mlp_t, "h 768x97x512, I=512") is False  # kept the composition, 1.5x the fused kernels' time
     md = report.markdown(_results("H100", rows))
     assert "| training step: ours >= 2.0x eager | maze B=768 |  | not measured |" in md
 

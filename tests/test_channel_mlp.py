@@ -26,6 +26,16 @@ def fresh_choices(monkeypatch):
     tune.reset()
 
 
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Small tiles under the interpreter, so that the odd sizes here cross tile edges (the
+    package runs wide ones there, which cost fewer interpreted operations)."""
+    from trm_kernels import channel_mlp
+
+    monkeypatch.setattr(channel_mlp, "INTERPRETER_CONFIG", (32, 32, 32, 4, 1))
+    monkeypatch.setattr(channel_mlp, "NORM_INTERPRETER_CONFIG", (16, 32, 4, 1))
+
+
 @pytest.fixture
 def tuning(monkeypatch):
     """Candidates timed (TRM_TUNE=on), by a stand-in timer the test sets."""

@@ -87,6 +87,62 @@ def test_token_mlp_rmsnorm(dtype, shape):
             f"token_mlp{shape} with grad")  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 97, 48, 80), (1, 150, 20, 30), (3, 5, 7, 3), (2, 16, 130, 64)])
+@pytest.mark.parametrize("grad_of", ["all", "h", "weights"])
+def test_token_mlp_rmsnorm_fused_backward(monkeypatch, dtype, shape, grad_of):
+    """The training form and its recomputing backward kernels (dh; the weight gradients) in
+    the GPU's tiles, each gradient against the composed reference ops and float64; either
+    kernel alone where only h or only the weights need a gradient. S = 150 takes the 256-row
+    sequence tile."""
+    from trm_kernels import token_mlp
+
+    monkeypatch.setattr(token_mlp, "WIDE_TILES_ON_INTERPRETER", False)
+    inputs = _token_mlp_inputs(*shape, dtype)
+    wants = {"all": [True, True, True], "h": [True, False, False], "weights": [False, True, True]}[grad_of]
+    with OpLog() as log:
+        out_f, grads_f = run_op(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), inputs, wants)
+    (backward,) = [args for op, args in log.calls if op == torch.ops.trm.token_mlp_rmsnorm_backward]
+    assert backward[-2:] == (wants[0], wants[1])  # the kernels launched: dh; the weight gradients
+    assert log.count(torch.ops.trm.swiglu_backward, torch.ops.aten.bmm) == 0  # nothing of the composition's
+    out_r, grads_r = run_op(R.token_mlp_rmsnorm, inputs, wants)
+    out_o, grads_o = run_op(R.token_mlp_rmsnorm, [t.double() for t in inputs], wants)
+    check(out_f, out_r, out_o, f"token_mlp{shape} forward")
+    names = [name for name, want in zip(["dh", "dW_gate_up", "dW_down"], wants, strict=True) if want]
+    for name, f, r, o in zip(names, grads_f, grads_r, grads_o, strict=True):
+        check(f, r, o, f"token_mlp{shape} {name}")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3), seq=st.integers(1, 256), hidden=st.integers(1, 70), inter=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+)  # fmt: skip
+def test_token_mlp_rmsnorm_fused_backward_any_shape(batch, seq, hidden, inter, dtype):
+    inputs = list(_token_mlp_inputs(batch, seq, hidden, inter, dtype))
+    compare(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), R.token_mlp_rmsnorm, inputs,
+            f"token_mlp{(batch, seq, hidden, inter)}")  # fmt: skip
+
+
+def test_token_mlp_weight_gradients_sum_every_slice(monkeypatch):
+    """More tiles than slices: each slice sums several (batch element, hidden block) tiles,
+    the last slice fewer; the result is the one-slice-per-tile result to fp32 rounding."""
+    from trm_kernels import token_mlp
+
+    inputs = _token_mlp_inputs(5, 20, 70, 24, torch.float32)
+    grads = {}
+    for splits in (64, 3):  # 5 * 2 = 10 tiles: 10 slices of 1, then 3 slices of 4, 4, 2
+        monkeypatch.setattr(token_mlp, "DW_SPLITS", splits)
+        assert token_mlp.dw_splits(5, 20, 70) == ((10, 1) if splits == 64 else (3, 4))
+        grads[splits] = run_op(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), inputs, [False, True, True])[1]
+    for a, b in zip(grads[64], grads[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    oracle = run_op(R.token_mlp_rmsnorm, [t.double() for t in inputs], [False, True, True])[1]
+    ref = run_op(R.token_mlp_rmsnorm, inputs, [False, True, True])[1]
+    for f, r, o, name in zip(grads[3], ref, oracle, ["dW_gate_up", "dW_down"], strict=True):
+        check(f, r, o, f"{name}, 3 slices")
+
+
 def _token_mlp_configs():
     if "triton" not in K.available("token_mlp_rmsnorm"):
         return []
@@ -163,6 +219,54 @@ def test_token_mlp_rmsnorm_autotuner_prunes_what_the_device_cannot_launch(monkey
         torch.ops.trm.token_mlp_rmsnorm(*inputs, 1e-5)
 
 
+def test_token_mlp_rmsnorm_trains_by_the_composition_where_the_backward_cannot_launch(monkeypatch):
+    """A device whose shared memory holds a forward config but not the backward kernels (an
+    sm_100 with 90 KB per block): no grad runs the one kernel, with grad the composition."""
+    from trm_kernels import token_mlp
+
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (100, 90 * 1024))
+    inputs = _token_mlp_inputs(2, 9, 16, 8, torch.float32)
+    assert token_mlp.launchable_tiles(9, torch.device("cpu")) and not token_mlp.backward_fits(9, torch.device("cpu"))
+    with OpLog() as log:
+        compare(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), R.token_mlp_rmsnorm, list(inputs), "composed")
+    assert log.count(torch.ops.trm.token_mlp_rmsnorm_train, torch.ops.trm.token_mlp_rmsnorm_backward) == 0
+    assert log.count(torch.ops.trm.swiglu_backward) == 1
+    with torch.no_grad(), OpLog() as log:
+        K.token_mlp_rmsnorm(*inputs, backend="triton")
+    assert log.count(torch.ops.trm.token_mlp_rmsnorm) == 1
+
+
+def test_backward_fills_no_zero_gradients_for_outputs_it_ignores():
+    """The training forms return what backward needs besides the output (gate|up, the
+    pre-norm sum, rstd, the log-sum-exp, dlogits); autograd would hand backward a
+    zero-filled gradient for each (a memory-bound fill per call, [rows, 2I] for gate|up),
+    which backward ignores. None is filled."""
+    from trm_kernels import channel_mlp
+
+    h, w_gu, w_down = _token_mlp_inputs(2, 9, 16, 8, torch.float32)
+    rows = torch.randn(6, 16)
+    mlp = (torch.randn(16, 16) * 0.25, torch.randn(16, 8) * 0.35)  # W_gate_up [2I, D], W_down [D, I]
+    qkv, labels = torch.randn(2, 9, 3 * 2 * 32), torch.randint(0, 5, (2, 9))
+    steps = {
+        "token_mlp_rmsnorm": (lambda a, b, c: K.token_mlp_rmsnorm(a, b, c, backend="triton"), [h, w_gu, w_down]),
+        "swiglu_mlp_rmsnorm": (lambda a, b, c: channel_mlp.sublayer_fused(a, b, c, 1e-5), [rows, *mlp]),
+        "swiglu_mlp": (channel_mlp.fused, [rows, *mlp]),
+        "rope_attention": (lambda q: K.rope_attention(q, *K.rope_cos_sin(9, 32), 2, backend="triton"), [qkv]),
+        "stablemax_cross_entropy": (
+            lambda z: K.stablemax_cross_entropy(z, labels, backend="triton"),
+            [torch.randn(2, 9, 5)],
+        ),  # fmt: skip
+        "add_rmsnorm": (lambda a, b: K.add_rmsnorm(a, b, backend="triton"), [rows, rows.clone()]),
+    }
+    for name, (fn, inputs) in steps.items():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        with OpLog() as log:
+            out.sum().backward()
+        assert log.count(torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.fill_) == 0, name
+        assert all(t.grad is not None for t in leaves), name
+
+
 def _saved_bytes(fn, inputs) -> int:
     kept: dict[int, int] = {}
 
@@ -178,9 +282,10 @@ def _saved_bytes(fn, inputs) -> int:
 
 def test_token_mlp_rmsnorm_kernels_with_and_without_grad(monkeypatch):
     """No grad: the one kernel. With grad: its training form (writing the pre-norm sum and
-    rstd, all backward keeps besides the inputs) and a backward that recomputes gate|up
-    (one bmm) instead of keeping it; TRM_TUNE=composed: the composition, which keeps the
-    [B, 2I, D] gate|up and the down product (and the activation where W_down needs a gradient)."""
+    rstd, all backward keeps besides the inputs) and a backward of the norm's kernel and the
+    two recomputing kernels (no GEMM of the composition); TRM_TUNE=composed: the composition,
+    which keeps the [B, 2I, D] gate|up and the down product (and the activation where W_down
+    needs a gradient)."""
     batch, seq, hidden, inter = 2, 9, 16, 8
     h, w_gu, w_down = _token_mlp_inputs(batch, seq, hidden, inter, torch.float32)
     with torch.no_grad(), OpLog() as no_grad:
@@ -191,7 +296,10 @@ def test_token_mlp_rmsnorm_kernels_with_and_without_grad(monkeypatch):
     trm = torch.ops.trm
     assert no_grad.count(trm.token_mlp_rmsnorm) == 1 and no_grad.count(trm.swiglu) == 0
     assert with_grad.count(trm.token_mlp_rmsnorm_train) == 1 and with_grad.count(trm.add_rmsnorm) == 0
-    assert with_grad.count(trm.add_rmsnorm_backward) == 1 and with_grad.count(trm.swiglu_backward) == 1
+    (backward,) = [args for op, args in with_grad.calls if op == trm.token_mlp_rmsnorm_backward]
+    assert backward[-2:] == (False, True)  # h needs no gradient: the weight-gradient kernel alone
+    assert with_grad.count(trm.swiglu_backward, trm.swiglu) == 0
+    assert with_grad.count(torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.mm) == 0
     fused = _saved_bytes(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), (h, w_gu, w_down))
     assert fused == batch * seq * hidden * 4 + batch * hidden * 4  # the sum, rstd
     monkeypatch.setenv("TRM_TUNE", "composed")  # (the suite runs with TRM_TUNE=off: the fused kernel)
@@ -350,6 +458,24 @@ def _opcheck_cases():
         (torch.ops.trm.swiglu, (torch.randn(4, 10, requires_grad=True), 1)),
         (torch.ops.trm.swiglu_backward, (torch.randn(4, 5), torch.randn(4, 10), 1)),
         (torch.ops.trm.token_mlp_rmsnorm, (*_token_mlp_inputs(2, 9, 16, 8, torch.float32), 1e-5)),
+        (
+            torch.ops.trm.token_mlp_rmsnorm_train,
+            (*(t.requires_grad_() for t in _token_mlp_inputs(2, 9, 16, 8, torch.float32)), 1e-5),
+        ),
+        *(
+            (
+                torch.ops.trm.token_mlp_rmsnorm_backward,
+                (
+                    torch.randn(2, 9, 16),
+                    torch.randn(2, 9, 16),
+                    *_token_mlp_inputs(1, 9, 1, 8, torch.float32)[1:],
+                    torch.randn(2, 9, 16),
+                    torch.rand(2, 16) + 0.5,
+                    *need,
+                ),
+            )
+            for need in ((True, True), (True, False), (False, True))
+        ),  # fmt: skip
         (torch.ops.trm.inject, (x, r, torch.randn(3, 5, 8, requires_grad=True))),
         (torch.ops.trm.inject, (x, r, None)),
         (torch.ops.trm.inject, (x, torch.randn(3, 1, 8, requires_grad=True), torch.randn(8, requires_grad=True))),

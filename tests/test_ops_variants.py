@@ -42,6 +42,15 @@ def test_prenorm_dtypes_and_the_sum_it_returns():
         assert post.dtype == torch.float32
 
 
+@pytest.mark.parametrize("used", [0, 1])
+def test_a_prenorm_with_one_output_unused(used):
+    """Backward gets no gradient for the unused output (nothing is zero-filled for it) and
+    gives what the reference gives."""
+    x, stream = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    fused = lambda a, b: K.add_rmsnorm(a, b, backend="triton", prenorm=True)[used]  # noqa: E731
+    compare(fused, lambda a, b: R.add_rmsnorm(a, b, prenorm=True)[used], [x, stream], f"pre-norm output {used} alone")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "h_shape, a_shape, b_shape",

@@ -51,6 +51,20 @@ def test_the_pruning_table_covers_every_compiled_token_mlp_config(report):
                     assert compiled <= row[capability], (a.target, dtype, key, variant, compiled)
 
 
+def test_the_mlp_t_backward_kernels_fit_their_table_use_tensor_cores_and_do_not_spill(report):
+    """The dh and weight-gradient kernels of the training backward, on every architecture:
+    within `token_mlp.BWD_SHARED_BYTES` (what decides whether training takes them), matrix
+    instructions, operands by cp.async, no spills."""
+    for capability, a in A.ARCHS.items():
+        for dtype, rows in report[a.target].items():
+            for (block_s, which), row in token_mlp.BWD_SHARED_BYTES.items():
+                r = rows[token_mlp.bwd_config_name(which, block_s)]
+                assert r["shared_bytes"] <= row[capability], (a.target, dtype, block_s, which, r["shared_bytes"])
+                assert r["mma_sync"] + r["wgmma"] + r["tcgen05"] > 0 and r["cp_async"] > 0, (a.target, which)
+                assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, (a.target, dtype, which)
+                assert r["other_loads"] == 0, (a.target, dtype, which, r["accesses"])
+
+
 SWIGLU_MLP = [channel_mlp.config_name(which, *c) for c in channel_mlp.CONFIGS for which in ("fwd", "bwd")]
 NORM_EPILOGUE = [channel_mlp.norm_config_name(*c) for c in channel_mlp.NORM_CONFIGS]
 

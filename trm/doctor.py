@@ -166,6 +166,8 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
          args(rand(batch, 97, d), rand(2 * inter, 97, scale=97**-0.5), rand(97, inter, scale=inter**-0.5), 1e-5)),
         ("token_mlp_rmsnorm", "[2, 13, 40], I 24",
          args(rand(2, 13, 40), rand(48, 13, scale=13**-0.5), rand(13, 24, scale=24**-0.5), 1e-5)),
+        ("token_mlp_rmsnorm", "[2, 150, 72], I 80 (the 256-row sequence tile)",
+         args(rand(2, 150, 72), rand(160, 150, scale=150**-0.5), rand(150, 80, scale=80**-0.5), 1e-5)),
         ("rope_attention", f"[{batch}, 97, {heads}x{hd}]",
          args(rand(batch, 97, 3 * heads * hd), cos.to(device), sin.to(device), heads)),
         ("rope_attention", "[2, 13, 2x32]", args(rand(2, 13, 3 * 64), cos_odd.to(device), sin_odd.to(device), 2)),
