@@ -90,6 +90,8 @@ LAUNCHES = {
     "trm.swiglu_mlp_rmsnorm": 2,  # the two GEMMs with their epilogues (PARTS)
     "trm.swiglu_mlp_rmsnorm_train": 2,
     "trm.swiglu_mlp_backward": 1,  # d(act) GEMM with d(gate|up) and the activation in its epilogue
+    "trm.linear_add_rmsnorm": 1,  # the GEMM with the residual add and RMSNorm in its epilogue
+    "trm.linear_add_rmsnorm_train": 1,
 }
 # Ops that launch no kernel: allocations, views not tagged as views, and the 0-dim tensor a
 # Python number becomes in torch.where(mask, 0, t) (a CPU wrapped number on CUDA).
@@ -155,6 +157,9 @@ def trm_flops(name: str, args: tuple) -> int:
         h, w_gate_up = args[0], args[1]
         batch, seq, hidden = h.shape
         return 2 * batch * hidden * seq * w_gate_up.shape[0] + 2 * batch * hidden * seq * w_gate_up.shape[0] // 2
+    if name in ("trm.linear_add_rmsnorm", "trm.linear_add_rmsnorm_train"):  # a [M, K] @ w [N, K]^T
+        a, w = args[0], args[1]
+        return 2 * a.shape[0] * a.shape[1] * w.shape[0]
     if name == "trm.swiglu_mlp_backward":  # d(act) = dy [M, D] @ W_down [D, I]
         dy, _, w_down = args
         return 2 * dy.shape[0] * dy.shape[1] * w_down.shape[1]
@@ -457,11 +462,11 @@ def predict(ops: list[Op], provider: str, gpu: GPU) -> dict:
     }
 
 
-def break_even(gpu: GPU, rows: int, hidden: int, inter: int, elt: int = 2) -> list[dict]:
-    """Per fused GEMM kernel of the channel MLP (rows tokens, hidden D, intermediate I): the
-    fraction of cuBLAS's rate (taken as the GPU's dense bf16 rate) our Triton GEMM must reach
-    for the fused kernel to beat cuBLAS + the separate kernel it replaces (SwiGLU, its
-    backward, or add + RMSNorm). Predicted:
+def break_even(gpu: GPU, rows: int, hidden: int, inter: int, elt: int = 2, attention: bool = False) -> list[dict]:
+    """Per fused GEMM kernel of the channel MLP (rows tokens, hidden D, intermediate I), and
+    with `attention` of o_proj (D x D) + residual + RMSNorm: the fraction of cuBLAS's rate
+    (taken as the GPU's dense bf16 rate) our Triton GEMM must reach for the fused kernel to
+    beat cuBLAS + the separate kernel it replaces (SwiGLU, its backward, or add + RMSNorm). Predicted:
     each kernel's time is the larger of bytes / bandwidth and FLOPs / rate; the fused kernel
     wins when its GEMM at fraction f of the rate beats both composed kernels together,
     f > (FLOPs / rate) / composed time; never when its own bytes alone take longer."""
@@ -485,6 +490,12 @@ def break_even(gpu: GPU, rows: int, hidden: int, inter: int, elt: int = 2) -> li
         ("down GEMM + residual + RMSNorm, training (sum kept)", norm_composed, act + w_down + 3 * x + rows * 4,
          down_flops),
     )  # fmt: skip
+    if attention:  # o_proj: the heads' output [rows, D] -> [rows, D], then add + RMSNorm; or one kernel
+        o_flops, w_o = 2 * rows * hidden * hidden, hidden * hidden * elt
+        o_composed = seconds(x + w_o + x, o_flops) + seconds(3 * x + rows * 4)
+        kernels += (("o_proj GEMM + residual + RMSNorm, no grad", o_composed, x + w_o + 2 * x + rows * 4, o_flops),
+                    ("o_proj GEMM + residual + RMSNorm, training (sum kept)", o_composed,
+                     x + w_o + 3 * x + rows * 4, o_flops))  # fmt: skip
     out = []
     for name, composed, fused_bytes, flops in kernels:
         memory = fused_bytes / gpu.bandwidth
@@ -603,7 +614,7 @@ def run(
                                              "fused_bytes": saved["fused"]})  # fmt: skip
         if not lm:
             shapes = mlp_shapes(config, batch)
-            for row in break_even(GPUS[gpus[0]], *shapes):
+            for row in break_even(GPUS[gpus[0]], *shapes, attention=not preset(config).model.mlp_t):
                 report["break_even"].append({"config": config, "batch": batch, "gpu": gpus[0], "tokens": shapes[0],
                                              "hidden": shapes[1], "intermediate": shapes[2], **row})  # fmt: skip
     if measured_dir is not None:
@@ -674,9 +685,9 @@ def markdown(report: dict) -> str:
         lines += [f"## Break-even of each fused GEMM kernel ({ref})", "",
                   "How fast our Triton GEMM must run, as a fraction of cuBLAS's rate (taken as the dense bf16 rate), "
                   "for the fused kernel to beat cuBLAS + the separate kernel it replaces (predicted). On a GPU "
-                  "`trm_kernels.swiglu_mlp` and `swiglu_mlp_rmsnorm` do not rely on this: they time the "
-                  "candidates on each shape's first call and keep the fastest (`trm doctor` lists the "
-                  "choices).", "",
+                  "`trm_kernels.swiglu_mlp`, `swiglu_mlp_rmsnorm`, `linear_add_rmsnorm` and `token_mlp_rmsnorm` "
+                  "with grad do not rely on this: they time the candidates on each shape's first call and keep "
+                  "the fastest (`trm doctor` lists the choices).", "",
                   "| config | tokens x D x I | kernel | cuBLAS + separate kernel | fused kernel's bytes alone | "
                   "break-even |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
         for r in report["break_even"]:

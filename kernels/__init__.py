@@ -30,6 +30,7 @@ __all__ = [
     "swiglu",
     "swiglu_mlp",
     "swiglu_mlp_rmsnorm",
+    "linear_add_rmsnorm",
     "token_mlp_rmsnorm",
     "rope_attention",
     "rope_cos_sin",
@@ -49,8 +50,8 @@ __all__ = [
 
 rope_cos_sin = reference.rope_cos_sin  # (seq_len, head_dim, base=10000.0) -> fp32 cos, sin [seq_len, head_dim]
 
-_OPS = ("add_rmsnorm", "inject", "swiglu", "swiglu_mlp", "swiglu_mlp_rmsnorm", "token_mlp_rmsnorm",
-        "rope_attention", "stablemax_cross_entropy", "softmax_cross_entropy")  # fmt: skip
+_OPS = ("add_rmsnorm", "inject", "swiglu", "swiglu_mlp", "swiglu_mlp_rmsnorm", "linear_add_rmsnorm",
+        "token_mlp_rmsnorm", "rope_attention", "stablemax_cross_entropy", "softmax_cross_entropy")  # fmt: skip
 for _name in _OPS:
     register(_name, "reference", getattr(reference, _name))
 
@@ -76,6 +77,7 @@ else:
     register("swiglu", "triton", _swiglu.swiglu, takes)
     register("swiglu_mlp", "triton", _channel_mlp.swiglu_mlp, takes)
     register("swiglu_mlp_rmsnorm", "triton", _channel_mlp.swiglu_mlp_rmsnorm, takes)
+    register("linear_add_rmsnorm", "triton", _channel_mlp.linear_add_rmsnorm, takes)
     register("token_mlp_rmsnorm", "triton", _token_mlp.token_mlp_rmsnorm, takes)
     register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy, takes)
     register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy, takes)
@@ -254,6 +256,39 @@ def swiglu_mlp_rmsnorm(
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     return call("swiglu_mlp_rmsnorm", h.device, backend, h, w_gate_up, w_down, float(eps))
+
+
+def linear_add_rmsnorm(
+    a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float = 1e-5, backend: str | None = None
+) -> torch.Tensor:
+    """A linear layer, the residual add and a post-norm: ``rmsnorm(h + a @ w^T)``.
+
+    a [..., K]; w [N, K] (``nn.Linear``'s layout, no bias); h [..., N] with a's leading
+    shape; one dtype and device; returns [..., N] in it. The norm is over the last axis with
+    no weight, statistics in fp32 (TRM's attention sub-layer: ``h = rmsnorm(h + o_proj(attn))``);
+    it computes what ``add_rmsnorm(F.linear(a, w), h, eps=eps)`` computes, rounding the
+    product and the sum to the dtype as that does. On the triton backend the GEMM adds the
+    residual and normalises whole rows in its epilogue (N <= 512); backward keeps a, the
+    pre-norm sum and one fp32 rstd per row, and runs the norm's backward kernel and two
+    cuBLAS GEMMs. On a GPU the first call of each signature times that against cuBLAS + the
+    add + RMSNorm kernel and runs the faster (``trm_kernels.tune``).
+    """
+    _check_float("a", a)
+    _check_float("h", h)
+    _check_float("w", w)
+    for name, t in (("w", w), ("h", h)):
+        if t.dtype != a.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but a has dtype {a.dtype}")
+        if t.device != a.device:
+            raise ValueError(f"{name} is on {t.device} but a is on {a.device}")
+    if w.dim() != 2 or w.shape[1] != a.shape[-1]:
+        raise ValueError(f"w must be [out_features, in_features={a.shape[-1]}], got shape {tuple(w.shape)}")
+    if h.shape != (*a.shape[:-1], w.shape[0]):
+        raise ValueError(f"h must be {(*a.shape[:-1], w.shape[0])} (a's leading shape, w's out_features), "
+                         f"got {tuple(h.shape)}")  # fmt: skip
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return call("linear_add_rmsnorm", h.device, backend, a, w, h, float(eps))
 
 
 def token_mlp_rmsnorm(

@@ -496,3 +496,84 @@ def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
         candidates = dict(list(SUBLAYER_CANDIDATES.items())[1:])
     choice = tune.choose("swiglu_mlp_rmsnorm", candidates, (h, w_gate_up, w_down, eps))
     return candidates[choice](h, w_gate_up, w_down, eps)
+
+
+# ---- any linear layer followed by the residual add and RMSNorm: rmsnorm(h + a @ w^T), the
+# same GEMM-with-norm-epilogue kernel (TRM's attention sub-layer: o_proj, then the post-norm) ----
+
+
+@torch.library.custom_op("trm::linear_add_rmsnorm", mutates_args=())
+def linear_add_rmsnorm_fwd(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
+    return _down_norm(a.contiguous(), w.contiguous(), h.contiguous(), eps, keep=False)[0]
+
+
+@linear_add_rmsnorm_fwd.register_fake
+def _(a, w, h, eps):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("trm::linear_add_rmsnorm_train", mutates_args=())
+def linear_add_rmsnorm_train(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float) -> Triple:
+    """(out, the rounded pre-norm sum, rstd [M, 1] fp32): the last two for backward."""
+    return _down_norm(a.contiguous(), w.contiguous(), h.contiguous(), eps, keep=True)
+
+
+@linear_add_rmsnorm_train.register_fake
+def _(a, w, h, eps):
+    like = functools.partial(torch.empty_like, h, memory_format=torch.contiguous_format)
+    return like(), like(), h.new_empty(h.shape[0], 1, dtype=torch.float32)
+
+
+def _linear_norm_setup(ctx, inputs, output):
+    a, w, _, _ = inputs
+    _, total, rstd = output
+    ctx.save_for_backward(a, w, total, rstd)
+    ctx.mark_non_differentiable(total, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs backward ignores
+
+
+def _linear_norm_backward(ctx, dout, *_):
+    """The norm's backward kernel, then cuBLAS: da = dsum @ w, dw = dsum^T @ a; dh = dsum."""
+    if dout is None:  # the output is unused
+        return None, None, None, None
+    a, w, total, rstd = ctx.saved_tensors
+    dsum, _ = _rmsnorm.add_rmsnorm_bwd(dout, None, total, None, None, rstd, 1, "triton")
+    da = torch.mm(dsum, w) if ctx.needs_input_grad[0] else None
+    dw = torch.mm(dsum.t(), a) if ctx.needs_input_grad[1] else None
+    return da, dw, dsum if ctx.needs_input_grad[2] else None, None
+
+
+linear_add_rmsnorm_train.register_autograd(_linear_norm_backward, setup_context=_linear_norm_setup)
+
+
+def linear_norm_fused(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
+    """The GEMM with the residual add and RMSNorm in its epilogue (its training form with grad)."""
+    flat_a, flat_h = a.reshape(-1, a.shape[-1]), h.reshape(-1, h.shape[-1])
+    if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or h.requires_grad):
+        out = linear_add_rmsnorm_train(flat_a, w, flat_h, eps)[0]
+    else:
+        out = linear_add_rmsnorm_fwd(flat_a, w, flat_h, eps)
+    return out.view(h.shape)
+
+
+def linear_norm_composed(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
+    """cuBLAS's GEMM, then the add + RMSNorm kernel."""
+    return _rmsnorm.add_rmsnorm(F.linear(a, w), h, -1, eps)
+
+
+LINEAR_NORM_CANDIDATES = {"fused": linear_norm_fused, "cuBLAS + add_rmsnorm": linear_norm_composed}
+
+
+def linear_add_rmsnorm(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
+    """The faster of the norm epilogue and cuBLAS + the add + RMSNorm kernel on this
+    signature, as measured on its first call (trm_kernels.tune); the composition where the
+    output row exceeds MAX_NORM_HIDDEN or the device cannot launch the epilogue kernel."""
+    for name, t in (("a", a), ("w", w), ("h", h)):
+        check_input(name, t)
+    if not _norm_launchable(h.device, h.shape[-1]):
+        return linear_norm_composed(a, w, h, eps)
+    choice = tune.choose("linear_add_rmsnorm", LINEAR_NORM_CANDIDATES, (a, w, h, eps))
+    return LINEAR_NORM_CANDIDATES[choice](a, w, h, eps)

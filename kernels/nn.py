@@ -131,6 +131,18 @@ class RoPEAttention(nn.Module):
         self.qkv_proj = linear(hidden, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
         self.o_proj = linear(num_heads * self.head_dim, hidden, bias=bias)
 
+    def attend(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The heads' outputs before o_proj, [B, S, H * d] (for a caller fusing o_proj with
+        what follows it, as ``trm_kernels.linear_add_rmsnorm`` does)."""
+        return rope_attention(self.qkv_proj(h), cos, sin, self.num_heads, num_kv_heads=self.num_kv_heads,
+                              causal=self.causal, key_mask=key_mask, head_dim=self.head_dim)  # fmt: skip
+
     def forward(
         self,
         h: torch.Tensor,
@@ -138,9 +150,7 @@ class RoPEAttention(nn.Module):
         sin: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = rope_attention(self.qkv_proj(h), cos, sin, self.num_heads, num_kv_heads=self.num_kv_heads,
-                             causal=self.causal, key_mask=key_mask, head_dim=self.head_dim)  # fmt: skip
-        return self.o_proj(out)
+        return self.o_proj(self.attend(h, cos, sin, key_mask))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import add_rmsnorm, inject, rope_attention, swiglu_mlp, swiglu_mlp_rmsnorm, token_mlp_rmsnorm
+from . import add_rmsnorm, inject, linear_add_rmsnorm, rope_attention, swiglu_mlp, swiglu_mlp_rmsnorm, token_mlp_rmsnorm
 from .nn import weight_as
 
 OPS = ("attention", "rmsnorm", "swiglu", "token_mixer", "inject")
@@ -152,6 +152,8 @@ def _block_forward(block, ops: set[str]):
             out = rope_attention(attn.qkv_proj(h), cos, sin, attn.num_heads, backend,
                                  num_kv_heads=attn.num_key_value_heads, causal=bool(attn.causal),
                                  head_dim=attn.head_dim)  # fmt: skip
+            if "rmsnorm" in ops:  # o_proj, the residual add and the norm as one op: the norm in the GEMM's epilogue
+                return linear_add_rmsnorm(out, weight_as(attn.o_proj, h.dtype), h, eps)
             return norm(h, attn.o_proj(out), eps)
 
     if {"rmsnorm", "swiglu"} <= ops:  # the MLP sub-layer as one op: residual + RMSNorm in the down GEMM too
@@ -197,7 +199,8 @@ def patch(
 
     Each switch turns one op off (it then runs its plain PyTorch reference): ``attention``
     (packed-qkv attention with RoPE, causal and grouped-query as the module says),
-    ``rmsnorm`` (the residual add + RMSNorm after each sub-layer), ``swiglu`` (the MLP's
+    ``rmsnorm`` (the residual add + RMSNorm after each sub-layer, in o_proj's GEMM epilogue
+    after attention), ``swiglu`` (the MLP's
     activation), ``token_mixer`` (the whole ``mlp_t`` sub-layer), ``inject`` (the input
     injection of a reasoning module). Outputs and gradients equal the unpatched model's
     within each op's tolerance (exactly on the reference backend, a CPU's default).

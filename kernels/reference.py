@@ -70,6 +70,12 @@ def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     return add_rmsnorm(swiglu_mlp(h, w_gate_up, w_down), h, -1, eps)
 
 
+def linear_add_rmsnorm(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """A linear layer's output added to the residual and normalised: ``rmsnorm(h + a @ w^T)``
+    over the last axis, no weight (TRM's attention sub-layer: o_proj, then the post-norm)."""
+    return add_rmsnorm(F.linear(a, w), h, -1, eps)
+
+
 def token_mlp_rmsnorm(
     h: torch.Tensor,
     w_gate_up: torch.Tensor,

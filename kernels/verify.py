@@ -42,6 +42,7 @@ BATCHED: dict[str, tuple[int, ...]] = {
     "swiglu": (0,),
     "swiglu_mlp": (0,),
     "swiglu_mlp_rmsnorm": (0,),
+    "linear_add_rmsnorm": (0, 2),
     "token_mlp_rmsnorm": (0,),
     "rope_attention": (0, 6),  # qkv, key_mask
     "stablemax_cross_entropy": (0, 1),
@@ -54,6 +55,7 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "swiglu": ("gate_up", "dim"),
     "swiglu_mlp": ("x", "w_gate_up", "w_down"),
     "swiglu_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
+    "linear_add_rmsnorm": ("a", "w", "h", "eps"),
     "token_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
     "rope_attention": ("qkv", "cos", "sin", "num_heads", "num_kv_heads", "causal", "key_mask"),
     "stablemax_cross_entropy": ("logits", "labels", "ignore_index"),
@@ -64,6 +66,7 @@ WEIGHTS: dict[str, tuple[int, ...]] = {
     "add_rmsnorm": (4,),
     "swiglu_mlp": (1, 2),
     "swiglu_mlp_rmsnorm": (1, 2),
+    "linear_add_rmsnorm": (1,),
     "token_mlp_rmsnorm": (1, 2),
 }
 _override: str | None = None

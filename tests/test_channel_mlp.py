@@ -368,3 +368,102 @@ def test_sublayer_arguments_are_named():
         K.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, eps=-1)
     with pytest.raises(ValueError, match=r"w_gate_up must be \[2\*inter, hidden=16\]"):
         K.swiglu_mlp_rmsnorm(h, w_down, w_down)
+
+
+# ---- any linear layer, the residual add and the post-norm: rmsnorm(h + a @ w^T) ---------------
+
+
+def _linear_inputs(rows: tuple[int, ...], k: int, n: int, dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(*rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) * k**-0.5
+    h = torch.randn(*rows, n, generator=gen)
+    return [t.to(DEVICE, dtype) for t in (a, w, h)]
+
+
+def _linear_norm(a, w, h):
+    return K.linear_add_rmsnorm(a, w, h, 1e-5, backend="triton")
+
+
+def _reference_linear_norm(a, w, h):
+    return R.linear_add_rmsnorm(a, w, h, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, k, n", [((1,), 16, 16), ((5,), 24, 40), ((2, 97), 64, 48), ((3, 11), 32, 512),
+                                        ((3, 7), 33, 17), ((4,), 16, 520)])  # fmt: skip
+def test_linear_add_rmsnorm_against_the_reference_and_float64(dtype, rows, k, n):
+    """Every gradient (a, w, h) too; N = 520 is above the epilogue's 512: cuBLAS + add_rmsnorm."""
+    inputs = _linear_inputs(rows, k, n, dtype)
+    compare(_linear_norm, _reference_linear_norm, inputs, f"linear_add_rmsnorm{rows} K={k} N={n}")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 70), k=st.integers(1, 80), n=st.integers(2, 80), half=st.booleans(),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_linear_add_rmsnorm_on_random_shapes(rows, k, n, half, seed):
+    """N >= 2: over a length-one axis the norm's gradient is a near-cancelling difference that
+    no implementation computes to the rule's bound (test_ops_triton's length-one test)."""
+    inputs = _linear_inputs((rows,), k, n, DTYPES[1] if half else DTYPES[0], seed)
+    compare(_linear_norm, _reference_linear_norm, inputs, f"linear_add_rmsnorm {rows}x{k} N={n}")
+
+
+def test_linear_add_rmsnorm_kernels_and_what_backward_keeps(monkeypatch):
+    """No grad: one kernel. With grad: its training form, then the norm's backward kernel and
+    two cuBLAS GEMMs; kept: the pre-norm sum and rstd (a and w are the caller's).
+    TRM_TUNE=composed: cuBLAS's GEMM and the add + RMSNorm kernel."""
+    rows, k, n = 12, 32, 24
+    a, w, h = _linear_inputs((rows,), k, n, torch.float32)
+    with torch.no_grad(), OpLog() as log:
+        _linear_norm(a, w, h)
+    ops = torch.ops.trm
+    assert log.count(ops.linear_add_rmsnorm) == 1 and log.count(ops.add_rmsnorm, torch.ops.aten.mm) == 0
+    leaves = [t.clone().requires_grad_() for t in (a, w, h)]
+    with OpLog() as log:
+        _linear_norm(*leaves).sum().backward()
+    assert log.count(ops.linear_add_rmsnorm_train) == 1 and log.count(ops.add_rmsnorm_backward) == 1
+    assert log.count(torch.ops.aten.mm) == 2 and log.count(torch.ops.aten.zeros) == 0
+    assert _saved_bytes(_linear_norm, leaves) == rows * n * 4 + rows * 4
+    monkeypatch.setenv("TRM_TUNE", "composed")
+    with OpLog() as log:
+        _linear_norm(*leaves)
+    assert log.count(ops.linear_add_rmsnorm_train) == 0 and log.count(ops.add_rmsnorm) == 1
+
+
+def test_linear_add_rmsnorm_opcheck_and_compile():
+    a, w, h = _linear_inputs((6,), 16, 8, torch.float32)
+    torch.library.opcheck(torch.ops.trm.linear_add_rmsnorm, (a, w, h, 1e-5))
+    leaves = [t.clone().requires_grad_() for t in (a, w, h)]
+    torch.library.opcheck(torch.ops.trm.linear_add_rmsnorm_train, (*leaves, 1e-5))
+    fn = torch.compile(_linear_norm, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (a, w, h)]
+    out = fn(*leaves)
+    torch.testing.assert_close(out, _reference_linear_norm(a, w, h))
+    out.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+
+
+@pytest.mark.parametrize("n, timed", [(16, 2), (520, 0)])
+def test_linear_add_rmsnorm_times_both_candidates_where_the_epilogue_fits(tuning, n, timed):
+    timer = _Timer({"fused": 2.0, "composed": 1.0})
+    tune.set_timer(timer)
+    inputs = _linear_inputs((4,), 8, n, torch.float32)
+    torch.testing.assert_close(_linear_norm(*inputs), _reference_linear_norm(*inputs))
+    assert len(timer.calls) == timed
+    if timed:
+        (decision,) = tune.report()
+        assert decision["op"] == "linear_add_rmsnorm" and decision["choice"] == "cuBLAS + add_rmsnorm"
+
+
+def test_linear_add_rmsnorm_arguments_are_named():
+    a, w, h = _linear_inputs((4,), 16, 8, torch.float32)
+    with pytest.raises(TypeError, match="w has dtype torch.float16 but a has dtype torch.float32"):
+        K.linear_add_rmsnorm(a, w.half(), h)
+    with pytest.raises(ValueError, match=r"w must be \[out_features, in_features=16\], got shape \(16, 8\)"):
+        K.linear_add_rmsnorm(a, w.t(), h)
+    with pytest.raises(ValueError, match=r"h must be \(4, 8\) \(a's leading shape, w's out_features\)"):
+        K.linear_add_rmsnorm(a, w, h[:3])
+    with pytest.raises(ValueError, match="eps must be a number >= 0, got -1"):
+        K.linear_add_rmsnorm(a, w, h, eps=-1)
+    with pytest.raises(TypeError, match="h must be a torch.Tensor"):
+        K.linear_add_rmsnorm(a, w, [1.0])

@@ -162,6 +162,10 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
                                                          rand(d, 3 * d, scale=(3 * d) ** -0.5), 1e-5)),
         ("swiglu_mlp_rmsnorm", "[3, 7, 600], I 40 (hidden above the norm epilogue's 512)",
          args(rand(3, 7, 600), rand(80, 600, scale=600**-0.5), rand(600, 40, scale=40**-0.5), 1e-5)),
+        ("linear_add_rmsnorm", f"{trm} @ [{d}, {d}] (o_proj)", args(rand(batch, 97, d), rand(d, d, scale=d**-0.5),
+                                                                  rand(batch, 97, d), 1e-5)),
+        ("linear_add_rmsnorm", "[3, 7, 33] @ [20, 33]", args(rand(3, 7, 33), rand(20, 33, scale=33**-0.5),
+                                                             rand(3, 7, 20), 1e-5)),
         ("token_mlp_rmsnorm", f"{trm}, I {inter}",
          args(rand(batch, 97, d), rand(2 * inter, 97, scale=97**-0.5), rand(97, inter, scale=inter**-0.5), 1e-5)),
         ("token_mlp_rmsnorm", "[2, 13, 40], I 24",
@@ -343,14 +347,24 @@ def choices(device: torch.device, quick: bool, progress: Callable[[str], None]) 
     if device.type != "cuda":
         return []
     batch, d = (2, 64) if quick else (256, 512)
-    for op in ("swiglu_mlp", "swiglu_mlp_rmsnorm"):
+
+    def rand(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, device=device) * scale).to(torch.bfloat16).requires_grad_(grad)
+
+    for op in ("swiglu_mlp", "swiglu_mlp_rmsnorm", "linear_add_rmsnorm", "token_mlp_rmsnorm"):
         for grad in (False, True):
+            if op == "token_mlp_rmsnorm" and not grad:
+                continue  # without grad the one kernel always runs
             progress(f"choosing {op} [{batch}, 97, {d}]{' with grad' if grad else ''}")
-            x = torch.randn(batch, 97, d, device=device, dtype=torch.bfloat16, requires_grad=grad)
-            w_gate_up = (torch.randn(6 * d, d, device=device) * d**-0.5).to(torch.bfloat16)
-            w_down = (torch.randn(d, 3 * d, device=device) * (3 * d) ** -0.5).to(torch.bfloat16)
+            x = rand(batch, 97, d, grad=grad)
+            if op == "linear_add_rmsnorm":  # TRM's o_proj: the heads' output [.., D] -> [.., D]
+                args = (rand(batch, 97, d), rand(d, d, scale=d**-0.5), x)
+            elif op == "token_mlp_rmsnorm":  # mlp_t over the 97 positions, intermediate 512
+                args = (x, rand(1024, 97, scale=97**-0.5), rand(97, 512, scale=512**-0.5))
+            else:
+                args = (x, rand(6 * d, d, scale=d**-0.5), rand(d, 3 * d, scale=(3 * d) ** -0.5))
             try:
-                getattr(K, op)(x, w_gate_up, w_down, backend="triton")
+                getattr(K, op)(*args, backend="triton")
             except Exception as e:
                 return [Check("choice", op, "triton", "bfloat16", f"[{batch}, 97, {d}]", False,
                               f"raised {type(e).__name__}: {_first_line(e)}")]  # fmt: skip

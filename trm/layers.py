@@ -110,7 +110,9 @@ class Block(nn.Module):
     """Post-norm block: h = rmsnorm(h + mix(h)); h = rmsnorm(h + SwiGLU(h)). No norm weights.
 
     The second sub-layer is one op, ``trm_kernels.swiglu_mlp_rmsnorm`` (the modules ``mlp`` and
-    ``mlp_norm`` hold its weights and eps, so state dicts keep the reference's names)."""
+    ``mlp_norm`` hold its weights and eps, so state dicts keep the reference's names); with
+    attention, o_proj, the residual add and the norm are one op too,
+    ``trm_kernels.linear_add_rmsnorm``."""
 
     def __init__(self, hidden: int, num_heads: int, expansion: float, seq_len: int, mlp_t: bool, eps: float):
         super().__init__()
@@ -126,7 +128,8 @@ class Block(nn.Module):
         if hasattr(self, "mlp_t"):
             h = self.mlp_t(h)
         else:
-            h = self.attn_norm(self.self_attn(h, cos, sin), h)
+            attn = self.self_attn  # attn_norm(o_proj(heads), h) as one op: the norm in o_proj's epilogue
+            h = K.linear_add_rmsnorm(attn.attend(h, cos, sin), attn.o_proj.weight_as(h.dtype), h, self.attn_norm.eps)
         # mlp_norm(mlp(h), h) as one op: on the triton backend both GEMMs carry the elementwise work
         w_gate_up, w_down = self.mlp.gate_up_proj.weight_as(h.dtype), self.mlp.down_proj.weight_as(h.dtype)
         return K.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, self.mlp_norm.eps)
