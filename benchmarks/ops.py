@@ -243,6 +243,45 @@ def _token_mlp_training_cases(batch, seq, hidden, inter, dtype, device, compile_
         yield Row("mlp_t sub-layer forward+backward", case, name, ms, tflops=flops / ms / 1e9)
 
 
+def _norm_epilogue_cases(rows, hidden, inter, dtype, device, compile_ok) -> Iterator[Row]:
+    """The GEMMs ending in the residual add and RMSNorm, without grad and with grad (forward
+    and backward together): the channel MLP sub-layer (eager, torch.compile, the
+    compositions, both GEMM epilogues, the one-kernel sub-layer without grad, ``auto``'s
+    choice) and o_proj + norm (``linear_add_rmsnorm``: eager, torch.compile, cuBLAS + the
+    add + RMSNorm kernel, the epilogue, ``auto``). TFLOP/s counts the eager GEMMs."""
+    from trm_kernels import channel_mlp
+
+    h = torch.randn(rows, hidden, device=device, dtype=dtype)
+    w_gu = torch.randn(2 * inter, hidden, device=device, dtype=dtype) * hidden**-0.5
+    w_down = torch.randn(hidden, inter, device=device, dtype=dtype) * inter**-0.5
+    w_o = torch.randn(hidden, hidden, device=device, dtype=dtype) * hidden**-0.5
+    ours = fused_runs_on(device) and "triton" in K.available("swiglu_mlp_rmsnorm")
+    for op, inputs, flops, named in (
+        ("swiglu_mlp_rmsnorm", (h, w_gu, w_down), 6 * rows * hidden * inter,
+         {**channel_mlp.SUBLAYER_CANDIDATES, "one kernel": channel_mlp.sublayer_one_kernel}),
+        ("linear_add_rmsnorm", (h, w_o, h), 2 * rows * hidden * hidden, channel_mlp.LINEAR_NORM_CANDIDATES),
+    ):  # fmt: skip
+        case = f"{op} {rows}x{hidden}" + (f", I={inter}" if op == "swiglu_mlp_rmsnorm" else "")
+        providers = _providers(op, getattr(R, op), compile_ok, device)
+        if ours:
+            providers[-1] = (AUTO_MLP, providers[-1][1])
+            providers += [(f"triton {name}", fn) for name, fn in named.items()]
+        for name, fn in providers:
+            with torch.no_grad():
+                ms = bench(lambda _f=fn, _in=inputs: _f(*_in, 1e-5), device)
+            yield Row(f"{op} forward, no grad", case, name, ms, tflops=flops / ms / 1e9)
+            if name == "triton one kernel":
+                continue  # no backward
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            grad = torch.randn_like(h)
+
+            def step(_f=fn, _leaves=leaves, _grad=grad):
+                torch.autograd.grad(_f(*_leaves, 1e-5), _leaves, _grad)
+
+            ms = bench(step, device)
+            yield Row(f"{op} forward+backward", case, name, ms, tflops=3 * flops / ms / 1e9)
+
+
 def _shapes(quick: bool):
     if quick:
         return [(2, 17)], 64, 96, [(2, 17, 2, 32)]
@@ -262,7 +301,14 @@ def channel_mlp(device: torch.device, quick: bool, compile_ok: bool) -> list[Row
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows_list, hidden, inter, _ = _shapes(quick)
     token = _token_mlp_training_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok)
-    return _printed(itertools.chain(_channel_mlp_cases(rows_list[:1], hidden, inter, dtype, device, compile_ok), token))
+    rows = rows_list[0][0] * rows_list[0][1]
+    return _printed(
+        itertools.chain(
+            _channel_mlp_cases(rows_list[:1], hidden, inter, dtype, device, compile_ok),
+            _norm_epilogue_cases(rows, hidden, inter, dtype, device, compile_ok),
+            token,
+        )
+    )
 
 
 def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:

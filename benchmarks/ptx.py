@@ -124,6 +124,14 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             {"M", "N", "K"},
             (warps, stages),
         )
+    bm, bi, bk, warps, stages = channel_mlp.ONE_KERNEL_CONFIG  # the whole sub-layer without grad, hidden 512
+    mlp_configs[channel_mlp.one_kernel_config_name()] = (
+        channel_mlp._mlp_add_rmsnorm_fwd,
+        {"H": t, "WGU": t, "WD": t, "OUT": t, "M": "i32", "N": "i32", "INTER": "i32", "eps": "fp32"},
+        {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_I": bi, "BLOCK_K": bk, "PREC": "tf32"},
+        {"M", "N", "INTER"},
+        (warps, stages),
+    )
     attn = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "OUT": t, "LSE": "*fp32", "S": "i32",
             "H": "i32", "KVH": "i32", "scale": "fp32"}  # fmt: skip
     attn_bwd = {"QKV": t, "QK": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "DOUT": t, "LSE": "*fp32",

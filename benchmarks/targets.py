@@ -18,6 +18,14 @@ OURS_OPS = ("triton", "cuda")
 OURS_MODEL = ("fused + CUDA graphs", "fused")
 AUTO_MLP = "triton (auto: the faster, timed)"  # trm_benchmarks.ops's provider names for the SwiGLU MLP
 TOKEN_COMPOSED, TOKEN_FUSED = "triton, composed ops", "triton, fused training kernels"  # and for mlp_t with grad
+# the candidates of the norm-epilogue ops, as trm_benchmarks.ops names them ("triton " + the candidate)
+SUBLAYER = (
+    "triton fused",
+    "triton one kernel",
+    "triton SwiGLU epilogue + add_rmsnorm",
+    "triton cuBLAS + swiglu + add_rmsnorm",
+)
+LINEAR_NORM = ("triton fused", "triton cuBLAS + add_rmsnorm")
 
 
 @dataclass
@@ -80,7 +88,10 @@ def check(results: Results) -> list[Check]:
     # (within 5%: the two are timed once on the first call, the table times them again)
     candidates = {"swiglu_mlp forward": ("cuBLAS + triton swiglu", "triton GEMM epilogues"),
                   "swiglu_mlp backward": ("cuBLAS + triton swiglu", "triton GEMM epilogues"),
-                  "mlp_t sub-layer forward+backward": (TOKEN_COMPOSED, TOKEN_FUSED)}  # fmt: skip
+                  "mlp_t sub-layer forward+backward": (TOKEN_COMPOSED, TOKEN_FUSED),
+                  "swiglu_mlp_rmsnorm forward, no grad": SUBLAYER, "swiglu_mlp_rmsnorm forward+backward": SUBLAYER,
+                  "linear_add_rmsnorm forward, no grad": LINEAR_NORM,
+                  "linear_add_rmsnorm forward+backward": LINEAR_NORM}  # fmt: skip
     for group, names in candidates.items():
         for case in _cases(rows, group):
             times = {r.provider: r.ms for r in rows if r.group == group and r.case == case}

@@ -161,6 +161,43 @@ def _down_add_rmsnorm_fwd(
         tl.store(SUM + offs, y, mask=mask)
 
 
+@triton.jit
+def _mlp_add_rmsnorm_fwd(
+    H, WGU, WD, OUT, M, N, INTER, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """The whole sub-layer without grad, one kernel: out = rmsnorm(h + swiglu(h @ W_gu^T) @
+    W_down^T) for h [M, N], W_gu [2I, N] (gate rows first), W_down [N, I]. A program owns
+    BLOCK_M whole rows and walks the intermediate axis in BLOCK_I chunks: the gate|up chunk
+    (a GEMM over N in BLOCK_K steps), SwiGLU, and the chunk's share of the down GEMM added to
+    a [BLOCK_M, N] accumulator; the activation never leaves the chip. Every program reads
+    all of both weights (from L2), which is what this trades for the activation's round trip."""
+    dtype = H.dtype.element_ty
+    rm, rn, ri = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_I)
+    rows = rm.to(tl.int64)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for i0 in range(0, INTER, BLOCK_I):
+        inter = i0 + ri
+        i_ok = inter < INTER
+        g = _gemm(H, WGU, rows, m_ok, inter, i_ok, N, N, tl.zeros([BLOCK_M, BLOCK_I], tl.float32), True, BLOCK_K, PREC)
+        u = _gemm(H, WGU + INTER * N, rows, m_ok, inter, i_ok, N, N, tl.zeros([BLOCK_M, BLOCK_I], tl.float32), True,
+                  BLOCK_K, PREC)  # fmt: skip
+        gf, uf = g.to(dtype).to(tl.float32), u.to(dtype).to(tl.float32)  # rounded as gate|up is stored
+        act = (gf * tl.sigmoid(gf) * uf).to(dtype)
+        wd = tl.load(WD + rn[None, :].to(tl.int64) * INTER + inter[:, None], mask=i_ok[:, None] & n_ok[None, :],
+                     other=0.0)  # [BLOCK_I, BLOCK_N]: W_down^T's rows of this chunk  # fmt: skip
+        acc = tl.dot(act, wd, acc, input_precision=PREC)
+    mask = m_ok[:, None] & n_ok[None, :]
+    offs = rows[:, None] * N + rn[None, :]
+    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (h + acc.to(dtype).to(tl.float32)).to(dtype)  # the down product and the sum rounded as stored
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(yf * yf, axis=1) / N + eps))  # as trm::add_rmsnorm
+    tl.store(OUT + offs, (yf * rstd[:, None]).to(dtype), mask=mask)
+
+
 GROUP_M = 8
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries on a GPU, for both
 # kernels. Each compiles for every architecture in trm_kernels.arch with no spills
@@ -485,8 +522,9 @@ SUBLAYER_CANDIDATES = {"fused": sublayer_fused, "SwiGLU epilogue + add_rmsnorm":
 
 def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
     """The fastest of SUBLAYER_CANDIDATES on this signature, as measured on its first call
-    (trm_kernels.tune); without the norm epilogue where the hidden size exceeds
-    MAX_NORM_HIDDEN or the device fits no config of it."""
+    (trm_kernels.tune); without grad the one-kernel sub-layer is a candidate too (second, so
+    that the two GEMM epilogues stay the default); without the norm epilogue where the hidden
+    size exceeds MAX_NORM_HIDDEN or the device fits no config of it."""
     for name, t in (("h", h), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_input(name, t)
     if not _has_tiles(h.device):
@@ -494,6 +532,10 @@ def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     candidates = SUBLAYER_CANDIDATES
     if not _norm_launchable(h.device, h.shape[-1]):
         candidates = dict(list(SUBLAYER_CANDIDATES.items())[1:])
+    grad = torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
+    if not grad and _one_kernel_launchable(h.device, h.shape[-1]):
+        first, *rest = candidates.items()
+        candidates = dict([first, ("one kernel", sublayer_one_kernel), *rest])
     choice = tune.choose("swiglu_mlp_rmsnorm", candidates, (h, w_gate_up, w_down, eps))
     return candidates[choice](h, w_gate_up, w_down, eps)
 
@@ -577,3 +619,52 @@ def linear_add_rmsnorm(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: f
         return linear_norm_composed(a, w, h, eps)
     choice = tune.choose("linear_add_rmsnorm", LINEAR_NORM_CANDIDATES, (a, w, h, eps))
     return LINEAR_NORM_CANDIDATES[choice](a, w, h, eps)
+
+
+# ---- the whole sub-layer without grad as one kernel: a candidate the timing weighs -------------
+
+# (BLOCK_M, BLOCK_I, BLOCK_K, num_warps, num_stages) at hidden <= 512 (BLOCK_N = the row).
+# A [32, 512] fp32 accumulator is 64 registers a thread at 8 warps; 64 rows would spill.
+ONE_KERNEL_CONFIG = (32, 32, 64, 8, 2)
+ONE_KERNEL_INTERPRETER_CONFIG = (64, 128, 128, 4, 1)  # wide, as INTERPRETER_CONFIG
+# It compiles with no spills on every architecture in trm_kernels.arch, mma.sync everywhere (32
+# rows), and takes 34 KB (34816 B) of shared memory on each (triton 3.9, bf16 and fp16;
+# tests/test_ptx.py fails if it needs more).
+ONE_KERNEL_SHARED_BYTES = 34816
+
+
+def one_kernel_config_name() -> str:
+    bm, bi, bk, warps, stages = ONE_KERNEL_CONFIG
+    return f"swiglu_mlp_rmsnorm one kernel {bm}x512, I by {bi}, K by {bk}, {warps} warps {stages} stages"
+
+
+def _one_kernel_launchable(device: torch.device, hidden: int) -> bool:
+    budget = device_budget(device)
+    return hidden <= MAX_NORM_HIDDEN and (budget is None or ONE_KERNEL_SHARED_BYTES <= budget[1])
+
+
+@torch.library.custom_op("trm::swiglu_mlp_rmsnorm_one_kernel", mutates_args=())
+def swiglu_mlp_rmsnorm_one_kernel(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                                  eps: float) -> torch.Tensor:  # fmt: skip
+    """rmsnorm(h + swiglu_mlp(h)) for 2-D h [M, N <= 512], no grad: one kernel (the
+    activation never written)."""
+    h, w_gate_up, w_down = h.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
+    (M, N), inter = h.shape, w_down.shape[1]  # noqa: N806
+    out = torch.empty_like(h)
+    interpreted = interpreting()
+    bm, bi, bk, warps, stages = ONE_KERNEL_INTERPRETER_CONFIG if interpreted else ONE_KERNEL_CONFIG
+    _mlp_add_rmsnorm_fwd[(triton.cdiv(M, bm),)](h, w_gate_up, w_down, out, M, N, inter, eps, BLOCK_M=bm,
+                                                BLOCK_N=max(16, next_pow2(N)), BLOCK_I=bi, BLOCK_K=bk,
+                                                PREC=_precision(h), num_warps=warps, num_stages=stages)  # fmt: skip
+    return out
+
+
+@swiglu_mlp_rmsnorm_one_kernel.register_fake
+def _(h, w_gate_up, w_down, eps):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+def sublayer_one_kernel(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
+    """The whole sub-layer as one kernel (no grad only)."""
+    flat = h.reshape(-1, h.shape[-1])
+    return swiglu_mlp_rmsnorm_one_kernel(flat, w_gate_up, w_down, eps).view(h.shape)

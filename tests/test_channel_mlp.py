@@ -34,6 +34,7 @@ def small_tiles(monkeypatch):
 
     monkeypatch.setattr(channel_mlp, "INTERPRETER_CONFIG", (32, 32, 32, 4, 1))
     monkeypatch.setattr(channel_mlp, "NORM_INTERPRETER_CONFIG", (16, 32, 4, 1))
+    monkeypatch.setattr(channel_mlp, "ONE_KERNEL_INTERPRETER_CONFIG", (16, 16, 16, 4, 1))
 
 
 @pytest.fixture
@@ -348,16 +349,58 @@ def test_sublayer_opcheck_and_compile():
     torch.testing.assert_close(fn(x, w_gate_up, w_down), _reference_sublayer(h, w_gate_up, w_down))
 
 
-@pytest.mark.parametrize("hidden, timed", [(16, 3), (520, 2)])
-def test_sublayer_times_every_candidate_it_can_run(tuning, hidden, timed):
-    """Three candidates where the norm epilogue fits the hidden size, two above it."""
-    timer = _Timer({"a": 3.0, "b": 1.0, "c": 2.0})
+@pytest.mark.parametrize("hidden, grad, timed", [(16, True, 3), (16, False, 4), (520, False, 2)])
+def test_sublayer_times_every_candidate_it_can_run(tuning, hidden, grad, timed):
+    """Three candidates where the norm epilogue fits the hidden size, four without grad (the
+    one-kernel sub-layer), two above it."""
+    timer = _Timer({"a": 3.0, "b": 1.0, "c": 2.0, "d": 2.5})
     tune.set_timer(timer)
     inputs = _inputs((4,), hidden, 8, torch.float32)
+    inputs[0].requires_grad_(grad)
     torch.testing.assert_close(_sublayer(*inputs), _reference_sublayer(*inputs))
     (decision,) = tune.report()
     assert len(timer.calls) == timed == len(decision["times_ms"])
     assert decision["choice"] == list(decision["times_ms"])[1]  # the one timed at 1.0
+    assert ("one kernel" in decision["times_ms"]) == (timed == 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows, hidden, inter",
+    [((1,), 16, 16), ((5,), 40, 24), ((2, 97), 48, 40), ((3, 11), 512, 32), ((3, 7), 33, 17), ((1, 916), 24, 20)],
+)
+def test_the_one_kernel_sublayer_against_the_reference_and_float64(dtype, rows, hidden, inter):
+    """No grad: gate|up, SwiGLU, the down GEMM, the residual and the norm in one kernel,
+    against the composed reference ops and float64; one op dispatched."""
+    from trm_kernels import channel_mlp
+    from trm_kernels.verify import tolerance_problem
+
+    h, w_gate_up, w_down = _inputs(rows, hidden, inter, dtype)
+    with torch.no_grad(), OpLog() as log:
+        out = channel_mlp.sublayer_one_kernel(h, w_gate_up, w_down, 1e-5)
+        ref = R.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, 1e-5)
+        oracle = R.swiglu_mlp_rmsnorm(h.double(), w_gate_up.double(), w_down.double(), 1e-5)
+    assert log.count(torch.ops.trm.swiglu_mlp_rmsnorm_one_kernel) == 1
+    assert tolerance_problem(out, ref, oracle, f"one kernel {rows} D={hidden} I={inter}") is None
+
+
+def test_the_one_kernel_sublayer_in_the_gpu_tile_and_its_registration(monkeypatch):
+    """The GPU's config under the interpreter (32 rows, I by 32, K by 64), opcheck, and
+    torch.compile without graph breaks."""
+    from trm_kernels import channel_mlp
+    from trm_kernels.verify import tolerance_problem
+
+    monkeypatch.setattr(channel_mlp, "ONE_KERNEL_INTERPRETER_CONFIG", channel_mlp.ONE_KERNEL_CONFIG)
+    h, w_gate_up, w_down = _inputs((37,), 72, 70, DTYPES[-1])
+    with torch.no_grad():
+        out = channel_mlp.sublayer_one_kernel(h, w_gate_up, w_down, 1e-5)
+        ref = R.swiglu_mlp_rmsnorm(h, w_gate_up, w_down, 1e-5)
+        oracle = R.swiglu_mlp_rmsnorm(h.double(), w_gate_up.double(), w_down.double(), 1e-5)
+    assert tolerance_problem(out, ref, oracle, "one kernel, GPU tile") is None
+    torch.library.opcheck(torch.ops.trm.swiglu_mlp_rmsnorm_one_kernel, (h, w_gate_up, w_down, 1e-5))
+    fn = torch.compile(channel_mlp.sublayer_one_kernel, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(fn(h, w_gate_up, w_down, 1e-5), out)
 
 
 def test_sublayer_arguments_are_named():

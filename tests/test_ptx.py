@@ -78,6 +78,14 @@ def test_the_norm_epilogue_kernels_fit_their_stated_shared_memory_and_use_mma_sy
             assert r["cp_async"] > 0 and r["other_loads"] == 0, (t, d, n, r["accesses"])
 
 
+def test_the_one_kernel_sublayer_fits_its_stated_shared_memory_and_does_not_spill(report):
+    name = channel_mlp.one_kernel_config_name()
+    for t, d, n, r in _entries(report):
+        if n == name:
+            assert r["shared_bytes"] <= channel_mlp.ONE_KERNEL_SHARED_BYTES and r["mma_sync"] > 0, (t, d)
+            assert r["spill_store_bytes"] == 0 and r["cp_async"] > 0 and r["other_loads"] == 0, (t, d, r)
+
+
 def test_the_pruning_table_covers_every_compiled_swiglu_mlp_config(report):
     """`channel_mlp.SHARED_BYTES` (the forward's, the larger) bounds both kernels of each config."""
     assert set(channel_mlp.SHARED_BYTES) == set(channel_mlp.CONFIGS)
