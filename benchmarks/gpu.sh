@@ -16,9 +16,10 @@
 # graph capture, graph vs eager). ops: results in OUT_DIR/ops/. mlp: the SwiGLU MLP's op rows
 # (OUT_DIR/mlp/: eager, torch.compile, cuBLAS + swiglu, our GEMM epilogues, auto's timed
 # choice) and the mlp_t sub-layer's with grad (eager, torch.compile, the composition, the
-# fused training kernels, auto's timed choice), then the sudoku-mlp model table with every
-# fused GEMM kernel forced (TRM_TUNE=off, OUT_DIR/mlp-model-off/) and with the compositions
-# instead (TRM_TUNE=composed, OUT_DIR/mlp-model-composed/).
+# fused training kernels, auto's timed choice), the norm-epilogue ops' (the MLP sub-layer with
+# its one-kernel form, o_proj + norm), then the sudoku-mlp and sudoku-att model tables with
+# every fused GEMM kernel forced (TRM_TUNE=off, OUT_DIR/mlp-model-off/) and with the
+# compositions instead (TRM_TUNE=composed, OUT_DIR/mlp-model-composed/).
 # model: results in OUT_DIR/model/, with a profile of each config's training step. Benchmarks rewrite their
 # results as they go, so a part stopped by a time limit (PART_TIMEOUT seconds, default
 # 540) keeps what it measured. Merge the parts of one GPU run with
@@ -69,7 +70,7 @@ for part in "$@"; do
       timeout "$limit" python3 -m trm_benchmarks.run --out "$out/mlp" --only mlp 2>&1 | tee "$out/bench-mlp.log" | tail -8
       for mode in off composed; do
         TRM_TUNE=$mode timeout "$limit" python3 -m trm_benchmarks.run --out "$out/mlp-model-$mode" --only model \
-          --configs sudoku-mlp --no-compile 2>&1 | tee "$out/bench-mlp-model-$mode.log" | tail -4
+          --configs sudoku-mlp,sudoku-att --no-compile 2>&1 | tee "$out/bench-mlp-model-$mode.log" | tail -4
       done ;;
     lm)
       # another recursive model: the recurrent-depth LM's training step, plain PyTorch against trm_kernels.nn

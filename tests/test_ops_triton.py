@@ -113,6 +113,16 @@ def test_token_mlp_rmsnorm_fused_backward(monkeypatch, dtype, shape, grad_of):
         check(f, r, o, f"token_mlp{shape} {name}")
 
 
+def test_token_mlp_rmsnorm_past_the_tile_trains_by_the_composition():
+    """S = 916 (the maze) is over the 256 positions a tile holds: with and without grad the
+    composed ops run (their Triton SwiGLU and norm kernels), against the reference and float64."""
+    inputs = list(_token_mlp_inputs(1, 916, 8, 16, torch.float32))
+    with OpLog() as log:
+        compare(lambda *a: K.token_mlp_rmsnorm(*a, backend="triton"), R.token_mlp_rmsnorm, inputs, "token_mlp S=916")
+    assert log.count(torch.ops.trm.token_mlp_rmsnorm_train, torch.ops.trm.token_mlp_rmsnorm) == 0
+    assert log.count(torch.ops.trm.swiglu_backward) == 1
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batch=st.integers(1, 3), seq=st.integers(1, 256), hidden=st.integers(1, 70), inter=st.integers(1, 70),
