@@ -149,16 +149,24 @@ def _down_add_rmsnorm_fwd(
     rows = rm.to(tl.int64)
     m_ok, n_ok = rm < M, rn < N
     acc = _gemm(A, WD, rows, m_ok, rn, n_ok, K, K, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), True, BLOCK_K, PREC)
+    y, rstd = _residual_rmsnorm(acc, H, OUT, rows, m_ok, rn, n_ok, N, eps, dtype)
+    tl.store(RSTD + rows, rstd, mask=m_ok)
+    if STORE_SUM:
+        tl.store(SUM + rows[:, None] * N + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _residual_rmsnorm(acc, H, OUT, rows, m_ok, cols, n_ok, N, eps, dtype: tl.constexpr):
+    """The norm epilogue of whole rows: out = rmsnorm(h + acc) stored to OUT, the product and
+    the sum rounded to `dtype` as the composition stores them; returns (the rounded sum, rstd)."""
     mask = m_ok[:, None] & n_ok[None, :]
-    offs = rows[:, None] * N + rn[None, :]
+    offs = rows[:, None] * N + cols[None, :]
     h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-    y = (h + acc.to(dtype).to(tl.float32)).to(dtype)  # the down product and the sum rounded as stored
+    y = (h + acc.to(dtype).to(tl.float32)).to(dtype)
     yf = tl.where(mask, y.to(tl.float32), 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(yf * yf, axis=1) / N + eps))  # as trm::add_rmsnorm
     tl.store(OUT + offs, (yf * rstd[:, None]).to(dtype), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=m_ok)
-    if STORE_SUM:
-        tl.store(SUM + offs, y, mask=mask)
+    return y, rstd
 
 
 @triton.jit
@@ -189,13 +197,7 @@ def _mlp_add_rmsnorm_fwd(
         wd = tl.load(WD + rn[None, :].to(tl.int64) * INTER + inter[:, None], mask=i_ok[:, None] & n_ok[None, :],
                      other=0.0)  # [BLOCK_I, BLOCK_N]: W_down^T's rows of this chunk  # fmt: skip
         acc = tl.dot(act, wd, acc, input_precision=PREC)
-    mask = m_ok[:, None] & n_ok[None, :]
-    offs = rows[:, None] * N + rn[None, :]
-    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-    y = (h + acc.to(dtype).to(tl.float32)).to(dtype)  # the down product and the sum rounded as stored
-    yf = tl.where(mask, y.to(tl.float32), 0.0)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(yf * yf, axis=1) / N + eps))  # as trm::add_rmsnorm
-    tl.store(OUT + offs, (yf * rstd[:, None]).to(dtype), mask=mask)
+    _residual_rmsnorm(acc, H, OUT, rows, m_ok, rn, n_ok, N, eps, dtype)
 
 
 GROUP_M = 8
