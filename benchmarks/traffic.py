@@ -83,7 +83,7 @@ def _token_mlp_backward_parts(args, out) -> list[tuple[str, int, int]]:
     dout, h, w_gate_up, w_down, total, rstd, need_dh, need_dweights = args
     batch, seq, hidden = h.shape
     inter, elt = w_down.shape[1], h.element_size()
-    block_s = max(16, 1 << (seq - 1).bit_length())
+    block_s = token_mlp._block_s(seq)  # the padded shapes the kernels run on
     i_pad = -(-inter // token_mlp.I_ALIGN) * token_mlp.I_ALIGN
     padded = (2 * i_pad * block_s * elt, block_s * i_pad * elt)
     dsum, product = nbytes(h), batch * seq * hidden * inter

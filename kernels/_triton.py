@@ -99,3 +99,14 @@ def split_at(shape: torch.Size, dim: int) -> tuple[int, int, int]:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def precision(t: torch.Tensor) -> str:
+    """tl.dot's input_precision for t's dtype: fp32 gets IEEE products, as PyTorch's fp32
+    matmul and attention do (Triton would use tf32); half types their own."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want a gradient of any of `tensors` from the op about to run."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

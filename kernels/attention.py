@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_input, next_pow2, takes
+from ._triton import check_input, next_pow2, precision, takes
 
 HEAD_DIMS = range(32, 129, 2)  # even head sizes 32..128
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp2 instead of exp in the softmax
@@ -342,11 +342,6 @@ def _tiles_for(qkv: torch.Tensor, head_dim: int) -> dict[str, Tile]:
 DELTA_ROWS = 64  # rows per program of the backward's elementwise kernels (delta, the rotation of q and k)
 
 
-def _precision(t: torch.Tensor) -> str:
-    """fp32 inputs get IEEE products, as PyTorch's fp32 attention does (Triton would use tf32)."""
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
 def head_dim_of(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> int:
     return qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
 
@@ -359,7 +354,7 @@ def _meta(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos, causal: boo
     d = head_dim_of(qkv, num_heads, num_kv_heads)
     if d not in HEAD_DIMS:
         raise ValueError(f"rope_attention: head_dim {d} is not supported by the triton backend (even, 32..128)")
-    return dict(D=d, HALF_P=next_pow2(d // 2), D_P=2 * next_pow2(d // 2), PREC=_precision(qkv), ROPE=cos is not None,
+    return dict(D=d, HALF_P=next_pow2(d // 2), D_P=2 * next_pow2(d // 2), PREC=precision(qkv), ROPE=cos is not None,
                 CAUSAL=causal, HAS_MASK=key_mask is not None)  # fmt: skip
 
 

@@ -40,7 +40,7 @@ from . import arch as _arch
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
 from . import tune
-from ._triton import check_input, interpreting, next_pow2
+from ._triton import check_input, interpreting, needs_grad, next_pow2, precision
 from .token_mlp import device_budget
 
 
@@ -262,20 +262,16 @@ _FWD = _linear_swiglu_fwd if interpreting() else _autotuned(_linear_swiglu_fwd)
 _BWD = _swiglu_mlp_bwd if interpreting() else _autotuned(_swiglu_mlp_bwd)
 
 
-def _precision(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"  # fp32 gets IEEE products, as torch.mm
-
-
 def _launch(plain, tuned, args: tuple, M: int, N: int, t: torch.Tensor, **meta) -> None:  # noqa: N803
     config = FIXED_CONFIG or (INTERPRETER_CONFIG if tuned is plain else None)
     if config is not None:
         bm, bn, bk, warps, stages = config
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, PREC=_precision(t),
+        plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, PREC=precision(t),
                     num_warps=warps, num_stages=stages, **meta)  # fmt: skip
         return
     tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](
-        *args, GROUP_M=GROUP_M, PREC=_precision(t), **meta
+        *args, GROUP_M=GROUP_M, PREC=precision(t), **meta
     )
 
 
@@ -353,7 +349,7 @@ swiglu_mlp_train.register_autograd(_backward, setup_context=_setup)
 def fused(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """The fused kernels on x [..., D] (one kernel forward, one backward, besides cuBLAS GEMMs)."""
     flat = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+    if needs_grad(x, w_gate_up, w_down):
         out = swiglu_mlp_train(flat, w_gate_up, w_down)[0]
     else:
         out = swiglu_mlp_fwd(flat, w_gate_up, w_down)
@@ -437,10 +433,10 @@ def _down_norm(act, w_down, h, eps: float, keep: bool):
     if config is not None:
         bm, bk, warps, stages = config
         _down_add_rmsnorm_fwd[(triton.cdiv(M, bm),)](*args, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk,
-                                                     STORE_SUM=keep, PREC=_precision(h), num_warps=warps,
+                                                     STORE_SUM=keep, PREC=precision(h), num_warps=warps,
                                                      num_stages=stages)  # fmt: skip
     else:
-        _NORM[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*args, BLOCK_N=block_n, STORE_SUM=keep, PREC=_precision(h))
+        _NORM[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*args, BLOCK_N=block_n, STORE_SUM=keep, PREC=precision(h))
     return out, total, rstd
 
 
@@ -501,7 +497,7 @@ swiglu_mlp_rmsnorm_train.register_autograd(_norm_backward, setup_context=_norm_s
 def sublayer_fused(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:
     """Both GEMMs with their epilogues: SwiGLU in the first, residual + RMSNorm in the second."""
     flat = h.reshape(-1, h.shape[-1])
-    if torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+    if needs_grad(h, w_gate_up, w_down):
         out = swiglu_mlp_rmsnorm_train(flat, w_gate_up, w_down, eps)[0]
     else:
         out = swiglu_mlp_rmsnorm_fwd(flat, w_gate_up, w_down, eps)
@@ -534,8 +530,7 @@ def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     candidates = SUBLAYER_CANDIDATES
     if not _norm_launchable(h.device, h.shape[-1]):
         candidates = dict(list(SUBLAYER_CANDIDATES.items())[1:])
-    grad = torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)
-    if not grad and _one_kernel_launchable(h.device, h.shape[-1]):
+    if not needs_grad(h, w_gate_up, w_down) and _one_kernel_launchable(h.device, h.shape[-1]):
         first, *rest = candidates.items()
         candidates = dict([first, ("one kernel", sublayer_one_kernel), *rest])
     choice = tune.choose("swiglu_mlp_rmsnorm", candidates, (h, w_gate_up, w_down, eps))
@@ -596,7 +591,7 @@ linear_add_rmsnorm_train.register_autograd(_linear_norm_backward, setup_context=
 def linear_norm_fused(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
     """The GEMM with the residual add and RMSNorm in its epilogue (its training form with grad)."""
     flat_a, flat_h = a.reshape(-1, a.shape[-1]), h.reshape(-1, h.shape[-1])
-    if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or h.requires_grad):
+    if needs_grad(a, w, h):
         out = linear_add_rmsnorm_train(flat_a, w, flat_h, eps)[0]
     else:
         out = linear_add_rmsnorm_fwd(flat_a, w, flat_h, eps)
@@ -657,7 +652,7 @@ def swiglu_mlp_rmsnorm_one_kernel(h: torch.Tensor, w_gate_up: torch.Tensor, w_do
     bm, bi, bk, warps, stages = ONE_KERNEL_INTERPRETER_CONFIG if interpreted else ONE_KERNEL_CONFIG
     _mlp_add_rmsnorm_fwd[(triton.cdiv(M, bm),)](h, w_gate_up, w_down, out, M, N, inter, eps, BLOCK_M=bm,
                                                 BLOCK_N=max(16, next_pow2(N)), BLOCK_I=bi, BLOCK_K=bk,
-                                                PREC=_precision(h), num_warps=warps, num_stages=stages)  # fmt: skip
+                                                PREC=precision(h), num_warps=warps, num_stages=stages)  # fmt: skip
     return out
 
 

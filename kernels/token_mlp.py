@@ -57,7 +57,7 @@ from . import arch as _arch
 from . import reference, tune
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
-from ._triton import check_input, interpreting, next_pow2
+from ._triton import check_input, interpreting, needs_grad, next_pow2, precision
 
 MAX_SEQ = 256  # the whole sequence of a tile is held in registers
 
@@ -338,7 +338,7 @@ def _launch(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps:
     out = torch.empty_like(h)
     total = torch.empty_like(h) if store else h.new_empty(0)
     rstd = torch.empty(batch, hidden, dtype=torch.float32, device=h.device) if store else h.new_empty(0)
-    prec = "ieee" if h.dtype == torch.float32 else "tf32"  # fp32 gets IEEE products, as torch.bmm
+    prec = precision(h)
     args = (h, wgu, wd, out, total, rstd, batch, seq, hidden, i_pad, eps)
     if FIXED_CONFIG is not None or _KERNEL is _token_mlp_rmsnorm_fwd:  # one config, chosen here
         block_d, block_i, warps = FIXED_CONFIG or tiles[0]
@@ -379,12 +379,11 @@ def _(h, w_gate_up, w_down, eps):
     return like, torch.empty_like(like), h.new_empty(h.shape[0], h.shape[2], dtype=torch.float32)
 
 
-def _bwd_meta(dtype: torch.dtype, block_s: int, which: str, i_pad: int) -> dict:
+def _bwd_meta(h: torch.Tensor, block_s: int, which: str, i_pad: int) -> dict:
     block_d, block_i, warps = BWD_CONFIGS[max(128, block_s)][which]
     if WIDE_TILES_ON_INTERPRETER and interpreting():
         block_i = _interpreter_chunk(i_pad)
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    return {"BLOCK_S": block_s, "BLOCK_D": block_d, "BLOCK_I": block_i, "PREC": prec, "num_warps": warps,
+    return {"BLOCK_S": block_s, "BLOCK_D": block_d, "BLOCK_I": block_i, "PREC": precision(h), "num_warps": warps,
             "num_stages": 2}  # fmt: skip
 
 
@@ -406,13 +405,13 @@ def token_mlp_rmsnorm_backward(
     dh, dw_gate_up, dw_down = h.new_empty(0), h.new_empty(0), h.new_empty(0)
     if need_dh:
         dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-        meta = _bwd_meta(h.dtype, block_s, "dh", i_pad)
+        meta = _bwd_meta(h, block_s, "dh", i_pad)
         _token_mlp_bwd_dh[(triton.cdiv(hidden, meta["BLOCK_D"]), batch)](dsum, h, wgu, wd, dh, seq, hidden, i_pad,
                                                                           **meta)  # fmt: skip
     if need_dweights:
         splits, per_split = dw_splits(batch, seq, hidden)
         partial = torch.empty(splits, 3, i_pad, block_s, dtype=torch.float32, device=h.device)
-        meta = _bwd_meta(h.dtype, block_s, "dw", i_pad)
+        meta = _bwd_meta(h, block_s, "dw", i_pad)
         tiles = batch * triton.cdiv(hidden, meta["BLOCK_D"])
         _token_mlp_bwd_dw[(i_pad // meta["BLOCK_I"], splits)](dsum, h, wgu, wd, partial, seq, hidden, i_pad, tiles,
                                                               per_split, **meta)  # fmt: skip
@@ -461,7 +460,7 @@ def composed(h, w_gate_up, w_down, eps):
 
 def fused(h, w_gate_up, w_down, eps):
     """The one-kernel forward; with grad its training form (backward recomputes gate|up)."""
-    if torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+    if needs_grad(h, w_gate_up, w_down):
         return token_mlp_rmsnorm_train(h, w_gate_up, w_down, eps)[0]
     return token_mlp_rmsnorm_fwd(h, w_gate_up, w_down, eps)
 
@@ -479,7 +478,7 @@ def token_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
         check_input(name, t)
     if h.shape[1] > MAX_SEQ or not launchable_tiles(h.shape[1], h.device):
         return composed(h, w_gate_up, w_down, eps)
-    if not (torch.is_grad_enabled() and (h.requires_grad or w_gate_up.requires_grad or w_down.requires_grad)):
+    if not needs_grad(h, w_gate_up, w_down):
         return token_mlp_rmsnorm_fwd(h, w_gate_up, w_down, eps)
     if not backward_fits(h.shape[1], h.device):
         return composed(h, w_gate_up, w_down, eps)
