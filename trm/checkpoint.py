@@ -23,15 +23,33 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
 
 
+class NonFiniteError(CheckpointError):
+    """A checkpoint refused because some of its tensors hold NaN or infinity."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path, self.names = path, names
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        super().__init__(f"{path} not written: NaN or infinite values in {shown}")
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write atomically: a temporary file in the same directory, fsync, then rename over `path`.
 
-    A process killed mid-save leaves the previous checkpoint intact.
+    A process killed mid-save leaves the previous checkpoint intact. Tensors holding NaN or
+    infinity are refused (NonFiniteError) before anything is written: a diverged run never
+    replaces a good checkpoint.
     """
     path = Path(path)
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if bad := nonfinite(cpu):
+        raise NonFiniteError(path, bad)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     try:
         save_file(cpu, str(tmp), metadata={"trm": json.dumps({"format": FORMAT, **meta})})
         with open(tmp, "rb") as f:

@@ -3,6 +3,11 @@
 Single process, or several under ``torchrun`` (DistributedDataParallel; NCCL on GPUs,
 gloo on CPU). A run directory holds ``config.json``, ``metrics.jsonl``,
 ``checkpoint.safetensors`` and ``metrics.png``.
+
+A run whose loss or gradients turn NaN or infinite stops (``Trainer.diverged``) and keeps its
+last good checkpoint: each step folds its finiteness into a flag on the device, read on the
+host only at log steps and before checkpoints, and no checkpoint is written with non-finite
+tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +43,22 @@ from .plot import plot_metrics
 
 CHECKPOINT = "checkpoint.safetensors"
 _CARRY_FIELDS = ("y", "z", "steps", "halted")
+_ALL_FINITE = 2**62  # Trainer's first-non-finite-step flag while every step has been finite
+# what became non-finite: the loss or gradients (the flag), or the state a checkpoint would have held
+NONFINITE = {"loss_or_gradients": "the loss or gradient norm", "state": "the weights, EMA or optimizer state"}
+
+
+@dataclass
+class Divergence:
+    """Where a run went non-finite (NaN or infinity) and the checkpoint it kept."""
+
+    what: str  # a key of NONFINITE: "loss_or_gradients", or "state" (in the tensors of a checkpoint to be written)
+    from_step: int  # the window in which it happened: the steps after the last check that found all finite
+    to_step: int
+    first_step: int | None  # the first step whose loss or gradients were non-finite ("state": not known)
+    checkpoint: Path  # the last good checkpoint, untouched since it was written
+    checkpoint_step: int
+    initial: bool  # no checkpoint had been written: the run's initial state (step 0) was, so that it can restart
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -62,6 +84,8 @@ def _data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
 
 
 class Trainer:
+    check_finite = True  # fold each step's finiteness into a device-side flag (off: only checkpoints are checked)
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -95,6 +119,10 @@ class Trainer:
         self.step = 0
         self.carry: Carry | None = None
         self.stopped_by: str | None = None  # the signal that stopped the last fit(), if one did
+        self.diverged: Divergence | None = None  # set when the last fit() stopped on a non-finite loss or state
+        self.saved_step: int | None = None  # the step of the checkpoint this run last wrote or loaded
+        self._loss: torch.Tensor | None = None
+        self._first_nonfinite = torch.full((), _ALL_FINITE, dtype=torch.int64, device=device)
         torch.manual_seed(t.seed + 1 + rank)  # the halting-exploration stream, one per process
         if rank == 0:  # created only once everything above has been checked
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,11 +143,14 @@ class Trainer:
         loss, metrics = act_loss(outputs, self.carry, t.loss)
         # DDP averages gradients over processes; the loss is a sum over the global batch
         (loss * (self.world_size / t.global_batch_size)).backward()
+        self._loss = loss.detach()
         return metrics
 
     def optimizer_step(self) -> None:
         t = self.cfg.train
         self.step += 1
+        if self.check_finite:
+            self._track_finite()
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(t.lr, self.step, t.lr_warmup_steps)
         self.optimizer.step()
@@ -130,6 +161,48 @@ class Trainer:
             self.sparse.zero_grad()
         if self.ema is not None:
             self.ema.update(self.model)
+
+    @torch.no_grad()
+    def _track_finite(self) -> None:
+        """Fold this step's loss and gradients into the device-side flag: the first step at which
+        one held NaN or infinity. The gradients' inf-norm (their largest magnitude) is NaN or
+        infinite exactly when one of them is, and no large finite gradient overflows it. On the
+        device, no host sync; the values the optimizer reads are not touched."""
+        values = [] if self._loss is None else [self._loss]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.sparse is not None and self.model.puzzle_emb.local_weights is not None:
+            grads += [g for g in (self.model.puzzle_emb.local_weights.grad,) if g is not None]
+        if grads:
+            values += torch._foreach_norm(grads, float("inf"))
+        self._loss = None
+        if values:
+            ok = torch.isfinite(torch.stack(values)).all()
+            torch.minimum(self._first_nonfinite, torch.where(ok, _ALL_FINITE, self.step), out=self._first_nonfinite)
+
+    def first_nonfinite_step(self) -> int | None:
+        """The first step whose loss or gradients held NaN or infinity on any process, None while
+        all were finite. One host sync (under DDP an all-reduce, so that every process agrees):
+        fit reads it at log steps and before checkpoints only. Collective under DDP."""
+        if not self.check_finite:
+            return None
+        flag = self._first_nonfinite.clone()
+        if distributed.active():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        first = int(flag.item())
+        return None if first >= _ALL_FINITE else first
+
+    def restart(self) -> None:
+        """Back to the state the run started from at step 0: the same initial weights (the same
+        seed), no optimizer state, the first batches and the same random streams."""
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        self.model.load_state_dict(build_model(self.cfg.model).state_dict())
+        self.optimizer.state.clear()
+        self.ema = EMA(self.model, t.ema_rate) if t.ema_rate > 0 else None
+        self.batches = BatchIterator(self.train_split, t.global_batch_size, t.seed, self.rank, self.world_size)
+        self.step, self.carry, self._loss = 0, None, None
+        self._first_nonfinite.fill_(_ALL_FINITE)
+        torch.manual_seed(t.seed + 1 + self.rank)
 
     def evaluate(self, steps: int | None = None) -> dict[str, float]:
         """Test-split accuracy with the EMA weights (adaptive when train.eval_halt is set)."""
@@ -159,8 +232,18 @@ class Trainer:
         return out
 
     def save(self) -> Path:
+        """Write the checkpoint (rank 0). Collective under DDP: call on every process. Raises
+        checkpoint.NonFiniteError on every process, writing nothing, if a tensor to be saved holds
+        NaN or infinity."""
         tensors = self.state_tensors()
         path = self.out_dir / CHECKPOINT
+        bad = checkpoint.nonfinite(tensors)
+        if distributed.active():  # the state is the same everywhere; agree all the same, so that none waits
+            flag = torch.tensor([len(bad)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bad or (["the state of another process"] if flag.item() else [])
+        if bad:
+            raise checkpoint.NonFiniteError(path, bad)
         if self.rank == 0:
             meta = {
                 "config": self.cfg.to_dict(),
@@ -169,7 +252,8 @@ class Trainer:
                 "data_dir": str(self.data_dir),
                 "world_size": self.world_size,
             }
-            checkpoint.save(path, tensors, meta)
+            checkpoint.save(path, tensors, meta)  # checks the tensors it writes once more
+        self.saved_step = self.step
         return path
 
     def load(self, path: str | Path) -> None:
@@ -194,7 +278,7 @@ class Trainer:
             }
             if state:
                 self.optimizer.state[p] = state
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
         self.batches.load_state(meta["data"])
         if tensors.get("carry.y") is not None and len(tensors["carry.y"]) == self.cfg.train.global_batch_size:
             local = self.cfg.train.global_batch_size // self.world_size
@@ -202,9 +286,10 @@ class Trainer:
             fields = {k: tensors[f"carry.{k}"][rows].to(self.device) for k in _CARRY_FIELDS}
             data = {k: v[rows].to(self.device) for k, v in checkpoint.section(tensors, "carry.data").items()}
             self.carry = Carry(**fields, data=data)
-        torch.set_rng_state(tensors["rng.cpu"][self.rank])
+        # a copy of the row: set_rng_state reads a view of rank > 0 from its storage's start
+        torch.set_rng_state(tensors["rng.cpu"][self.rank].clone())
         if self.device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"][self.rank], self.device)
+            torch.cuda.set_rng_state(tensors["rng.cuda"][self.rank].clone(), self.device)
 
 
 def reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float | None]:
@@ -309,6 +394,11 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
     ``checkpoint_interval`` steps, every ``checkpoint_minutes`` of wall time, at the end, and
     when SIGINT or SIGTERM stops the run (``trainer.stopped_by`` then names the signal).
     Metric sums stay on the device between log steps.
+
+    A run whose loss or gradients become non-finite stops at the next log step or checkpoint
+    (``trainer.diverged`` then says where, and which checkpoint it kept); so does one whose
+    checkpoint would hold non-finite weights, EMA or optimizer state. The checkpoint on disk is
+    then the last good one; if none had been written, the run's initial state is.
     """
     t, main = trainer.cfg.train, trainer.rank == 0
     console = console or Console(soft_wrap=True)
@@ -325,6 +415,19 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
     last_eval: dict[str, float] = {}
     pending: dict[str, torch.Tensor] | None = None
     since_log, first_step = 0, trainer.step
+    # the last steps known good: of the loss and gradients (the flag read), of the state (a checkpoint)
+    checked = state_checked = trainer.step
+    diverged: tuple[str, int, int | None] | None = None  # (what, from_step, first non-finite step)
+    trainer.diverged = None
+
+    def log_window(step: int, **extra) -> dict[str, float | None]:
+        m = reduce_metrics(pending)
+        for k in ("lm_loss", "halt_loss"):
+            m[k] /= since_log * t.global_batch_size
+        m["lr"] = trainer.optimizer.param_groups[0]["lr"]
+        log.write({"split": "train", "step": step, "window": since_log, **m, **extra})
+        return m
+
     started = last_save = time.monotonic()
     with Progress(*columns, console=console, disable=not live) as bar, StopSignals() as stop:
         task = bar.add_task("train", total=t.steps, completed=trainer.step, stats="")
@@ -335,11 +438,12 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
             step, final = trainer.step, trainer.step == t.steps
             logged = step % t.log_interval == 0 or final
             if logged:
-                m = reduce_metrics(pending)
-                for k in ("lm_loss", "halt_loss"):
-                    m[k] /= since_log * t.global_batch_size
-                m["lr"] = trainer.optimizer.param_groups[0]["lr"]
-                log.write({"split": "train", "step": step, "window": since_log, **m})
+                first = trainer.first_nonfinite_step()
+                if first is not None:
+                    diverged = ("loss_or_gradients", checked + 1, first)
+                    break
+                checked = step
+                m = log_window(step)
                 if live:
                     bar.update(task, completed=step, stats=_stats(m))
                 elif show_progress and main:
@@ -365,13 +469,44 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 stopping, overdue = (bool(v) for v in flags.tolist())
             if step % t.checkpoint_interval == 0 or final or stopping or overdue:
-                trainer.save()
-                last_save = time.monotonic()
+                first = None if logged else trainer.first_nonfinite_step()  # read at this step already if logged
+                if first is not None:
+                    diverged = ("loss_or_gradients", checked + 1, first)
+                    break
+                checked = step
+                try:
+                    trainer.save()
+                except checkpoint.NonFiniteError:  # on every process alike
+                    diverged = ("state", state_checked + 1, None)
+                    break
+                state_checked, last_save = step, time.monotonic()
             if stopping:
                 trainer.stopped_by = stop.received or "a signal on another process"
                 break
         else:
             trainer.stopped_by = None
+        if diverged is not None:
+            trainer.stopped_by = None
+            if pending is not None:  # the window's metrics (NaN, typically), marked
+                log_window(trainer.step, nonfinite=True)
+            _stop_diverged(trainer, log, diverged)
     if main and log.path.exists():
         plot_metrics(log.path, trainer.out_dir / "metrics.png")
     return last_eval
+
+
+def _stop_diverged(trainer: Trainer, log: MetricsLog, diverged: tuple[str, int, int | None]) -> None:
+    """Record where the run went non-finite, in trainer.diverged and metrics.jsonl. The last good
+    checkpoint stays as it is; if there is none, the run's initial state is written, from which
+    `trm train --resume` with a lower learning rate starts afresh. Collective under DDP."""
+    what, from_step, first = diverged
+    to_step, lr = trainer.step, trainer.optimizer.param_groups[0]["lr"]
+    initial = trainer.saved_step is None
+    if initial:
+        trainer.restart()
+        path = trainer.save()
+    else:
+        path = trainer.out_dir / CHECKPOINT
+    trainer.diverged = Divergence(what, from_step, to_step, first, path, trainer.saved_step, initial)
+    log.write({"split": "nonfinite", "step": to_step, "from_step": from_step, "first_step": first,
+               "what": what, "lr": lr, "checkpoint_step": trainer.saved_step})  # fmt: skip

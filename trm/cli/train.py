@@ -13,11 +13,12 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.markup import escape
 
 from .. import checkpoint, paths
-from ..config import RunConfig, apply_overrides, validate
-from ..train import CHECKPOINT, MetricsLog, Trainer, fit, init_distributed
-from .common import DEFAULT_PRESET, PresetOpt, SetOpt, app, config_from, console, fail, run_data, warn
+from ..config import RunConfig, TrainConfig, apply_overrides, validate
+from ..train import CHECKPOINT, NONFINITE, Divergence, MetricsLog, Trainer, fit, init_distributed
+from .common import DEFAULT_PRESET, PresetOpt, SetOpt, app, config_from, console, errors, fail, run_data, warn
 from .data import check_batch_fits, check_data, default_data
 
 # train.* fields that change what a run does next, not what it computes: a resume may change them freely
@@ -70,7 +71,9 @@ def train(
     """Train (and evaluate) a TRM; Ctrl-C stops after the current step with a checkpoint.
 
 
-    On several GPUs run it under torchrun."""
+    A run whose loss turns NaN or infinite stops (exit status 1) keeping its last good
+    checkpoint; --resume with a lower train.lr continues from it. On several GPUs run it
+    under torchrun."""
     if resume:
         if out is None:
             fail("--resume needs --out, the run directory to continue")
@@ -114,14 +117,18 @@ def train(
             console.print(f"{cfg.model.arch.upper()} {trainer.model.num_parameters():,} parameters on {device}, "
                           f"{world} process(es); run directory {out}")  # fmt: skip
         result = fit(trainer, show_progress=progress, console=console)
-        stopped_by, step = trainer.stopped_by, trainer.step
+        stopped_by, step, diverged = trainer.stopped_by, trainer.step, trainer.diverged
         if world > 1:  # every process finishes (rank 0 writes the last checkpoint) before teardown
             torch.distributed.barrier()
             del trainer  # DDP's reducer goes before its process group, not at interpreter exit
             gc.collect()
             torch.distributed.destroy_process_group()
-    if rank != 0:
+    if rank != 0:  # rank 0 alone reports, and exits non-zero (torchrun then reports its status)
         return
+    if diverged is not None:
+        errors.print(f"[red]error:[/red] {escape(_diverged_message(diverged, out, cfg.train.lr))}",
+                     markup=True, highlight=False)  # fmt: skip
+        raise typer.Exit(1)
     if stopped_by is not None:
         console.print(f"stopped by {stopped_by} at step {step} of {cfg.train.steps}; checkpoint written. "
                       f"Continue with: trm train --resume --out {shlex.quote(str(out))}")  # fmt: skip
@@ -134,6 +141,23 @@ def train(
         f"(token accuracy {result['accuracy']:.4f}, {int(result['count'])} held-out puzzles); "
         f"metrics in {out / 'metrics.jsonl'}, plot {out / 'metrics.png'}"
     )
+
+
+def _diverged_message(d: Divergence, out: Path, lr: float) -> str:
+    """One line: where the run went non-finite, the checkpoint it kept, how to continue."""
+    if d.from_step < d.to_step:
+        where = f"between steps {d.from_step} and {d.to_step}"
+        where += f" (first at step {d.first_step})" if d.first_step is not None else ""
+    else:
+        where = f"at step {d.to_step}"
+    if d.initial:
+        kept = f"no checkpoint had been written, so {d.checkpoint} now holds the run's initial state (step 0)"
+    else:
+        kept = f"the last good checkpoint, {d.checkpoint} (step {d.checkpoint_step}), is kept"
+    lower = min(lr / 10, TrainConfig.lr)  # a tenth, and at most the paper's learning rate
+    resume = f"trm train --resume --out {shlex.quote(str(out))} --set train.lr={lower:g}"
+    what = NONFINITE[d.what]
+    return f"{what} became non-finite {where} with train.lr={lr:g}; {kept}. Continue with a lower one: {resume}"
 
 
 @contextlib.contextmanager
