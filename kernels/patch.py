@@ -11,32 +11,89 @@ TinyRecursiveModels, HRM's likewise), by structure and attribute names, never by
 - a **reasoning module**: ``forward(hidden_states, input_injection, **kwargs)`` with
   ``layers``, adding the injection and running the layers.
 
-Each one found is given a forward computing the same with the fused ops (the module, its
-parameters and its state dict stay as they are, so optimizers and checkpoints are
-unaffected); a module that looks like one of these but cannot be mapped whole is left
+Names and structure say what a module looks like, not what its forward computes (a block
+with these names may have learnable norm weights, be pre-norm, apply dropout), so **each
+module found is verified before its forward is replaced**, and patched only if it passes:
+
+- *The check.* The module's own forward and the fused one run once on a small random input
+  (2 batch rows; a sequence of 4, or the length its ``mlp_t`` fixes; for attention, RoPE
+  tables of its ``head_dim``), from a local generator, both on the ``reference`` backend
+  (plain PyTorch, on any device, no Triton: the check is of the mapping, exact up to
+  rounding; the fused kernels are the parity guard's business, ``trm_kernels.verify``), in
+  float32 on the module's device, in training mode (where dropout shows), with the
+  gradients of the inputs and of every floating parameter of the module, frozen or not.
+- *The rule* (the project's, ``verify.tolerance_problem``), both ways: the fused results
+  against the module's own in float64 (the module's own float32 run the reference), and
+  the module's own against the fused forward in float64 (the fused float32 run the
+  reference); a gradient one side computes and the other does not (unless all zero) fails.
+  The second way catches a forward that is not a function of its input (dropout: its
+  float64 run is no oracle). A forward that cannot run in float32 (FlashAttention, as in
+  HRM, takes fp16 / bf16 only) is checked in bfloat16, else float16, against the fused
+  forward in float64 alone; where neither runs in float64 (a reasoning module over such
+  layers), bit for bit.
+- *Left alone*, with the measured difference in the report, is every module that fails,
+  e.g. ``its forward differs from the fused one (forward rel. error 0.41; gradient of
+  norm1.weight: none computed by the fused forward)``, and every one whose check cannot run
+  (its forward or the fused one raises on the check input: the exception is reported).
+- *Reasoning modules* are verified after the blocks, with their layers as they are by then
+  (patched or not), called with the ``cos_sin`` keyword the blocks take (the first
+  attention layer's RoPE tables, else None): the whole forward is checked, not only the
+  injection, so a final norm or anything else it adds shows. One whose layers are not
+  called as ``(cos_sin, hidden_states)``, or whose hidden size its layers do not tell,
+  is left alone: its arguments are unknown.
+- *State.* The check leaves the module as it was: the global RNG states (CPU, the module's
+  device) are restored, parameters and buffers are used through copies
+  (``torch.func.functional_call``, so a forward updating a buffer updates a copy), no
+  ``.grad`` is written, training flags are restored; autocast is off and autograd on during
+  it. Cost: a forward and backward of one module on a few rows, in float32 twice (the
+  module's, the fused) and float64 twice, per module.
+
+A patched module's forward is a :class:`FusedForward` held in the module's ``__dict__``:
+a picklable object that looks every submodule and parameter up through the module at call
+time, so ``copy.deepcopy`` (whose memo maps the module to its copy), ``pickle`` /
+``torch.save`` round trips, ``.to()`` and ``load_state_dict`` act on the patched module as
+on the original (the reference's ``EMAHelper.ema_copy``, a deepcopy given the EMA weights,
+evaluates the EMA weights). The module, its parameters and its state dict stay as they are,
+so optimizers and checkpoints are unaffected; a module that cannot be mapped whole is left
 untouched and named with the reason, never half-patched. Switches per op, as Liger-Kernel's
 ``apply_liger_kernel_to_*`` has: an op switched off runs its plain PyTorch reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import add_rmsnorm, inject, linear_add_rmsnorm, rope_attention, swiglu_mlp, swiglu_mlp_rmsnorm, token_mlp_rmsnorm
+from . import (
+    add_rmsnorm,
+    inject,
+    linear_add_rmsnorm,
+    rope_attention,
+    rope_cos_sin,
+    swiglu_mlp,
+    swiglu_mlp_rmsnorm,
+    token_mlp_rmsnorm,
+    use_backend,
+)
 from .nn import weight_as
+from .verify import relative_error, tolerance_problem
 
 OPS = ("attention", "rmsnorm", "swiglu", "token_mixer", "inject")
+ROWS, SEQ = 2, 4  # the check input's batch rows, and its sequence length where the module does not fix one
+# the dtypes a module is checked in: float32, or where its forward cannot run in float32 the first half type it runs in
+CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
 class PatchReport:
     """What ``patch`` did: the modules it gave a fused forward (name -> the ops it fused) and
-    those it left as they were (name -> why)."""
+    those it left as they were (name -> why: a part it cannot map, or the measured difference
+    between the module's forward and the fused one)."""
 
     replaced: dict[str, list[str]] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)
@@ -47,6 +104,10 @@ class PatchReport:
                   for name, ops in self.replaced.items()]  # fmt: skip
         lines += [f"  left alone {name or '(root)'}: {why}" for name, why in self.left_alone.items()]
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# recognising the modules
 
 
 def _has_bias(linear: nn.Module) -> bool:
@@ -85,9 +146,17 @@ def _attention_problem(attn) -> str | None:
     return None
 
 
+def _original_forward(module: nn.Module) -> Callable:
+    """The forward the module had before patch gave it one (its current one if unpatched)."""
+    own = module.__dict__.get("forward")
+    if isinstance(own, FusedForward):
+        return own.original if own.original is not None else type(module).forward.__get__(module)
+    return module.forward
+
+
 def _forward_takes(module: nn.Module, names: tuple[str, ...]) -> bool:
     try:
-        params = list(inspect.signature(module.forward).parameters)
+        params = list(inspect.signature(_original_forward(module)).parameters)
     except (TypeError, ValueError):
         return False
     return tuple(params[: len(names)]) == names
@@ -119,70 +188,284 @@ def _looks_like_reasoning_module(module: nn.Module) -> bool:
     )
 
 
-def _norm(use: bool):
-    backend = None if use else "reference"
-    return lambda h, branch, eps, dim=-1: add_rmsnorm(h, branch, dim, eps, backend)
+# ---------------------------------------------------------------------------------------------
+# the fused forwards: module-level functions of the module, everything looked up through it per call
 
 
-def _mlp(mlp, use: bool):
-    backend = None if use else "reference"
-
-    def run(h):  # bias-free projections (checked): the whole MLP is one op, SwiGLU inside its GEMMs
-        return swiglu_mlp(h, weight_as(mlp.gate_up_proj, h.dtype), weight_as(mlp.down_proj, h.dtype), backend)
-
-    return run
+def _backend(ops: tuple[str, ...], op: str) -> str | None:
+    """None (the backend chosen as every op's is) for an op switched on, the reference for one off."""
+    return None if op in ops else "reference"
 
 
-def _block_forward(block, ops: set[str]):
-    norm, mlp = _norm("rmsnorm" in ops), _mlp(block.mlp, "swiglu" in ops)
-    eps = block.norm_eps
+def _block_forward(block: nn.Module, ops: tuple[str, ...], cos_sin, hidden_states):
+    h, eps = hidden_states, block.norm_eps
     if hasattr(block, "mlp_t"):
-        backend = None if "token_mixer" in ops else "reference"
-
-        def mix(h, cos_sin):
-            w_gate_up, w_down = weight_as(block.mlp_t.gate_up_proj, h.dtype), weight_as(block.mlp_t.down_proj, h.dtype)
-            return token_mlp_rmsnorm(h, w_gate_up, w_down, eps, backend)
-
+        mixer = block.mlp_t
+        h = token_mlp_rmsnorm(h, weight_as(mixer.gate_up_proj, h.dtype), weight_as(mixer.down_proj, h.dtype), eps,
+                              _backend(ops, "token_mixer"))  # fmt: skip
     else:
         attn = block.self_attn
-        backend = None if "attention" in ops else "reference"
+        cos, sin = (None, None) if cos_sin is None else (t[: h.shape[1]] for t in cos_sin)
+        out = rope_attention(attn.qkv_proj(h), cos, sin, attn.num_heads, _backend(ops, "attention"),
+                             num_kv_heads=attn.num_key_value_heads, causal=bool(attn.causal),
+                             head_dim=attn.head_dim)  # fmt: skip
+        if "rmsnorm" in ops:  # o_proj, the residual add and the norm as one op: the norm in the GEMM's epilogue
+            h = linear_add_rmsnorm(out, weight_as(attn.o_proj, h.dtype), h, eps)
+        else:
+            h = add_rmsnorm(h, attn.o_proj(out), -1, eps, "reference")
+    w_gate_up, w_down = weight_as(block.mlp.gate_up_proj, h.dtype), weight_as(block.mlp.down_proj, h.dtype)
+    if "rmsnorm" in ops and "swiglu" in ops:  # the MLP sub-layer as one op: residual + RMSNorm in the down GEMM too
+        return swiglu_mlp_rmsnorm(h, w_gate_up, w_down, eps)
+    # bias-free projections (checked): the whole MLP is one op, SwiGLU inside its GEMMs
+    return add_rmsnorm(h, swiglu_mlp(h, w_gate_up, w_down, _backend(ops, "swiglu")), -1, eps, _backend(ops, "rmsnorm"))
 
-        def mix(h, cos_sin):
-            cos, sin = (None, None) if cos_sin is None else (t[: h.shape[1]] for t in cos_sin)
-            out = rope_attention(attn.qkv_proj(h), cos, sin, attn.num_heads, backend,
-                                 num_kv_heads=attn.num_key_value_heads, causal=bool(attn.causal),
-                                 head_dim=attn.head_dim)  # fmt: skip
-            if "rmsnorm" in ops:  # o_proj, the residual add and the norm as one op: the norm in the GEMM's epilogue
-                return linear_add_rmsnorm(out, weight_as(attn.o_proj, h.dtype), h, eps)
-            return norm(h, attn.o_proj(out), eps)
 
-    if {"rmsnorm", "swiglu"} <= ops:  # the MLP sub-layer as one op: residual + RMSNorm in the down GEMM too
+def _reasoning_forward(module: nn.Module, ops: tuple[str, ...], hidden_states, input_injection, **kwargs):
+    hidden_states = inject(hidden_states, input_injection, None, _backend(ops, "inject"))
+    for layer in module.layers:
+        hidden_states = layer(hidden_states=hidden_states, **kwargs)
+    return hidden_states
 
-        def sublayer(h):
-            w_gate_up, w_down = weight_as(block.mlp.gate_up_proj, h.dtype), weight_as(block.mlp.down_proj, h.dtype)
-            return swiglu_mlp_rmsnorm(h, w_gate_up, w_down, eps)
 
+_FORWARDS = {"block": _block_forward, "reasoning module": _reasoning_forward}
+
+
+class FusedForward:
+    """A patched module's forward: ``FusedForward(module, kind, ops, original)(*args)`` runs
+    the fused forward of `kind` (``"block"`` or ``"reasoning module"``) with the ops named in
+    `ops` on, every submodule and parameter looked up through `module` at call time.
+
+    Stored in the module's ``__dict__`` as ``forward``; a plain picklable object, so a
+    ``copy.deepcopy`` of the module (or of a model holding it) gets one bound to the copy,
+    and a pickle round trip one bound to the unpickled module. `original` is the forward the
+    module had in its ``__dict__`` before (None: its class's), what a re-patch verifies
+    against and what a module left alone gets back.
+    """
+
+    def __init__(self, module: nn.Module, kind: str, ops, original: Callable | None = None):
+        self.module, self.kind, self.ops, self.original = module, kind, tuple(ops), original
+
+    def __call__(self, *args, **kwargs):
+        return _FORWARDS[self.kind](self.module, self.ops, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # the module's forward's, as inspect.signature reports it
+        return inspect.Signature(list(inspect.signature(_FORWARDS[self.kind]).parameters.values())[2:])
+
+    def __repr__(self) -> str:
+        return f"FusedForward({type(self.module).__name__}, {self.kind!r}, ops={list(self.ops)})"
+
+
+def _set_forward(module: nn.Module, forward: Callable | None) -> None:
+    """Give `module` this forward in its __dict__ (None: none there, its class's runs)."""
+    if forward is None:
+        module.__dict__.pop("forward", None)
     else:
-
-        def sublayer(h):
-            return norm(h, mlp(h), eps)
-
-    def forward(self, cos_sin, hidden_states):
-        return sublayer(mix(hidden_states, cos_sin))
-
-    return forward
+        module.__dict__["forward"] = forward
 
 
-def _reasoning_forward(use: bool):
-    backend = None if use else "reference"
+# ---------------------------------------------------------------------------------------------
+# verification
 
-    def forward(self, hidden_states, input_injection, **kwargs):
-        hidden_states = inject(hidden_states, input_injection, None, backend)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states=hidden_states, **kwargs)
-        return hidden_states
 
-    return forward
+class _Probe(nn.Module):
+    """Holds the module under check, so torch.func.functional_call can run any function of it
+    with its parameters and buffers replaced by copies (the module's own never touched)."""
+
+    def __init__(self, target: nn.Module):
+        super().__init__()
+        self.target = target
+
+    def forward(self, fn: Callable, args: tuple, kwargs: dict):
+        return fn(*args, **kwargs)
+
+
+def _weight(module: nn.Module, path: str) -> torch.Tensor | None:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module if isinstance(module, torch.Tensor) else None
+
+
+def _check_input(module: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], dict] | str:
+    """The check's inputs (name -> a CPU float32 tensor) and keyword arguments, or why there are none."""
+    layers = [module] if kind == "block" else list(module.layers)
+    if kind != "block":
+        for i, layer in enumerate(layers):
+            if not _forward_takes(layer, ("cos_sin", "hidden_states")):
+                return f"its layers.{i} is not called as (cos_sin, hidden_states), so its arguments are unknown"
+    hidden = seq = head_dim = None
+    for layer in layers:
+        width = _weight(layer, "mlp.gate_up_proj.weight")
+        width = width if width is not None else _weight(layer, "self_attn.qkv_proj.weight")
+        hidden = hidden or (width.shape[-1] if width is not None else None)
+        mixer = _weight(layer, "mlp_t.gate_up_proj.weight")
+        seq = seq or (mixer.shape[-1] if mixer is not None else None)
+        d = getattr(getattr(layer, "self_attn", None), "head_dim", None)
+        head_dim = head_dim or (d if isinstance(d, int) and d > 0 and d % 2 == 0 else None)
+    if hidden is None and layers:
+        return "the hidden size of its layers is unknown"
+    gen = torch.Generator().manual_seed(0)
+    shape = (ROWS, seq or SEQ, hidden or 8)
+    names = ("hidden_states",) if kind == "block" else ("hidden_states", "input_injection")
+    inputs = {name: torch.randn(shape, generator=gen) for name in names}
+    kwargs = {"cos_sin": rope_cos_sin(shape[1], head_dim) if head_dim else None} if layers else {}
+    return inputs, kwargs
+
+
+def _tables(value, device: torch.device, dtype: torch.dtype):
+    """A keyword argument of the check on the device: RoPE tables in fp32 (float64 for the oracle)."""
+    if isinstance(value, tuple):
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        return tuple(t.to(device, wide) for t in value)
+    return value
+
+
+def _copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A detached copy of a parameter or buffer, floating ones in `dtype`."""
+    return t.detach().to(dtype if t.is_floating_point() else t.dtype, copy=True)
+
+
+def _run(module: nn.Module, fn: Callable, kind: str, inputs: dict, kwargs: dict, dtype: torch.dtype):
+    """fn(module's inputs) in `dtype` on the module's device, with the module's parameters and
+    buffers replaced by copies in `dtype`: its output (detached) and the gradients of
+    sum(out * g), g fixed random, for the inputs and the parameters (None: not reached)."""
+    probe = _Probe(module)
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    leaves = {name: t.to(device, dtype, copy=True).requires_grad_() for name, t in inputs.items()}
+    params = {name: _copy(p, dtype).requires_grad_(p.is_floating_point()) for name, p in probe.named_parameters()}
+    buffers = {name: _copy(b, dtype) for name, b in probe.named_buffers()}
+    args = (leaves["hidden_states"],) if kind == "block" else tuple(leaves.values())
+    call_kwargs = {name: _tables(value, device, dtype) for name, value in kwargs.items()}
+    if kind == "block":  # as the reference calls blocks: by keyword
+        args, call_kwargs = (), {"cos_sin": call_kwargs["cos_sin"], "hidden_states": args[0]}
+    out = torch.func.functional_call(probe, {**params, **buffers}, (fn, args, call_kwargs))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"returned a {type(out).__name__}, not a tensor")
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    wrt = {**leaves, **{name.removeprefix("target."): p for name, p in params.items() if p.requires_grad}}
+    grads = torch.autograd.grad((out * g).sum(), list(wrt.values()), allow_unused=True)
+    return out.detach(), dict(zip(wrt, grads, strict=True))
+
+
+@contextlib.contextmanager
+def _state_kept(module: nn.Module) -> Iterator[None]:
+    """Run the check in training mode on the reference backend, with autograd on and autocast
+    off, and leave the RNG states and training flags as they were."""
+    modes = [(m, m.training) for m in module.modules()]
+    devices = {t.device for t in module.parameters()} | {t.device for t in module.buffers()}
+    accelerators = {d.type for d in devices} - {"cpu", "meta"}
+    device_type = next(iter(accelerators), None)
+    indices = [d.index or 0 for d in devices if d.type == device_type] if device_type else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=sorted(set(indices)), device_type=device_type))
+        for kind in {"cpu", *accelerators}:
+            if torch.amp.is_autocast_available(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(use_backend("reference"))
+        module.train()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+
+def _exception(e: Exception) -> str:
+    message = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {message[:200]}"
+
+
+def _zeros_for(oracle: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The oracle's result, or zeros where it computes none (a gradient it does not reach)."""
+    return oracle if oracle is not None else torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+
+
+def _difference(fused, original, original64, fused64, what: str) -> str | None:
+    """None when the fused result and the module's own agree under the tolerance rule both
+    ways: the fused one against the module's own in float64, and the module's own against the
+    fused one in float64 (each where that float64 run exists; with neither, bit for bit);
+    else the measured difference."""
+    if fused is None or original is None:
+        present = original if fused is None else fused
+        if present is None or not present.count_nonzero():
+            return None
+        return f"{what}: none computed by the {'fused' if fused is None else 'original'} forward"
+    if fused.shape != original.shape:
+        return f"{what}: shape {tuple(fused.shape)}, the module's own {tuple(original.shape)}"
+    problem = None
+    if original64 is not None:
+        problem = tolerance_problem(fused, original, _zeros_for(original64.get(what), original), what)
+    if fused64 is not None:
+        problem = problem or tolerance_problem(original, fused, _zeros_for(fused64.get(what), fused), what)
+    if original64 is None and fused64 is None and not torch.equal(fused, original):
+        problem = f"{what}: not bit-equal"
+    if problem is None:
+        return None
+    if not (torch.isfinite(fused).all() and torch.isfinite(original).all()):
+        return problem
+    return f"{what} rel. error {relative_error(fused, original):.2g}"
+
+
+def _results(run) -> dict[str, torch.Tensor | None]:
+    """One _run's output and gradients by what the report calls them."""
+    out, grads = run
+    return {"forward": out, **{f"gradient of {name}": g for name, g in grads.items()}}
+
+
+def _verify(module: nn.Module, fused: FusedForward, original: Callable) -> str | None:
+    """None when `fused` computes what `original` does (see the module docstring), else why not."""
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        return "cannot check it: it has tensors on the meta device (patch once they are materialised)"
+    with _state_kept(module):
+        spec = _check_input(module, fused.kind)
+        if isinstance(spec, str):
+            return f"cannot check it: {spec}"
+        inputs, kwargs = spec
+        shape = list(next(iter(inputs.values())).shape)
+        first = None
+        for dtype in CHECK_DTYPES:
+            try:
+                ref = _results(_run(module, original, fused.kind, inputs, kwargs, dtype))
+                break
+            except Exception as e:  # any: the module's own code, on an input it may not take
+                first = first or _exception(e)
+        else:
+            return f"cannot check it: its forward raised {first} on a float32 input {shape}"
+        try:
+            got = _results(_run(module, fused, fused.kind, inputs, kwargs, dtype))
+        except Exception as e:
+            return f"the fused forward raised {_exception(e)} where its own forward runs"
+        ref64, got64 = None, None
+        with contextlib.suppress(Exception):  # e.g. FlashAttention: only the fused forward runs in float64
+            ref64 = _results(_run(module, original, fused.kind, inputs, kwargs, torch.float64))
+        with contextlib.suppress(Exception):  # a reasoning module's layers that run in half precision only
+            got64 = _results(_run(module, fused, fused.kind, inputs, kwargs, torch.float64))
+    problems = [_difference(got.get(what), ref.get(what), ref64, got64, what) for what in dict.fromkeys([*ref, *got])]
+    # the forward's difference first, then gradients the fused forward does not compute, then the others
+    problems = sorted((p for p in problems if p), key=lambda p: (not p.startswith("forward"), "none computed" not in p))
+    if not problems:
+        return None
+    more = f"; {len(problems) - 4} more" if len(problems) > 4 else ""
+    where = "" if dtype == torch.float32 else f", in {str(dtype).removeprefix('torch.')}"
+    return f"its forward differs from the fused one ({'; '.join(problems[:4])}{more}{where})"
+
+
+def _install(module: nn.Module, kind: str, ops: list[str], problem: str | None) -> str | None:
+    """Give `module` the fused forward if it maps (`problem` None) and passes the check; else
+    leave it with (or give it back) its own. Returns why it was left alone, or None."""
+    own = module.__dict__.get("forward")
+    prior = own.original if isinstance(own, FusedForward) else own
+    fused = FusedForward(module, kind, ops, prior)
+    if problem is None:
+        try:
+            problem = _verify(module, fused, _original_forward(module))
+        except Exception as e:  # the check itself failed: not verified, so not patched
+            problem = f"cannot check it: {_exception(e)}"
+    _set_forward(module, prior if problem else fused)
+    return problem
 
 
 def patch(
@@ -195,34 +478,52 @@ def patch(
     inject: bool = True,
 ) -> PatchReport:
     """Give every reference-structured TRM/HRM block and reasoning module of `model` a forward
-    on the fused ops (in place); returns what was patched and what was left alone, and why.
+    on the fused ops (in place), each only after it was verified to compute what the module's
+    own forward computes; returns what was patched and what was left alone, and why.
 
     Each switch turns one op off (it then runs its plain PyTorch reference): ``attention``
     (packed-qkv attention with RoPE, causal and grouped-query as the module says),
     ``rmsnorm`` (the residual add + RMSNorm after each sub-layer, in o_proj's GEMM epilogue
-    after attention), ``swiglu`` (the MLP's
-    activation), ``token_mixer`` (the whole ``mlp_t`` sub-layer), ``inject`` (the input
-    injection of a reasoning module). Outputs and gradients equal the unpatched model's
-    within each op's tolerance (exactly on the reference backend, a CPU's default).
-    Patching twice is harmless: a patched module is recognised and patched anew.
+    after attention), ``swiglu`` (the MLP's activation), ``token_mixer`` (the whole ``mlp_t``
+    sub-layer), ``inject`` (the input injection of a reasoning module).
+
+    Verification (see the module docstring): blocks first, then reasoning modules with their
+    layers as they are by then; each module's forward and the fused one run once on a small
+    random input in float32 on the reference backend, forward and gradients (inputs and all
+    parameters) compared under the tolerance rule against both forwards in float64. A module that
+    differs, or whose check cannot run, is left alone with the measured difference or the
+    exception in the report. The check leaves RNG states, ``.grad``, parameters, buffers and
+    training flags as they were. Outputs and gradients of what is patched then equal the
+    unpatched model's within each op's tolerance (exactly on the reference backend, a CPU's
+    default). The forwards look the module up at call time: deepcopy, pickle, ``.to()`` and
+    ``load_state_dict`` act on a patched model as on the original. Patching twice is
+    harmless: a patched module is recognised, verified against its own forward and patched
+    anew with the new switches.
     """
     chosen = {op for op, on in zip(OPS, (attention, rmsnorm, swiglu, token_mixer, inject), strict=True) if on}
     report = PatchReport()
+    blocks, reasoning = [], []
     for name, module in model.named_modules():
         if _looks_like_block(module):
-            problem = _block_problem(module)
-            if problem:
-                report.left_alone[name] = problem
-                continue
-            fused = ["token_mixer" if hasattr(module, "mlp_t") else "attention", "rmsnorm", "swiglu"]
-            module.forward = types.MethodType(_block_forward(module, chosen), module)
-            report.replaced[name] = [op for op in fused if op in chosen]
+            blocks.append((name, module))
         elif _looks_like_reasoning_module(module):
-            module.forward = types.MethodType(_reasoning_forward("inject" in chosen), module)
-            report.replaced[name] = ["inject"] if "inject" in chosen else []
+            reasoning.append((name, module))
+    for name, module in blocks:
+        fused = ["token_mixer" if hasattr(module, "mlp_t") else "attention", "rmsnorm", "swiglu"]
+        ops = [op for op in fused if op in chosen]
+        if problem := _install(module, "block", ops, _block_problem(module)):
+            report.left_alone[name] = problem
+        else:
+            report.replaced[name] = ops
+    for name, module in reasoning:  # after the blocks: verified with its layers as they now are
+        ops = ["inject"] if "inject" in chosen else []
+        if problem := _install(module, "reasoning module", ops, None):
+            report.left_alone[name] = problem
+        else:
+            report.replaced[name] = ops
     if not report.replaced and not report.left_alone:
         report.left_alone[""] = "no module built like the reference's TRM/HRM blocks or reasoning modules"
     return report
 
 
-__all__ = ["OPS", "PatchReport", "patch"]
+__all__ = ["OPS", "FusedForward", "PatchReport", "patch"]
