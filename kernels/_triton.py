@@ -7,9 +7,11 @@ Unlike ``triton_op``, they also pass ``opcheck`` on CPU under the Triton interpr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -110,3 +112,95 @@ def precision(t: torch.Tensor) -> str:
 def needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd will want a gradient of any of `tensors` from the op about to run."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ---- launches: every kernel of the package starts through `launch` ---------------------------
+
+# CUDA's limits on a launch grid (programs along x, y, z): the interpreter runs any grid, a
+# GPU refuses a larger one with "invalid argument" at launch. The kernels put every product
+# that grows with the batch on axis x (as one flattened program index), so y and z stay small.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def grid_problem(grid: tuple[int, ...]) -> str | None:
+    """Why CUDA cannot launch `grid`, or None."""
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS, strict=False)):
+        if n > limit:
+            return f"{n:,} programs along grid axis {'xyz'[axis]}, over CUDA's limit of {limit:,}"
+    if len(grid) > 3 or any(n < 0 for n in grid):
+        return f"grid {grid} is not 1 to 3 non-negative sizes"
+    return None
+
+
+def _device_of(args: tuple) -> torch.device | None:
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+
+
+@contextlib.contextmanager
+def device_guard(device: torch.device | None) -> Iterator[torch.device | None]:
+    """Make the tensors' CUDA device current for the launch, and yield it (None off CUDA).
+
+    Triton launches on the *current* device, whatever device the pointers live on: a tensor
+    on cuda:1 in a process whose current device is 0 would be refused by Triton's pointer
+    check (or read from the wrong GPU). PyTorch ops take the device from their tensors; our
+    launches do the same through this guard."""
+    if device is None or device.type != "cuda":
+        yield None
+    elif device.index is None or device.index == torch.cuda.current_device():
+        yield device
+    else:
+        with torch.cuda.device(device):
+            yield device
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on the device of its tensors, after checking the grid
+    against CUDA's limits. `grid` is a tuple, or (for an autotuned kernel) a function of the
+    chosen config's meta-parameters as Triton takes it; a grid over a limit raises a
+    ValueError naming the kernel and the limit before anything is launched."""
+
+    def checked(sizes) -> tuple[int, ...]:
+        sizes = tuple(sizes)
+        if (problem := grid_problem(sizes)) is not None:
+            name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+            raise ValueError(f"{name}: {problem}; the input is too large for one launch")
+        return sizes
+
+    with device_guard(_device_of(args)):
+        if callable(grid):
+            kernel[lambda config: checked(grid(config))](*args, **meta)
+        else:
+            kernel[checked(grid)](*args, **meta)
+
+
+_BUDGETS: dict[torch.device, tuple[int, int]] = {}  # a plain dict, which torch.compile traces
+# (compute capability, shared bytes per block) that every device reports while set: how
+# trm_benchmarks.launches plans a GPU's launches on meta tensors, on any machine
+STAND_IN: tuple[int, int] | None = None
+
+
+def device_budget(device: torch.device) -> tuple[int, int] | None:
+    """(compute capability as 10 * major + minor, shared memory a block may use) of a CUDA
+    device, read from the device once; None where no limit applies (the interpreter on CPU)."""
+    if STAND_IN is not None:
+        return STAND_IN
+    if device.type != "cuda":
+        return None
+    if device not in _BUDGETS:
+        props = torch.cuda.get_device_properties(device)
+        _BUDGETS[device] = (10 * props.major + props.minor, props.shared_memory_per_block_optin)
+    return _BUDGETS[device]
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Whether `t`'s kernels are planned for a GPU: a CUDA tensor, or any tensor while a
+    stand-in GPU is set (STAND_IN); not the interpreter's CPU tensors."""
+    return t.is_cuda or STAND_IN is not None
+
+
+def gpu_fp32(t: torch.Tensor) -> bool:
+    """An fp32 tensor on a GPU: where the package's matrix kernels (the GEMM epilogues, the
+    token mixer) do not run. With IEEE products they have no tensor cores to use, and their
+    tiles need up to twice bf16's shared memory (over the 99 KB of sm_86/89/120) and spill
+    registers; cuBLAS's fp32 GEMM plus the element-wise kernels run instead."""
+    return t.dtype == torch.float32 and on_gpu(t)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_input, next_pow2, precision, takes
+from ._triton import GRID_LIMITS, check_input, device_budget, launch, next_pow2, on_gpu, precision, takes
 
 HEAD_DIMS = range(32, 129, 2)  # even head sizes 32..128
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp2 instead of exp in the softmax
@@ -316,16 +316,25 @@ class Tile(NamedTuple):
     stages: int
 
 
-def tiles(head_dim: int, capability: tuple[int, int] | None) -> dict[str, Tile]:
-    """Each kernel's tile for this head size on this GPU (None: the interpreter): the largest
-    that ptxas compiles without register spills on every architecture of its family, with
-    the family's tensor-core instruction (`python -m trm_benchmarks.ptx` checks sm_80, 86, 89,
-    90, 100 and 120; see its report). The backward's dK/dV accumulates three [BLOCK_N, d]
-    tiles over a loop of products: on mma.sync GPUs (Ampere, Ada, consumer Blackwell) it fits
-    registers at 32 x 32, on wgmma / tcgen05 GPUs (Hopper, B200) at 64 x 64. Heads wider than
-    64 take smaller tiles; warpgroup products need 64 rows in a tile's first product."""
+def tiles(head_dim: int, capability: tuple[int, int] | None, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tile]:
+    """Each kernel's tile for this head size and dtype on this GPU (None: the interpreter): the
+    largest that ptxas compiles without register spills on every architecture of its family,
+    with the family's tensor-core instruction (`python -m trm_benchmarks.ptx` checks sm_80, 86,
+    89, 90, 100 and 120 in bf16, fp16 and fp32; see its report). The backward's dK/dV
+    accumulates three [BLOCK_N, d] tiles over a loop of products: on mma.sync GPUs (Ampere,
+    Ada, consumer Blackwell) it fits registers at 32 x 32, on wgmma / tcgen05 GPUs (Hopper,
+    B200) at 64 x 64. Heads wider than 64 take smaller tiles; warpgroup products need 64 rows
+    in a tile's first product. fp32 on a GPU multiplies with IEEE products (no tensor cores)
+    and holds twice the bytes per element: its 16- and 32-row tiles are the largest that
+    compile without spills everywhere (the 16-bit tiles need up to 147 KB of shared memory
+    and spill up to 20 KB in fp32)."""
     wide = next_pow2(head_dim // 2) > 32
     major = capability[0] if capability is not None else None
+    if dtype == torch.float32 and major is not None:
+        if wide:  # 8 warps spread dK/dV's accumulators on mma.sync GPUs; 4 fit wgmma ones
+            dkdv = Tile(16, 16, 4, 1) if major in (9, 10) else Tile(16, 16, 8, 1)
+            return {"fwd": Tile(32, 16, 4, 1), "dq": Tile(32, 16, 4, 1), "dkdv": dkdv}
+        return {"fwd": Tile(16, 32, 4, 1), "dq": Tile(16, 32, 4, 1), "dkdv": Tile(16, 16, 4, 1)}
     if major in (9, 10):  # Hopper, B200: wgmma / tcgen05
         if wide:
             return {"fwd": Tile(64, 32, 8, 2), "dq": Tile(64, 32, 8, 1), "dkdv": Tile(16, 64, 8, 1)}
@@ -336,7 +345,22 @@ def tiles(head_dim: int, capability: tuple[int, int] | None) -> dict[str, Tile]:
 
 
 def _tiles_for(qkv: torch.Tensor, head_dim: int) -> dict[str, Tile]:
-    return tiles(head_dim, torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else None)
+    budget = device_budget(qkv.device) if on_gpu(qkv) else None
+    capability = divmod(budget[0], 10) if budget is not None else None
+    return tiles(head_dim, capability, qkv.dtype)
+
+
+def _launch_by_batch(kernel, blocks: int, per_element: int, batch: int, args: tuple, batched: tuple[int, ...],
+                     **meta) -> None:  # fmt: skip
+    """`kernel` over a grid of (blocks, batch * per_element) programs, the second axis being
+    batch x heads, in slices of the batch that keep it within CUDA's 65,535 on axis y (batch
+    8192 x 8 heads is 65,536): the batch-major arguments at `batched` are sliced along dim 0,
+    and each slice's kernel sees it as a batch of its own. One launch up to 8191 x 8 heads."""
+    step = max(1, GRID_LIMITS[1] // per_element)
+    for start in range(0, batch, step):
+        part = slice(start, min(batch, start + step))
+        sliced = [a[part] if i in batched else a for i, a in enumerate(args)]
+        launch(kernel, (blocks, (part.stop - part.start) * per_element), *sliced, **meta)
 
 
 DELTA_ROWS = 64  # rows per program of the backward's elementwise kernels (delta, the rotation of q and k)
@@ -378,9 +402,9 @@ def attention_fwd(
     out = qkv.new_empty(batch, seq, num_heads * d)
     lse = torch.empty(batch, num_heads, seq, dtype=torch.float32, device=qkv.device)
     t = _tiles_for(qkv, d)["fwd"]
-    grid = (triton.cdiv(seq, t.block_m), batch * num_heads)
-    _attn_fwd[grid](qkv, *_tables(qkv, cos, sin, key_mask), out, lse, seq, num_heads, num_kv_heads, 1 / math.sqrt(d),
-                    **meta, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.warps, num_stages=t.stages)  # fmt: skip
+    args = (qkv, *_tables(qkv, cos, sin, key_mask), out, lse, seq, num_heads, num_kv_heads, 1 / math.sqrt(d))
+    _launch_by_batch(_attn_fwd, triton.cdiv(seq, t.block_m), num_heads, batch, args, (0, 3, 4, 5), **meta,
+                     BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.warps, num_stages=t.stages)  # fmt: skip
     return out, lse
 
 
@@ -401,24 +425,26 @@ def attention_bwd(
     meta = _meta(qkv, num_heads, num_kv_heads, cos, causal, key_mask)
     d = head_dim_of(qkv, num_heads, num_kv_heads)
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(seq, DELTA_ROWS), batch * num_heads)](out, dout, delta, seq, num_heads, D=d,
-                                                                       D_P=meta["D_P"], BLOCK_M=DELTA_ROWS)  # fmt: skip
+    row_blocks = triton.cdiv(seq, DELTA_ROWS)
+    _launch_by_batch(_attn_bwd_delta, row_blocks, num_heads, batch, (out, dout, delta, seq, num_heads), (0, 1, 2), D=d,
+                     D_P=meta["D_P"], BLOCK_M=DELTA_ROWS)  # fmt: skip
     dqkv = torch.empty_like(qkv)
     cos, sin, mask = _tables(qkv, cos, sin, key_mask)
     qk, qk_stride = qkv, (num_heads + 2 * num_kv_heads) * d
     if meta["ROPE"]:  # q and k rotated once for the backward's loops
         qk_stride = (num_heads + num_kv_heads) * d
         qk = qkv.new_empty(batch, seq, qk_stride)
-        _rope_qk[(triton.cdiv(seq, DELTA_ROWS), batch * (num_heads + num_kv_heads))](
-            qkv, cos, sin, qk, seq, num_heads, num_kv_heads, D=d, HALF_P=meta["HALF_P"], BLOCK_M=DELTA_ROWS
-        )
+        _launch_by_batch(_rope_qk, row_blocks, num_heads + num_kv_heads, batch,
+                         (qkv, cos, sin, qk, seq, num_heads, num_kv_heads), (0, 3), D=d, HALF_P=meta["HALF_P"],
+                         BLOCK_M=DELTA_ROWS)  # fmt: skip
     args = (qkv, qk, cos, sin, mask, dout, lse, delta, dqkv, seq, num_heads, num_kv_heads, qk_stride,
             1 / math.sqrt(d))  # fmt: skip
     chosen = _tiles_for(qkv, d)
     for kernel, t, rows, programs in ((_attn_bwd_dkdv, chosen["dkdv"], "block_n", num_kv_heads),
                                       (_attn_bwd_dq, chosen["dq"], "block_m", num_heads)):  # fmt: skip
-        grid = (triton.cdiv(seq, getattr(t, rows)), batch * programs)
-        kernel[grid](*args, **meta, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.warps, num_stages=t.stages)
+        _launch_by_batch(kernel, triton.cdiv(seq, getattr(t, rows)), programs, batch, args, (0, 1, 4, 5, 6, 7, 8),
+                         **meta, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.warps,
+                         num_stages=t.stages)  # fmt: skip
     return dqkv
 
 

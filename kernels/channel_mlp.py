@@ -40,8 +40,7 @@ from . import arch as _arch
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
 from . import tune
-from ._triton import check_input, interpreting, needs_grad, next_pow2, precision
-from .token_mlp import device_budget
+from ._triton import check_input, device_budget, interpreting, launch, needs_grad, next_pow2, precision
 
 
 @triton.jit
@@ -233,18 +232,22 @@ def shared_needed(config: tuple[int, ...], capability: int) -> int:
     return row[stands_for.capability] if stands_for is not None else max(row.values())
 
 
-def launchable(device: torch.device) -> list[tuple[int, int, int, int, int]]:
-    """The configs this device can launch (all where no limit applies)."""
+def launchable(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[tuple[int, int, int, int, int]]:
+    """The configs this device can launch in this dtype (all where no limit applies; none in
+    fp32 on a GPU, see _triton.gpu_fp32). The shared memory figures are bf16's and fp16's."""
     budget = device_budget(device)
     if budget is None:
         return CONFIGS
+    if dtype == torch.float32:
+        return []
     capability, limit = budget
     return [c for c in CONFIGS if shared_needed(c, capability) <= limit]
 
 
 def _prune(configs, named_args, **_):
     """The configs this launch's device can launch (see launchable)."""
-    tiles = launchable(named_args["X" if "X" in named_args else "DY"].device)
+    t = named_args["X" if "X" in named_args else "DY"]
+    tiles = launchable(t.device, t.dtype)
     return [c for c in configs if (*(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), c.num_warps,
                                    c.num_stages) in tiles]  # fmt: skip
 
@@ -254,8 +257,8 @@ def _autotuned(kernel, do_bench=None):
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in CONFIGS
     ]
-    return triton.autotune(configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-                           do_bench=do_bench)(kernel)  # fmt: skip
+    return tune.shared_autotuner(triton.autotune(configs, key=["M", "N", "K"], do_bench=do_bench,
+                                                 prune_configs_by={"early_config_prune": _prune})(kernel))  # fmt: skip
 
 
 _FWD = _linear_swiglu_fwd if interpreting() else _autotuned(_linear_swiglu_fwd)
@@ -266,20 +269,19 @@ def _launch(plain, tuned, args: tuple, M: int, N: int, t: torch.Tensor, **meta) 
     config = FIXED_CONFIG or (INTERPRETER_CONFIG if tuned is plain else None)
     if config is not None:
         bm, bn, bk, warps, stages = config
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, PREC=precision(t),
-                    num_warps=warps, num_stages=stages, **meta)  # fmt: skip
+        launch(plain, (triton.cdiv(M, bm) * triton.cdiv(N, bn),), *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+               GROUP_M=GROUP_M, PREC=precision(t), num_warps=warps, num_stages=stages, **meta)  # fmt: skip
         return
-    tuned[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](
-        *args, GROUP_M=GROUP_M, PREC=precision(t), **meta
-    )
+    launch(tuned, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), *args, GROUP_M=GROUP_M,
+           PREC=precision(t), **meta)  # fmt: skip
 
 
 def _forward(x: torch.Tensor, w_gate_up: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(act [M, I], gate|up [M, 2I] if keep else an empty tensor) of x [M, K]."""
     (M, K), N = x.shape, w_gate_up.shape[0] // 2  # noqa: N806
-    if not launchable(x.device):
-        raise ValueError(f"swiglu_mlp: no config of the fused kernel fits the shared memory of {x.device}")
+    if not launchable(x.device, x.dtype):
+        raise ValueError(f"swiglu_mlp: no config of the fused kernel can launch on {x.device} in {x.dtype} "
+                         "(shared memory; fp32 on a GPU takes cuBLAS + the SwiGLU kernel)")  # fmt: skip
     act = x.new_empty(M, N)
     gate_up = x.new_empty(M, 2 * N) if keep else x.new_empty(0)
     _launch(_linear_swiglu_fwd, _FWD, (x, w_gate_up, act, gate_up, M, N, K), M, N, x, STORE_GU=keep)
@@ -364,13 +366,14 @@ def composed(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> 
 CANDIDATES = {"fused": fused, "cuBLAS + swiglu": composed}
 
 
-_HAS_TILES: dict[torch.device, bool] = {}  # a plain dict, which torch.compile traces (not functools.cache)
+_HAS_TILES: dict[tuple[torch.device, torch.dtype], bool] = {}  # a plain dict, which torch.compile traces
 
 
-def _has_tiles(device: torch.device) -> bool:
-    if device not in _HAS_TILES:
-        _HAS_TILES[device] = bool(launchable(device))
-    return _HAS_TILES[device]
+def _has_tiles(t: torch.Tensor) -> bool:
+    key = (t.device, t.dtype)
+    if key not in _HAS_TILES:
+        _HAS_TILES[key] = bool(launchable(t.device, t.dtype))
+    return _HAS_TILES[key]
 
 
 def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -378,7 +381,7 @@ def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -
     its first call (trm_kernels.tune); the composition where the device fits no config."""
     for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_input(name, t)
-    if not _has_tiles(x.device):
+    if not _has_tiles(x):
         return composed(x, w_gate_up, w_down)
     return CANDIDATES[tune.choose("swiglu_mlp", CANDIDATES, (x, w_gate_up, w_down))](x, w_gate_up, w_down)
 
@@ -402,20 +405,24 @@ def norm_config_name(block_m: int, block_k: int, warps: int, stages: int) -> str
     return f"swiglu_mlp_rmsnorm down+norm {block_m}x512x{block_k} {warps} warps {stages} stages"
 
 
-def _norm_launchable(device: torch.device, hidden: int) -> bool:
-    budget = device_budget(device)
-    return hidden <= MAX_NORM_HIDDEN and (budget is None or NORM_SHARED_BYTES <= budget[1])
+def _norm_launchable(t: torch.Tensor, hidden: int) -> bool:
+    """Whether the norm epilogue kernel can launch for rows of `hidden` like `t` (not in fp32
+    on a GPU: see _triton.gpu_fp32; NORM_SHARED_BYTES is bf16's and fp16's)."""
+    budget = device_budget(t.device)
+    fits = budget is None or (t.dtype != torch.float32 and NORM_SHARED_BYTES <= budget[1])
+    return hidden <= MAX_NORM_HIDDEN and fits
 
 
 def _norm_prune(configs, named_args, **_):
-    return configs if _norm_launchable(named_args["A"].device, named_args["N"]) else []
+    return configs if _norm_launchable(named_args["A"], named_args["N"]) else []
 
 
 def _norm_autotuned(do_bench=None):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                for bm, bk, w, st in NORM_CONFIGS]  # fmt: skip
-    return triton.autotune(configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _norm_prune},
-                           do_bench=do_bench)(_down_add_rmsnorm_fwd)  # fmt: skip
+    tuned = triton.autotune(configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _norm_prune},
+                            do_bench=do_bench)(_down_add_rmsnorm_fwd)  # fmt: skip
+    return tune.shared_autotuner(tuned)
 
 
 _NORM = _down_add_rmsnorm_fwd if interpreting() else _norm_autotuned()
@@ -432,11 +439,11 @@ def _down_norm(act, w_down, h, eps: float, keep: bool):
     config = NORM_FIXED_CONFIG or (NORM_INTERPRETER_CONFIG if _NORM is _down_add_rmsnorm_fwd else None)
     if config is not None:
         bm, bk, warps, stages = config
-        _down_add_rmsnorm_fwd[(triton.cdiv(M, bm),)](*args, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk,
-                                                     STORE_SUM=keep, PREC=precision(h), num_warps=warps,
-                                                     num_stages=stages)  # fmt: skip
+        launch(_down_add_rmsnorm_fwd, (triton.cdiv(M, bm),), *args, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk,
+               STORE_SUM=keep, PREC=precision(h), num_warps=warps, num_stages=stages)  # fmt: skip
     else:
-        _NORM[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*args, BLOCK_N=block_n, STORE_SUM=keep, PREC=precision(h))
+        launch(_NORM, lambda c: (triton.cdiv(M, c["BLOCK_M"]),), *args, BLOCK_N=block_n, STORE_SUM=keep,
+               PREC=precision(h))  # fmt: skip
     return out, total, rstd
 
 
@@ -525,12 +532,12 @@ def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     size exceeds MAX_NORM_HIDDEN or the device fits no config of it."""
     for name, t in (("h", h), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_input(name, t)
-    if not _has_tiles(h.device):
+    if not _has_tiles(h):
         return sublayer_composed(h, w_gate_up, w_down, eps)
     candidates = SUBLAYER_CANDIDATES
-    if not _norm_launchable(h.device, h.shape[-1]):
+    if not _norm_launchable(h, h.shape[-1]):
         candidates = dict(list(SUBLAYER_CANDIDATES.items())[1:])
-    if not needs_grad(h, w_gate_up, w_down) and _one_kernel_launchable(h.device, h.shape[-1]):
+    if not needs_grad(h, w_gate_up, w_down) and _one_kernel_launchable(h, h.shape[-1]):
         first, *rest = candidates.items()
         candidates = dict([first, ("one kernel", sublayer_one_kernel), *rest])
     choice = tune.choose("swiglu_mlp_rmsnorm", candidates, (h, w_gate_up, w_down, eps))
@@ -612,7 +619,7 @@ def linear_add_rmsnorm(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: f
     output row exceeds MAX_NORM_HIDDEN or the device cannot launch the epilogue kernel."""
     for name, t in (("a", a), ("w", w), ("h", h)):
         check_input(name, t)
-    if not _norm_launchable(h.device, h.shape[-1]):
+    if not _norm_launchable(h, h.shape[-1]):
         return linear_norm_composed(a, w, h, eps)
     choice = tune.choose("linear_add_rmsnorm", LINEAR_NORM_CANDIDATES, (a, w, h, eps))
     return LINEAR_NORM_CANDIDATES[choice](a, w, h, eps)
@@ -635,9 +642,10 @@ def one_kernel_config_name() -> str:
     return f"swiglu_mlp_rmsnorm one kernel {bm}x512, I by {bi}, K by {bk}, {warps} warps {stages} stages"
 
 
-def _one_kernel_launchable(device: torch.device, hidden: int) -> bool:
-    budget = device_budget(device)
-    return hidden <= MAX_NORM_HIDDEN and (budget is None or ONE_KERNEL_SHARED_BYTES <= budget[1])
+def _one_kernel_launchable(t: torch.Tensor, hidden: int) -> bool:
+    budget = device_budget(t.device)
+    fits = budget is None or (t.dtype != torch.float32 and ONE_KERNEL_SHARED_BYTES <= budget[1])
+    return hidden <= MAX_NORM_HIDDEN and fits
 
 
 @torch.library.custom_op("trm::swiglu_mlp_rmsnorm_one_kernel", mutates_args=())
@@ -650,9 +658,9 @@ def swiglu_mlp_rmsnorm_one_kernel(h: torch.Tensor, w_gate_up: torch.Tensor, w_do
     out = torch.empty_like(h)
     interpreted = interpreting()
     bm, bi, bk, warps, stages = ONE_KERNEL_INTERPRETER_CONFIG if interpreted else ONE_KERNEL_CONFIG
-    _mlp_add_rmsnorm_fwd[(triton.cdiv(M, bm),)](h, w_gate_up, w_down, out, M, N, inter, eps, BLOCK_M=bm,
-                                                BLOCK_N=max(16, next_pow2(N)), BLOCK_I=bi, BLOCK_K=bk,
-                                                PREC=precision(h), num_warps=warps, num_stages=stages)  # fmt: skip
+    launch(_mlp_add_rmsnorm_fwd, (triton.cdiv(M, bm),), h, w_gate_up, w_down, out, M, N, inter, eps, BLOCK_M=bm,
+           BLOCK_N=max(16, next_pow2(N)), BLOCK_I=bi, BLOCK_K=bk, PREC=precision(h), num_warps=warps,
+           num_stages=stages)  # fmt: skip
     return out
 
 

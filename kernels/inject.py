@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_input
+from ._triton import check_input, launch
 
 BLOCK = 2048
 
@@ -80,8 +80,8 @@ def inject_fwd(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> torc
         strides.append((t, _strides(t, h.shape) if broadcast else (0, 0, 0)))
     (a, a_strides), (b, b_strides) = strides
     out = torch.empty_like(h)
-    _inject[(triton.cdiv(n, BLOCK),)](h, a, b, out, n, d1, d2, *a_strides, *b_strides, HAS_B=has_b,
-                                      BROADCAST=broadcast, BLOCK=BLOCK)  # fmt: skip
+    launch(_inject, (triton.cdiv(n, BLOCK),), h, a, b, out, n, d1, d2, *a_strides, *b_strides, HAS_B=has_b,
+           BROADCAST=broadcast, BLOCK=BLOCK)  # fmt: skip
     return out
 
 

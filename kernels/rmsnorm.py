@@ -27,9 +27,11 @@ import triton
 import triton.language as tl
 
 from . import cuda_ext
-from ._triton import FUSED_DTYPES, check_input, next_pow2, split_at, takes
+from ._triton import FUSED_DTYPES, GRID_LIMITS, check_input, launch, next_pow2, split_at, takes
 
-MAX_N = 32768  # the normalised axis is held whole in one tile
+# The normalised axis is held whole in one tile: up to 16,384 elements (16 warps) it compiles
+# without spills on every architecture; 32,768 spills 48-260 B in the backward.
+MAX_N = 16384
 
 
 @triton.jit
@@ -46,8 +48,9 @@ def _load_sum(X, R, offs, mask, HAS_R: tl.constexpr, ROUND: tl.constexpr):
 @triton.jit
 def _tile(N, n_cols, stride_outer, stride_col, stride_n, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's tile: element offsets and mask [BLOCK_C, BLOCK_N], the offset of each
-    column's rstd (-1 past the last column), and the positions n along the normalised axis."""
-    outer, cblock = tl.program_id(0), tl.program_id(1)
+    column's rstd (-1 past the last column), and the positions n along the normalised axis.
+    Column blocks along grid axis x, the outer index along y (see _grid)."""
+    cblock, outer = tl.program_id(0), tl.program_id(1)
     cols = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
     mask = (cols[:, None] < n_cols) & (n[None, :] < N)
@@ -87,7 +90,7 @@ def _add_rmsnorm_bwd(
     g = dy
     if HAS_W:
         g = dy * tl.load(W + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         tl.store(DW + program.to(tl.int64) * N + n, tl.sum(dy * h * rstd[:, None], axis=0), mask=n < N)
     # rstd * (g - y * mean(g * y)) written with h, not y = h * rstd: one rounding fewer per
     # element in the projection term, which the subtraction can amplify
@@ -99,11 +102,16 @@ def _add_rmsnorm_bwd(
 
 
 def supports(x: torch.Tensor, residual, dim: int, eps: float, weight=None, prenorm: bool = False) -> bool:
-    return takes(x) and x.shape[dim] <= MAX_N and (residual is None or residual.dtype in FUSED_DTYPES)
+    outer, n, inner = split_at(x.shape, dim)
+    return (takes(x) and n <= MAX_N and (inner == 1 or outer <= GRID_LIMITS[1])
+            and (residual is None or residual.dtype in FUSED_DTYPES))  # fmt: skip
 
 
 def _grid(shape: torch.Size, dim: int) -> tuple[tuple[int, int], dict]:
-    """The launch grid and the tile's sizes and strides for the tensor's shape."""
+    """The launch grid and the tile's sizes and strides for the tensor's shape: column blocks
+    along axis x (the maze's 1.4M rows are 87,936 blocks of 16, over the 65,535 that axis y
+    allows), the outer index along y (1 for the last axis; the batch for the sequence axis,
+    which supports() keeps within axis y's limit)."""
     outer, n, inner = split_at(shape, dim)
     if n > MAX_N:
         raise ValueError(f"add_rmsnorm: the normalised axis has {n} elements; the triton kernel supports <= {MAX_N}")
@@ -112,10 +120,17 @@ def _grid(shape: torch.Size, dim: int) -> tuple[tuple[int, int], dict]:
     else:  # an inner axis: columns are the trailing elements, contiguous along the columns
         grid_outer, n_cols, s_outer, s_col, s_n = outer, inner, n * inner, 1, inner
     block_n = next_pow2(n)
-    block_c = max(1, min(next_pow2(n_cols), 8192 // block_n))
+    # up to 8192 elements a tile along the last axis, 4096 along an inner one (strided along n:
+    # 8192 spills a register on Hopper there); whole rows of up to MAX_N elements either way
+    block_c = max(1, min(next_pow2(n_cols), (8192 if inner == 1 else 4096) // block_n))
     sizes = dict(N=n, n_cols=n_cols, stride_outer=s_outer, stride_col=s_col, stride_n=s_n, BLOCK_N=block_n,
-                 BLOCK_C=block_c, num_warps=8 if block_n * block_c >= 8192 else 4)  # fmt: skip
-    return (grid_outer, triton.cdiv(n_cols, block_c)), sizes
+                 BLOCK_C=block_c, num_warps=warps(block_n * block_c))  # fmt: skip
+    return (triton.cdiv(n_cols, block_c), grid_outer), sizes
+
+
+def warps(elements: int) -> int:
+    """Warps for a tile of this many elements: 4 up to 4096, 8 at 8192, 16 at 16,384."""
+    return 16 if elements > 8192 else 8 if elements >= 8192 else 4
 
 
 def _stats_shape(shape: torch.Size, dim: int) -> tuple[int, int]:
@@ -123,16 +138,18 @@ def _stats_shape(shape: torch.Size, dim: int) -> tuple[int, int]:
     return (outer, inner)
 
 
-def _extension(x: torch.Tensor, residual, weight, dim: int, prenorm: bool, impl: str):
+def _extension(x: torch.Tensor, residual, weight, dim: int, prenorm: bool, impl: str, dy=None):
     """The CUDA extension where `impl` asks for it and it takes this call (last axis, no
-    weight, post-norm, one dtype, row length within its limit), else None: the Triton kernels
-    take every other case."""
+    weight, post-norm, one dtype, rows of a length and alignment its kernels take: it says
+    which, ``add_rmsnorm_takes``), else None: the Triton kernels take every other case."""
     if impl != "cuda" or dim != x.dim() - 1 or not x.is_cuda or weight is not None or prenorm:
         return None
     if residual is not None and residual.dtype != x.dtype:
         return None
-    ext = cuda_ext.load()  # cached: built or loaded once
-    return ext if ext is not None and x.shape[-1] <= ext.add_rmsnorm_max_hidden(x) else None
+    ext = cuda_ext.load(x.device)  # cached per architecture: built or loaded once
+    if ext is None or not hasattr(ext, "add_rmsnorm_takes"):  # (a module built before it could say)
+        return None
+    return ext if ext.add_rmsnorm_takes([x, residual, dy]) else None
 
 
 def _dtypes(x: torch.Tensor, residual: torch.Tensor | None, prenorm: bool) -> tuple[torch.dtype, torch.dtype]:
@@ -159,10 +176,10 @@ def add_rmsnorm_fwd(
     total = torch.empty_like(x, dtype=summed) if prenorm else x.new_empty(0)
     rstd = torch.empty(_stats_shape(x.shape, dim), dtype=torch.float32, device=x.device)
     grid, sizes = _grid(x.shape, dim)
-    _add_rmsnorm_fwd[grid](x, residual if residual is not None else x, weight if weight is not None else x, y,
-                           total if prenorm else y, rstd, eps=eps, HAS_R=residual is not None,
-                           ROUND=residual is not None and residual.dtype == x.dtype, HAS_W=weight is not None,
-                           PRENORM=prenorm, **sizes)  # fmt: skip
+    launch(_add_rmsnorm_fwd, grid, x, residual if residual is not None else x, weight if weight is not None else x,
+           y, total if prenorm else y, rstd, eps=eps, HAS_R=residual is not None,
+           ROUND=residual is not None and residual.dtype == x.dtype, HAS_W=weight is not None, PRENORM=prenorm,
+           **sizes)  # fmt: skip
     return y, total, rstd
 
 
@@ -184,18 +201,19 @@ def add_rmsnorm_bwd(
     dy, x = dy.contiguous(), x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     weight = weight.contiguous() if weight is not None else None
-    ext = _extension(x, residual, weight, dim, dsum is not None, impl)
+    ext = _extension(x, residual, weight, dim, dsum is not None, impl, dy)
     if ext is not None:
         return ext.add_rmsnorm_backward(dy, x, residual, rstd), x.new_empty(0, dtype=torch.float32)
     mixed = residual is not None and residual.dtype != x.dtype
     dh = torch.empty_like(x, dtype=torch.float32 if mixed else x.dtype)
     grid, sizes = _grid(x.shape, dim)
-    programs = grid[0] * grid[1]
-    partial = torch.empty(programs, sizes["N"], dtype=torch.float32, device=x.device) if weight is not None else dh
-    _add_rmsnorm_bwd[grid](dy, dsum.contiguous() if dsum is not None else dy, x,
-                           residual if residual is not None else x, weight if weight is not None else x, rstd, dh,
-                           partial, HAS_R=residual is not None, ROUND=residual is not None and not mixed,
-                           HAS_W=weight is not None, PRENORM=dsum is not None, **sizes)  # fmt: skip
+    partial = (
+        torch.empty(grid[0] * grid[1], sizes["N"], dtype=torch.float32, device=x.device) if weight is not None else dh
+    )
+    launch(_add_rmsnorm_bwd, grid, dy, dsum.contiguous() if dsum is not None else dy, x,
+           residual if residual is not None else x, weight if weight is not None else x, rstd, dh, partial,
+           HAS_R=residual is not None, ROUND=residual is not None and not mixed, HAS_W=weight is not None,
+           PRENORM=dsum is not None, **sizes)  # fmt: skip
     dweight = partial.sum(0) if weight is not None else x.new_empty(0, dtype=torch.float32)
     return dh, dweight
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_input, split_at
+from ._triton import check_input, launch, split_at
 
 BLOCK = 1024
 
@@ -58,7 +58,7 @@ def swiglu_fwd(gate_up: torch.Tensor, dim: int) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(_out_shape(gate_up.shape, dim))
     n = out.numel()
-    _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate_up, out, n, _half(gate_up.shape, dim), BLOCK=BLOCK)
+    launch(_swiglu_fwd, (triton.cdiv(n, BLOCK),), gate_up, out, n, _half(gate_up.shape, dim), BLOCK=BLOCK)
     return out
 
 
@@ -72,7 +72,7 @@ def swiglu_bwd(dout: torch.Tensor, gate_up: torch.Tensor, dim: int) -> torch.Ten
     dout, gate_up = dout.contiguous(), gate_up.contiguous()
     dgu = torch.empty_like(gate_up)
     n = dout.numel()
-    _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dout, gate_up, dgu, n, _half(gate_up.shape, dim), BLOCK=BLOCK)
+    launch(_swiglu_bwd, (triton.cdiv(n, BLOCK),), dout, gate_up, dgu, n, _half(gate_up.shape, dim), BLOCK=BLOCK)
     return dgu
 
 

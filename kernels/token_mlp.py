@@ -57,7 +57,7 @@ from . import arch as _arch
 from . import reference, tune
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
-from ._triton import check_input, interpreting, needs_grad, next_pow2, precision
+from ._triton import check_input, device_budget, interpreting, launch, needs_grad, next_pow2, precision
 
 MAX_SEQ = 256  # the whole sequence of a tile is held in registers
 
@@ -243,20 +243,6 @@ def _block_s(seq: int) -> int:
     return max(16, next_pow2(seq))
 
 
-_BUDGETS: dict[torch.device, tuple[int, int]] = {}  # a plain dict, which torch.compile traces
-
-
-def device_budget(device: torch.device) -> tuple[int, int] | None:
-    """(compute capability as 10 * major + minor, shared memory a block may use) of a CUDA
-    device, read from the device once; None where no limit applies (the interpreter on CPU)."""
-    if device.type != "cuda":
-        return None
-    if device not in _BUDGETS:
-        props = torch.cuda.get_device_properties(device)
-        _BUDGETS[device] = (10 * props.major + props.minor, props.shared_memory_per_block_optin)
-    return _BUDGETS[device]
-
-
 def shared_needed(seq_class: int, tile: tuple[int, int, int], capability: int) -> int:
     """Shared memory of a config on `capability`: the listed architecture standing for it,
     or, for an architecture none stands for, the most any listed one needs."""
@@ -265,12 +251,14 @@ def shared_needed(seq_class: int, tile: tuple[int, int, int], capability: int) -
     return row[stands_for.capability] if stands_for is not None else max(row.values())
 
 
-def backward_fits(seq: int, device: torch.device) -> bool:
-    """Whether the device can launch both backward kernels at this sequence length (always
-    where no limit applies); where not, training takes the composition."""
+def backward_fits(seq: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the device can launch both backward kernels at this sequence length and dtype
+    (always where no limit applies); where not, training takes the composition."""
     seq_class, budget = max(128, _block_s(seq)), device_budget(device)
     if budget is None:
         return True
+    if dtype == torch.float32:  # see _triton.gpu_fp32
+        return False
     capability, limit = budget
     stands_for = _arch.nearest(capability)
     needed = [row[stands_for.capability] if stands_for is not None else max(row.values())
@@ -278,12 +266,15 @@ def backward_fits(seq: int, device: torch.device) -> bool:
     return max(needed) <= limit
 
 
-def launchable_tiles(seq: int, device: torch.device) -> list[tuple[int, int, int]]:
-    """The configs for this sequence length that the device can launch (all of them where
-    no limit applies); empty when none can, and the composed ops then run instead."""
+def launchable_tiles(seq: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[tuple[int, int, int]]:
+    """The configs for this sequence length and dtype that the device can launch (all of them
+    where no limit applies); empty when none can (fp32 on a GPU: see _triton.gpu_fp32), and
+    the composed ops then run instead. The shared memory figures are bf16's and fp16's."""
     seq_class, budget = max(128, _block_s(seq)), device_budget(device)
     if budget is None:
         return CONFIGS[seq_class]
+    if dtype == torch.float32:
+        return []
     capability, limit = budget
     return [tile for tile in CONFIGS[seq_class] if shared_needed(seq_class, tile, capability) <= limit]
 
@@ -291,7 +282,7 @@ def launchable_tiles(seq: int, device: torch.device) -> list[tuple[int, int, int
 def _prune(configs, named_args, **_):
     """The configs built for this sequence's tile that this device can launch (see _autotuned)."""
     seq = named_args["S"]
-    block_s, tiles = _block_s(seq), launchable_tiles(seq, named_args["H"].device)
+    block_s, tiles = _block_s(seq), launchable_tiles(seq, named_args["H"].device, named_args["H"].dtype)
     return [
         c
         for c in configs
@@ -307,9 +298,8 @@ def _autotuned(do_bench=None):
         for bd, bi, w in CONFIGS[max(128, bs)]
     ]
     prune = {"early_config_prune": _prune}
-    return triton.autotune(configs, key=["B", "S", "D", "I_PAD"], prune_configs_by=prune, do_bench=do_bench)(
-        _token_mlp_rmsnorm_fwd
-    )
+    tuned = triton.autotune(configs, key=["B", "S", "D", "I_PAD"], prune_configs_by=prune, do_bench=do_bench)
+    return tune.shared_autotuner(tuned(_token_mlp_rmsnorm_fwd))
 
 
 _KERNEL = _token_mlp_rmsnorm_fwd if interpreting() else _autotuned()
@@ -330,9 +320,10 @@ def _launch(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps:
     batch, seq, hidden = h.shape
     if seq > MAX_SEQ:
         raise ValueError(f"token_mlp_rmsnorm: sequence length {seq} > {MAX_SEQ}, the most the fused kernel holds")
-    block_s, tiles = _block_s(seq), launchable_tiles(seq, h.device)
+    block_s, tiles = _block_s(seq), launchable_tiles(seq, h.device, h.dtype)
     if not tiles:
-        raise ValueError(f"token_mlp_rmsnorm: no config of the fused kernel fits the shared memory of {h.device}")
+        raise ValueError(f"token_mlp_rmsnorm: no config of the fused kernel can launch on {h.device} in {h.dtype} "
+                         "(shared memory; fp32 on a GPU takes the composition)")  # fmt: skip
     wgu, wd, i_pad = padded_weights(w_gate_up, w_down, block_s, I_ALIGN)
     h = h.contiguous()
     out = torch.empty_like(h)
@@ -344,12 +335,10 @@ def _launch(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps:
         block_d, block_i, warps = FIXED_CONFIG or tiles[0]
         if FIXED_CONFIG is None and WIDE_TILES_ON_INTERPRETER and interpreting():
             block_i = _interpreter_chunk(i_pad)
-        _token_mlp_rmsnorm_fwd[(triton.cdiv(hidden, block_d), batch)](
-            *args, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_I=block_i, PREC=prec, STORE=store, num_warps=warps,
-            num_stages=2,
-        )  # fmt: skip
+        launch(_token_mlp_rmsnorm_fwd, (triton.cdiv(hidden, block_d), batch), *args, BLOCK_S=block_s,
+               BLOCK_D=block_d, BLOCK_I=block_i, PREC=prec, STORE=store, num_warps=warps, num_stages=2)  # fmt: skip
     else:
-        _KERNEL[lambda meta: (triton.cdiv(hidden, meta["BLOCK_D"]), batch)](*args, PREC=prec, STORE=store)
+        launch(_KERNEL, lambda meta: (triton.cdiv(hidden, meta["BLOCK_D"]), batch), *args, PREC=prec, STORE=store)
     return out, total, rstd
 
 
@@ -406,15 +395,16 @@ def token_mlp_rmsnorm_backward(
     if need_dh:
         dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
         meta = _bwd_meta(h, block_s, "dh", i_pad)
-        _token_mlp_bwd_dh[(triton.cdiv(hidden, meta["BLOCK_D"]), batch)](dsum, h, wgu, wd, dh, seq, hidden, i_pad,
-                                                                          **meta)  # fmt: skip
+        launch(_token_mlp_bwd_dh, (triton.cdiv(hidden, meta["BLOCK_D"]), batch), dsum, h, wgu, wd, dh, seq, hidden,
+               i_pad, **meta)  # fmt: skip
     if need_dweights:
         splits, per_split = dw_splits(batch, seq, hidden)
         partial = torch.empty(splits, 3, i_pad, block_s, dtype=torch.float32, device=h.device)
         meta = _bwd_meta(h, block_s, "dw", i_pad)
         tiles = batch * triton.cdiv(hidden, meta["BLOCK_D"])
-        _token_mlp_bwd_dw[(i_pad // meta["BLOCK_I"], splits)](dsum, h, wgu, wd, partial, seq, hidden, i_pad, tiles,
-                                                              per_split, **meta)  # fmt: skip
+        # splits <= DW_SPLITS on axis y
+        launch(_token_mlp_bwd_dw, (i_pad // meta["BLOCK_I"], splits), dsum, h, wgu, wd, partial, seq, hidden, i_pad,
+               tiles, per_split, **meta)  # fmt: skip
         summed = partial.sum(0)  # the slices in a fixed order, in fp32
         dw_gate_up, dw_down = h.new_empty(2 * inter, seq), h.new_empty(seq, inter)
         dw_gate_up.view(2, inter, seq).copy_(summed[:2, :inter, :seq])  # rounded once, here
@@ -476,11 +466,11 @@ def token_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
     times it against the composition and keeps the faster (trm_kernels.tune)."""
     for name, t in (("h", h), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_input(name, t)
-    if h.shape[1] > MAX_SEQ or not launchable_tiles(h.shape[1], h.device):
+    if h.shape[1] > MAX_SEQ or not launchable_tiles(h.shape[1], h.device, h.dtype):
         return composed(h, w_gate_up, w_down, eps)
     if not needs_grad(h, w_gate_up, w_down):
         return token_mlp_rmsnorm_fwd(h, w_gate_up, w_down, eps)
-    if not backward_fits(h.shape[1], h.device):
+    if not backward_fits(h.shape[1], h.device, h.dtype):
         return composed(h, w_gate_up, w_down, eps)
     return CANDIDATES[tune.choose("token_mlp_rmsnorm", CANDIDATES, (h, w_gate_up, w_down, eps))](
         h, w_gate_up, w_down, eps

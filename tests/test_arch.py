@@ -85,3 +85,21 @@ def test_doctor_says_what_ci_verified_for_the_users_architecture():
     assert "compiled and checked" in static_verification(89)
     assert "sm_86 stands for it" in static_verification(87)
     assert "not among" in static_verification(75)
+
+
+def test_fp32_on_a_gpu_takes_no_gemm_epilogue_or_token_mixer_kernel(monkeypatch):
+    """Compiled in fp32 (IEEE products), those kernels need up to 193 KB of shared memory (over
+    sm_86/89/120's 99 KB) and spill: on a GPU, fp32 runs cuBLAS + the element-wise kernels.
+    The interpreter (no limits) still runs them in fp32, which is how they are tested."""
+    from trm_kernels import channel_mlp
+
+    cpu, like = torch.device("cpu"), torch.empty(2, 8, dtype=torch.float32)
+    assert token_mlp.launchable_tiles(97, cpu, torch.float32) and channel_mlp.launchable(cpu, torch.float32)
+    for module in (token_mlp, channel_mlp):
+        monkeypatch.setattr(module, "device_budget", lambda device: (90, 227 * 1024))
+    assert token_mlp.launchable_tiles(97, cpu, torch.float32) == [] and not token_mlp.backward_fits(
+        97, cpu, torch.float32
+    )
+    assert token_mlp.launchable_tiles(97, cpu, torch.bfloat16) == token_mlp.CONFIGS[128]
+    assert channel_mlp.launchable(cpu, torch.float32) == [] and channel_mlp.launchable(cpu, torch.float16)
+    assert not channel_mlp._norm_launchable(like, 512) and channel_mlp._norm_launchable(like.half(), 512)
