@@ -8,6 +8,14 @@ autotuner: once per signature (op, device, dtypes, shapes, whether a gradient is
 and process, each candidate warmed up and then timed (``triton.testing.do_bench``: median
 of repeated runs, forward plus backward where a gradient is needed), the choice cached.
 
+A candidate that raises while it is timed (out of resources, a grid over a limit, out of
+memory) is skipped, reported in :data:`decisions` and by one :class:`TuneWarning`, and the
+choice is made among the others (the first, the default, where every one raised: the
+parity guard then checks it). Under ``torch.distributed`` the choice is made once for every
+rank (:mod:`trm_kernels.ranks`): rank 0's timings decide, among the candidates that ran on
+every rank, so all ranks run the same kernels; Triton's autotuner keeps rank 0's config
+likewise (:func:`shared_autotuner`).
+
 Setting: ``TRM_TUNE`` = ``on`` (default) | ``off`` (no timing: the fused kernel runs, as it
 does where nothing can be timed: the interpreter, CUDA-graph capture, ``torch.compile``
 tracing) | ``composed`` (no timing: cuBLAS + the separate ops run; the benchmarks' "without
@@ -19,11 +27,13 @@ checks (:func:`same_choice`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from . import ranks
 from .settings import env_choice
 
 MODES = ("on", "off", "composed")
@@ -34,7 +44,12 @@ class Decision:
     op: str
     signature: str
     choice: str
-    times_ms: dict[str, float] = field(default_factory=dict)  # candidate -> median milliseconds
+    times_ms: dict[str, float] = field(default_factory=dict)  # candidate -> median milliseconds (rank 0's)
+    failed: dict[str, str] = field(default_factory=dict)  # candidate -> the error it raised (and where)
+
+
+class TuneWarning(RuntimeWarning):
+    """A candidate raised while it was timed and was skipped for a signature."""
 
 
 decisions: dict[tuple, Decision] = {}
@@ -153,18 +168,70 @@ def choose(op: str, candidates: dict[str, Callable], args: tuple) -> str:
         a, torch.Tensor) else a) for a in args))  # fmt: skip
     decision = decisions.get(key)
     if decision is None and _can_time(args):
-        times = {}
-        with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
-            for name, fn in candidates.items():
-                times[name] = _time(_run(fn, args))
-        decision = decisions[key] = Decision(op, _describe(args), min(times, key=times.get), times)
+        decision = decisions[key] = _decide(op, candidates, args)
     _last = decision.choice if decision is not None else next(iter(candidates))
     return _last
 
 
+def _measure(candidates: dict[str, Callable], args: tuple) -> tuple[dict[str, float], dict[str, str]]:
+    """(milliseconds of each candidate that ran, the error of each that raised)."""
+    times, failed = {}, {}
+    with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
+        for name, fn in candidates.items():
+            try:
+                times[name] = _time(_run(fn, args))
+            except Exception as e:  # out of resources, a grid over a limit, out of memory: skip it
+                failed[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return times, failed
+
+
+def _decide(op: str, candidates: dict[str, Callable], args: tuple) -> Decision:
+    """Time every candidate here, then choose once for all ranks: rank 0's fastest among the
+    candidates that raised on no rank (the default where each raised somewhere)."""
+    measured = ranks.gather(_measure(candidates, args))
+    failed = {}
+    for rank, (_, errors) in enumerate(measured):
+        for name, error in errors.items():
+            failed.setdefault(name, error + (f" (on rank {rank})" if len(measured) > 1 else ""))
+    times = measured[0][0]
+    usable = {name: t for name, t in times.items() if name not in failed}
+    choice = min(usable, key=usable.get) if usable else next(iter(candidates))
+    decision = Decision(op, _describe(args), choice, times, failed)
+    if failed:
+        warnings.warn(f"trm_kernels: while timing {op} ({decision.signature}), "
+                      + "; ".join(f"{name} raised {error}" for name, error in failed.items())
+                      + f": skipped; {choice} runs", TuneWarning, stacklevel=4)  # fmt: skip
+    return decision
+
+
+def shared_autotuner(autotuner):
+    """`autotuner` (a ``triton.autotune`` kernel) keeping, under torch.distributed, the config
+    rank 0 chose for each key on every rank (see the module docstring); unchanged otherwise."""
+    autotuner.cache = _SharedConfigs(autotuner.configs)
+    return autotuner
+
+
+class _SharedConfigs(dict):
+    """Triton's autotuner cache (key -> chosen config): each entry, set once per key after
+    the configs were timed, becomes rank 0's choice on every rank."""
+
+    def __init__(self, configs: list):
+        super().__init__()
+        self.configs = configs
+
+    def __setitem__(self, key, config) -> None:
+        if ranks.active():
+            mine = next((i for i, c in enumerate(self.configs) if c is config), -1)
+            chosen = ranks.first(mine)
+            config = self.configs[chosen] if chosen >= 0 else config
+        super().__setitem__(key, config)
+
+
 def report() -> list[dict]:
-    """Every choice made in this process: op, signature, chosen candidate, timings (ms)."""
+    """Every choice made in this process: op, signature, chosen candidate, timings (ms), and
+    the candidates that raised while timed."""
     return [
-        {"op": d.op, "signature": d.signature, "choice": d.choice, "times_ms": dict(d.times_ms)}
+        {"op": d.op, "signature": d.signature, "choice": d.choice, "times_ms": dict(d.times_ms),
+         "failed": dict(d.failed)}
         for d in decisions.values()
-    ]
+    ]  # fmt: skip

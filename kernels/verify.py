@@ -2,12 +2,18 @@
 
 In ``auto`` mode, the first call a fused backend (triton, cuda) takes with a new signature
 (op, backend, device, dtypes, shapes, whether a gradient is needed) also runs the reference
-on a slice of the same inputs (the first ``ROWS`` batch rows) and compares under the
-tolerance rule below: forward, and backward where a gradient is needed. An exception
-(compile error, out of resources, launch failure) or a mismatch disables that fused
-implementation for that signature for the rest of the process: the call, and every later
-one with the signature, returns the reference's result, and one warning names the op, the
-backend, the signature and the error. Bounded cost: once per signature, on a few rows.
+on two slices of the same inputs, the first and the last ``ROWS`` batch rows (the last
+programs' tiles, where a fault that depends on the batch size shows), and compares under
+the tolerance rule below: the call's own output at those rows, and where a gradient is
+needed the fused backward over the whole batch at those rows (the weights' gradients,
+sums over the batch, on the first rows). An exception (compile error, out of resources,
+launch failure) or a mismatch disables that fused implementation for that signature for
+the rest of the process: the call, and every later one with the signature, returns the
+reference's result, and one warning names the op, the backend, the signature and the
+error. Under ``torch.distributed`` the verdict is shared (:mod:`trm_kernels.ranks`): a
+signature that fails on any rank is disabled on every rank, so all run the same kernels.
+Bounded cost: once per signature, the reference on a few rows, and with grad one more
+fused forward and backward of the op.
 
 Setting: ``TRM_VERIFY`` = ``first`` (default) | ``always`` (every call; for debugging) |
 ``off``; or :func:`set_verify` / :func:`use_verify`. The check never runs inside CUDA-graph
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tune
+from . import ranks, tune
 from .settings import env_choice
 
 MODES = ("first", "always", "off")
@@ -203,28 +209,92 @@ def run_op(fn: Callable, args, grad_of: list[bool] | None = None, dtype: torch.d
 def _check(op: str, fused: Callable, reference: Callable, args: tuple) -> tuple[torch.Tensor, str | None]:
     """The fused call's real output, and what failed against the reference (None: passed)."""
     out = fused(*args)
-    with tune.same_choice():  # the slice runs the candidate the call ran (where an op times candidates)
+    with tune.same_choice():  # the slices run the candidate the call ran (where an op times candidates)
         return out, _check_rows(op, fused, reference, args, out)
 
 
-def _check_rows(op: str, fused: Callable, reference: Callable, args: tuple, out) -> str | None:
+def parts(op: str, args: tuple) -> list[slice]:
+    """The batch rows a check compares: the first ``ROWS`` and the last ``ROWS`` (the last
+    programs' tiles, where a fault that depends on the batch size shows), or every row where
+    the rows are not independent (add_rmsnorm normalising along dim 0)."""
     first = next(a for a in args if isinstance(a, torch.Tensor))
-    n = min(ROWS, first.shape[0]) if first.dim() else 1
-    rows = _rows(args, op, n)
-    ref, _ = run_op(reference, rows, [False] * len(rows))
-    oracle, _ = run_op(reference, rows, [False] * len(rows), torch.float64)
-    problem = None
-    for i, (f, r, o) in enumerate(zip(outputs(out), outputs(ref), outputs(oracle), strict=True)):
-        problem = problem or tolerance_problem(f.detach()[:n], r, o, "forward" + (f" (output {i})" if i else ""))
+    rows = first.shape[0] if first.dim() else 1
+    if op == "add_rmsnorm" and args[2] % first.dim() == 0:
+        return [slice(0, rows)]
+    n = min(ROWS, rows)
+    return [slice(0, n)] + ([slice(max(n, rows - n), rows)] if rows > n else [])
+
+
+def _rows(args: tuple, op: str, part: slice) -> list:
+    batched = BATCHED.get(op, ())
+    return [a[part] if i in batched and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+
+
+def _cotangents(out, seed: int = 0) -> list[torch.Tensor]:
+    """Fixed random gradients for each output of `out` (as run_op draws them)."""
+    cots = []
+    for i, o in enumerate(outputs(out)):
+        gen = torch.Generator(o.device).manual_seed(seed + i)
+        cots.append(torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype))
+    return cots
+
+
+def _gradients(fn: Callable, args, grad_of: list[bool], cotangents: list[torch.Tensor], dtype=None) -> list:
+    """Gradients of sum(out * cotangent) w.r.t. the args `grad_of` marks; no copies of the
+    inputs (a full batch is checked this way), float64 where `dtype` says."""
+    leaves = []
+    for a, want in zip(args, grad_of, strict=True):
+        if isinstance(a, torch.Tensor):
+            a = a.detach()
+            a = (a.to(dtype) if dtype is not None and a.is_floating_point() else a).requires_grad_(want)
+        leaves.append(a)
+    with torch.enable_grad():
+        out = outputs(fn(*leaves))
+        total = sum((o * c.to(o.dtype)).sum() for o, c in zip(out, cotangents, strict=True))
+        wanted = [a for a, want in zip(leaves, grad_of, strict=True) if want]
+        return list(torch.autograd.grad(total, wanted, allow_unused=True))
+
+
+def _check_rows(op: str, fused: Callable, reference: Callable, args: tuple, out) -> str | None:
+    """Forward: the call's own output at the first and last rows against the reference on
+    those rows (and float64). Backward, where a gradient is needed: the fused op's backward
+    over the whole batch, the batched inputs' gradients at those rows against the
+    reference's on the rows; the weights' gradients (sums over the batch) on the first rows."""
+    slices = parts(op, args)
+    for part in slices:
+        rows = _rows(args, op, part)
+        ref, _ = run_op(reference, rows, [False] * len(rows))
+        oracle, _ = run_op(reference, rows, [False] * len(rows), torch.float64)
+        for i, (f, r, o) in enumerate(zip(outputs(out), outputs(ref), outputs(oracle), strict=True)):
+            what = f"forward, rows {part.start}..{part.stop - 1}" + (f" (output {i})" if i else "")
+            if problem := tolerance_problem(f.detach()[part], r, o, what):
+                return problem
     grad_of = [torch.is_grad_enabled() and isinstance(a, torch.Tensor) and a.requires_grad for a in args]
-    if problem is None and any(grad_of):
-        grads = zip(run_op(fused, rows, grad_of)[1], run_op(reference, rows, grad_of)[1],
-                    run_op(reference, rows, grad_of, torch.float64)[1], strict=True)  # fmt: skip
-        for i, (f, r, o) in enumerate(grads):
-            if problem is None:
-                what = f"backward (gradient {i})"
-                problem = tolerance_problem(f, r, o, what) if f is not None else f"{what}: none computed"
-    return problem
+    if not any(grad_of):
+        return None
+    batched = [i in BATCHED.get(op, ()) for i, want in enumerate(grad_of) if want]
+    cotangents = _cotangents(out)
+    whole = _gradients(fused, args, grad_of, cotangents)
+    for k, part in enumerate(slices):
+        rows = _rows(args, op, part)
+        cots = [c[part] for c in cotangents]
+        ref = _gradients(reference, rows, grad_of, cots)
+        oracle = _gradients(reference, rows, grad_of, cots, torch.float64)
+        sliced = _gradients(fused, rows, grad_of, cots) if k == 0 and not all(batched) else None
+        for i, (g, r, o) in enumerate(zip(whole, ref, oracle, strict=True)):
+            what = f"backward (gradient {i}), rows {part.start}..{part.stop - 1}"
+            if batched[i]:
+                f = g[part] if g is not None else None
+            elif sliced is not None:
+                f = sliced[i]
+            else:
+                continue
+            if r is None and (f is None or not f.any()):
+                continue
+            problem = tolerance_problem(f, r, o, what) if f is not None else f"{what}: none computed"
+            if problem:
+                return problem
+    return None
 
 
 def guarded(op: str, backend: str, fused: Callable, reference: Callable, args: tuple):
@@ -242,6 +312,10 @@ def guarded(op: str, backend: str, fused: Callable, reference: Callable, args: t
         out, problem = _check(op, fused, reference, args)
     except Exception as e:  # any failure of a fused kernel: compile, resources, launch, wrong shapes
         out, problem = None, f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    verdicts = ranks.gather(problem)  # one verdict for every rank: disabled where any rank failed
+    if problem is None and any(v is not None for v in verdicts):
+        rank = next(i for i, v in enumerate(verdicts) if v is not None)
+        problem = f"on rank {rank}: {verdicts[rank]}"
     described = ", ".join(_describe(a) for a in args)
     verified[key] = Record(op, backend, described, problem is None, problem or "within tolerance")
     if problem is None:

@@ -8,8 +8,9 @@ HRM: the training rule at 0) or it has taken ``max_steps`` steps, which may exce
 index and ``where`` on the device; the host reads which slots halted every ``sync_every``
 steps (a slot that halts between two reads keeps its answer and idles until the next). The
 step is the model's evaluation step, replayed as a CUDA graph on a GPU (refills happen
-around it). Once every puzzle has been queued and at most half the slots still work, an
-eager run continues with those slots only. With ``threshold=inf`` every puzzle runs
+around it). On a CPU, once every puzzle has been queued and at most half the slots still
+work, the run continues with those slots only (on a GPU the batch keeps its shape: a new
+one would capture another graph and time and check the fused kernels again). With ``threshold=inf`` every puzzle runs
 exactly ``max_steps`` steps: fixed-step evaluation.
 """
 
@@ -140,8 +141,9 @@ def solve(
             logit_out[index] = state.at_logit[done].cpu().numpy()
             owner[done] = -1
         busy = np.flatnonzero(owner >= 0)
-        if queued == n and 0 < len(busy) <= len(owner) // 2 and not graphed:
-            # nothing left to queue: run only the slots still working (eagerly; a CUDA graph keeps its shape)
+        if queued == n and 0 < len(busy) <= len(owner) // 2 and not state.x.is_cuda:
+            # nothing left to queue: run only the slots still working. Not on a GPU: a new batch shape there
+            # would capture another CUDA graph and time, check and autotune the fused kernels again mid-run
             state.keep(torch.from_numpy(busy).to(device))
             owner = owner[busy]
     model.train(was_training)

@@ -370,8 +370,9 @@ def choices(device: torch.device, quick: bool, progress: Callable[[str], None]) 
                               f"raised {type(e).__name__}: {_first_line(e)}")]  # fmt: skip
     return [
         Check("choice", c["op"], "triton", c["signature"].split("[")[0], c["signature"], None,
-              ", ".join(f"{name} {ms:.3f} ms" for name, ms in c["times_ms"].items()) + f": {c['choice']}",
-              {"choice": c["choice"], "times_ms": c["times_ms"]})
+              ", ".join([*(f"{name} {ms:.3f} ms" for name, ms in c["times_ms"].items()),
+                         *(f"{name} raised {error}" for name, error in c["failed"].items())]) + f": {c['choice']}",
+              {"choice": c["choice"], "times_ms": c["times_ms"], "failed": c["failed"]})
         for c in tune.report()
     ]  # fmt: skip
 

@@ -23,6 +23,17 @@ def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, t
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def batches(index: np.ndarray, batch_size: int):
+    """(rows, how many are real) per batch of `index`. A last partial batch is padded with
+    copies of its last row to the first batch's size, so that every batch of a run has one
+    shape: a new shape mid-run would capture another CUDA graph and time, check and autotune
+    the fused kernels again. The padding is computed and not counted (rows are independent)."""
+    width = min(batch_size, len(index))
+    for start in range(0, len(index), batch_size):
+        rows = index[start : start + batch_size]
+        yield np.concatenate([rows, np.repeat(rows[-1:], width - len(rows))]), len(rows)
+
+
 @torch.no_grad()
 def evaluate(
     model: RecursiveReasoningModel,
@@ -43,15 +54,14 @@ def evaluate(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # examples, exact, correct tokens, tokens
     index = np.arange(rank, len(split), world)
-    for start in range(0, len(index), batch_size):
-        batch = to_device(split.batch(index[start : start + batch_size]), device)
+    for rows, real in batches(index, batch_size):
+        batch = to_device(split.batch(rows), device)
         logits, _ = deque(model.solve(batch, steps), maxlen=1).pop()  # the last step's answer
-        labels = batch["labels"]
+        labels = batch["labels"][:real]
         mask = labels != IGNORE_LABEL
-        correct = mask & (logits.argmax(-1) == labels)
+        correct = mask & (logits[:real].argmax(-1) == labels)
         if wrong is not None:
-            rows = index[start : start + batch_size]
-            wrong += rows[(correct.sum(-1) != mask.sum(-1)).cpu().numpy()].tolist()
+            wrong += rows[:real][(correct.sum(-1) != mask.sum(-1)).cpu().numpy()].tolist()
         totals += torch.stack(
             [
                 torch.tensor(float(len(labels)), device=device),
@@ -147,12 +157,11 @@ def evaluate_arc(
         steps_taken = solved.steps
     else:
         device = model.y_init.device
-        for start in range(0, len(split), batch_size):
-            index = np.arange(start, min(start + batch_size, len(split)))
+        for index, real in batches(np.arange(len(split)), batch_size):
             batch = to_device(split.batch(index), device)
             logits, q_halt = deque(model.solve(batch, steps), maxlen=1).pop()
             tokens, q = logits.argmax(-1).cpu().numpy(), q_halt.float().cpu().numpy()
-            for row, i in enumerate(index):
+            for row, i in enumerate(index[:real]):
                 votes.add(tokens[row], int(split.puzzle_identifiers[i]), int(split.groups[i]), float(q[row]))
         steps_taken = np.full(len(split), steps or model.cfg.n_sup)
     result = {"pass@1": votes.pass_at(1), "pass@2": votes.pass_at(2), "count": len(votes.targets),
