@@ -3,14 +3,39 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <cuda_runtime.h>
 
 namespace trm {
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
-// The largest row length the register-resident kernels take; longer rows are refused
-// (cudaErrorInvalidValue) and the caller uses another backend.
+// One warp per row; each lane holds up to kMaxItems loads of the row in registers: 16-byte
+// vectors where the row is "aligned" (every pointer 16-byte aligned, the row a multiple of 16
+// bytes), single elements otherwise.
+constexpr int kWarp = 32;
+constexpr int kMaxItems = 16;
+
+constexpr int element_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
+
+// Whether the 16-byte vector path applies to rows of n elements at these pointers.
+inline bool add_rmsnorm_aligned(DType dtype, int n, std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return (n * element_bytes(dtype)) % 16 == 0;
+}
+
+// Whether the kernels take rows of n elements: up to 4096 (bf16, fp16) or 2048 (fp32) aligned,
+// 512 otherwise. Anything else is refused (cudaErrorInvalidValue); callers ask first.
+constexpr bool add_rmsnorm_takes(DType dtype, int n, bool aligned) {
+  const int vec = 16 / element_bytes(dtype);
+  return n >= 1 && ((aligned && n % vec == 0) ? n / vec <= kWarp * kMaxItems : n <= kWarp * kMaxItems);
+}
+static_assert(add_rmsnorm_takes(DType::bf16, 4096, true) && !add_rmsnorm_takes(DType::bf16, 4096, false));
+static_assert(add_rmsnorm_takes(DType::f16, 512, false) && !add_rmsnorm_takes(DType::f16, 520, false));
+static_assert(add_rmsnorm_takes(DType::f32, 2048, true) && !add_rmsnorm_takes(DType::f32, 2052, true));
+
+// The longest row the kernels take for this dtype (aligned rows; see add_rmsnorm_takes).
 int add_rmsnorm_max_hidden(DType dtype);
 
 // y = round(x + r) * rstd, rstd = 1 / sqrt(mean(round(x + r)^2) + eps) per row, in fp32.

@@ -59,10 +59,24 @@ at::Tensor backward(const at::Tensor& dy, const at::Tensor& x, const c10::option
 
 int64_t max_hidden(const at::Tensor& like) { return trm::add_rmsnorm_max_hidden(dtype_of(like)); }
 
+// Whether the kernels take rows like these tensors' (the last axis; None entries skipped):
+// their length and the alignment of every pointer, as the kernels' dispatch decides.
+bool takes(const std::vector<c10::optional<at::Tensor>>& tensors) {
+  TORCH_CHECK(!tensors.empty() && tensors[0], "add_rmsnorm (cuda): takes() needs a tensor");
+  const at::Tensor& first = *tensors[0];
+  if (first.dim() == 0 || first.size(-1) > INT32_MAX) return false;
+  const int n = static_cast<int>(first.size(-1));
+  bool aligned = true;
+  for (const auto& t : tensors)
+    if (t) aligned = aligned && trm::add_rmsnorm_aligned(dtype_of(first), n, {t->data_ptr()});
+  return trm::add_rmsnorm_takes(dtype_of(first), n, aligned);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm_forward", &forward, "fused residual add + RMSNorm, last axis");
   m.def("add_rmsnorm_backward", &backward, "its backward");
   m.def("add_rmsnorm_max_hidden", &max_hidden, "the longest row the kernels take for this dtype");
+  m.def("add_rmsnorm_takes", &takes, "whether the kernels take rows like these tensors' (length, alignment)");
 }
