@@ -1,7 +1,7 @@
 """Compile every Triton kernel for every NVIDIA architecture our users have, ahead of time
 and without a GPU, and hold what the compiler produced against each architecture's limits.
 
-    python -m trm_benchmarks.ptx                         # JSON on stdout: every arch, bf16 and fp16
+    python -m trm_benchmarks.ptx                         # JSON on stdout: every arch, bf16, fp16 and fp32
     python -m trm_benchmarks.ptx --out DIR               # DIR/report.json and DIR/report.md
     python -m trm_benchmarks.ptx --arch 89,90 --dtype bf16
 
@@ -34,19 +34,23 @@ import subprocess
 import sys
 import tempfile
 
-DTYPES = ("bf16", "fp16")
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 def _specs(dtype: str = "bf16", capability: int = 90):
     """name: (kernel, signature, constexprs, arguments hinted divisible by 16, launch options:
     num_warps, or (num_warps, num_stages) where the launch sets the pipelining depth), as the
     package launches each kernel on a GPU of this compute capability."""
+    import torch
+
     attention, cross_entropy, inject, rmsnorm, swiglu, channel_mlp, token_mlp = (
         importlib.import_module(f"trm_kernels.{m}")
         for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "channel_mlp", "token_mlp")
     )
 
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     t = f"*{dtype}"
+    prec = "ieee" if dtype == "fp32" else "tf32"  # as trm_kernels._triton.precision picks at run time
     # rows = 768 * 97 = 74496 and hidden 512 are multiples of 16; stride_outer is 0 on the hidden axis
     HIDDEN_DIV16 = {"N", "n_cols", "stride_outer", "stride_col"}  # noqa: N806
     SEQUENCE_DIV16 = {"n_cols", "stride_outer", "stride_n"}  # noqa: N806
@@ -54,8 +58,18 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     norm_fwd = {"X": t, "R": t, "W": t, "Y": t, "SUM": t, "RSTD": "*fp32", **norm, "eps": "fp32"}
     norm_bwd = {"DY": t, "DSUM": t, "X": t, "R": t, "W": t, "RSTD": "*fp32", "DH": t, "DW": "*fp32", **norm}
     plain = {"HAS_R": True, "ROUND": True, "HAS_W": False, "PRENORM": False}
-    hidden = {"stride_n": 1, **plain, "BLOCK_N": 512, "BLOCK_C": 16}
-    sequence = {"stride_col": 1, **plain, "BLOCK_N": 128, "BLOCK_C": 64}
+
+    def norm_tile(shape, dim):  # the tile and warps trm_kernels.rmsnorm launches at this shape
+        sizes = rmsnorm._grid(torch.Size(shape), dim)[1]
+        return {k: sizes[k] for k in ("BLOCK_N", "BLOCK_C")}, sizes["num_warps"]
+
+    (hidden_tile, hidden_warps), (sequence_tile, sequence_warps) = norm_tile((74496, 512), -1), norm_tile(
+        (768, 97, 512), 1)  # fmt: skip
+    widest_tile, widest_warps = norm_tile((8, rmsnorm.MAX_N), -1)
+    hidden = {"stride_n": 1, **plain, **hidden_tile}
+    sequence = {"stride_col": 1, **plain, **sequence_tile}
+    widest = {"stride_n": 1, **plain, **widest_tile}
+    ce_rows, ce_classes, ce_warps = cross_entropy.tile(cross_entropy.MAX_VOCAB)
     # a pre-norm block of another model: fp32 residual stream, bf16/fp16 branch, learnable fp32 weight
     prenorm_fwd = norm_fwd | {"R": "*fp32", "W": "*fp32", "SUM": "*fp32"}
     prenorm_bwd = norm_bwd | {"DSUM": "*fp32", "R": "*fp32", "W": "*fp32", "DH": "*fp32"}
@@ -73,7 +87,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     token_mlp_configs = {  # every config the autotuner may pick; Sudoku's mlp_t: S = 97, D = 512, I = 512
         token_mlp.config_name(block_s, bd, bi, warps) + (" training" if store else ""): (
             token_mlp._token_mlp_rmsnorm_fwd, token_mlp_sig,
-            {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32", "STORE": store}, {"D", "I_PAD"},
+            {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": prec, "STORE": store}, {"D", "I_PAD"},
             (warps, 2))
         for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles for store in (False, True)
     }  # fmt: skip
@@ -88,7 +102,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             token_mlp_configs[token_mlp.bwd_config_name(which, block_s)] = (
                 kernel,
                 dict(sorted(sig.items(), key=lambda kv: list(kernel.arg_names).index(kv[0]))),
-                {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": "tf32"},
+                {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": prec},
                 {"D", "I_PAD"},
                 (warps, 2),
             )
@@ -98,7 +112,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     mlp_bwd = {"DY": t, "WD": t, "GU": t, "DGU": t, "ACT": t, **mlp_sizes}
     mlp_configs = {}
     for bm, bn, bk, warps, stages in channel_mlp.CONFIGS:
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": channel_mlp.GROUP_M, "PREC": "tf32"}
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": channel_mlp.GROUP_M, "PREC": prec}
         mlp_configs[channel_mlp.config_name("fwd", bm, bn, bk, warps, stages)] = (
             channel_mlp._linear_swiglu_fwd,
             mlp_fwd,
@@ -116,7 +130,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     # the down GEMM + residual + RMSNorm: hidden N = 512 is one tile (BLOCK_N), intermediate K = 1536
     norm_sig = {"A": t, "WD": t, "H": t, "OUT": t, "SUM": t, "RSTD": "*fp32", **mlp_sizes, "eps": "fp32"}
     for bm, bk, warps, stages in channel_mlp.NORM_CONFIGS:
-        meta = {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_K": bk, "STORE_SUM": True, "PREC": "tf32"}
+        meta = {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_K": bk, "STORE_SUM": True, "PREC": prec}
         mlp_configs[channel_mlp.norm_config_name(bm, bk, warps, stages)] = (
             channel_mlp._down_add_rmsnorm_fwd,
             norm_sig,
@@ -128,7 +142,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     mlp_configs[channel_mlp.one_kernel_config_name()] = (
         channel_mlp._mlp_add_rmsnorm_fwd,
         {"H": t, "WGU": t, "WD": t, "OUT": t, "M": "i32", "N": "i32", "INTER": "i32", "eps": "fp32"},
-        {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_I": bi, "BLOCK_K": bk, "PREC": "tf32"},
+        {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_I": bi, "BLOCK_K": bk, "PREC": prec},
         {"M", "N", "INTER"},
         (warps, stages),
     )
@@ -137,13 +151,13 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     attn_bwd = {"QKV": t, "QK": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "DOUT": t, "LSE": "*fp32",
                 "DELTA": "*fp32", "DQKV": t, "S": "i32", "H": "i32", "KVH": "i32", "qk_stride": "i32",
                 "scale": "fp32"}  # fmt: skip
-    trm_attention = {"D": 64, "HALF_P": 32, "D_P": 64, "PREC": "tf32", "ROPE": True, "CAUSAL": False, "HAS_MASK": False}
+    trm_attention = {"D": 64, "HALF_P": 32, "D_P": 64, "PREC": prec, "ROPE": True, "CAUSAL": False, "HAS_MASK": False}
     # the variant a causal language model uses: GQA, RoPE, causal, a key mask, head size 128
-    lm_attention = {"D": 128, "HALF_P": 64, "D_P": 128, "PREC": "tf32", "ROPE": True, "CAUSAL": True, "HAS_MASK": True}
+    lm_attention = {"D": 128, "HALF_P": 64, "D_P": 128, "PREC": prec, "ROPE": True, "CAUSAL": True, "HAS_MASK": True}
     cc = divmod(capability, 10) if capability < 100 else (capability // 10, capability % 10)
 
     def attention_kernel(kernel, signature, meta, which):
-        tile = attention.tiles(meta["D"], cc)[which]
+        tile = attention.tiles(meta["D"], cc, torch_dtype)[which]
         return (kernel, signature, meta | {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}, set(),
                 (tile.warps, tile.stages))  # fmt: skip
 
@@ -151,11 +165,13 @@ def _specs(dtype: str = "bf16", capability: int = 90):
                   "a2": "i32", "b0": "i32", "b1": "i32", "b2": "i32"}  # fmt: skip
     ce = {"LOGITS": t, "LABELS": "*i64", "LOSS": "*fp64", "DLOGITS": t, "n_rows": "i32", "V": "i32",
           "ignore_index": "i32"}  # fmt: skip
+    if dtype == "fp32":  # fp32 on a GPU runs cuBLAS + the element-wise kernels instead (_triton.gpu_fp32)
+        token_mlp_configs, mlp_configs = {}, {}
     return token_mlp_configs | mlp_configs | {
-        "add_rmsnorm_fwd hidden": (rmsnorm._add_rmsnorm_fwd, norm_fwd, hidden, HIDDEN_DIV16, 8),
-        "add_rmsnorm_fwd sequence": (rmsnorm._add_rmsnorm_fwd, norm_fwd, sequence, SEQUENCE_DIV16, 8),
-        "add_rmsnorm_bwd hidden": (rmsnorm._add_rmsnorm_bwd, norm_bwd, hidden, HIDDEN_DIV16, 8),
-        "add_rmsnorm_bwd sequence": (rmsnorm._add_rmsnorm_bwd, norm_bwd, sequence, SEQUENCE_DIV16, 8),
+        "add_rmsnorm_fwd hidden": (rmsnorm._add_rmsnorm_fwd, norm_fwd, hidden, HIDDEN_DIV16, hidden_warps),
+        "add_rmsnorm_fwd sequence": (rmsnorm._add_rmsnorm_fwd, norm_fwd, sequence, SEQUENCE_DIV16, sequence_warps),
+        "add_rmsnorm_bwd hidden": (rmsnorm._add_rmsnorm_bwd, norm_bwd, hidden, HIDDEN_DIV16, hidden_warps),
+        "add_rmsnorm_bwd sequence": (rmsnorm._add_rmsnorm_bwd, norm_bwd, sequence, SEQUENCE_DIV16, sequence_warps),
         "add_rmsnorm_fwd pre-norm, weight": (rmsnorm._add_rmsnorm_fwd, prenorm_fwd, prenorm, HIDDEN_DIV16, 8),
         "add_rmsnorm_bwd pre-norm, weight": (rmsnorm._add_rmsnorm_bwd, prenorm_bwd, prenorm, HIDDEN_DIV16, 8),
         "swiglu_fwd": (swiglu._swiglu_fwd, {"GU": t, "OUT": t, "n_out": "i32", "half": "i32"},
@@ -169,6 +185,11 @@ def _specs(dtype: str = "bf16", capability: int = 90):
                                         set(), 4),
         "cross_entropy_fwd softmax": (cross_entropy._ce_fwd, ce | {"LOSS": "*fp32"},
                                       {"STABLEMAX": False, "BLOCK_R": 64, "BLOCK_V": 16}, set(), 4),
+        # the widest tiles the ops take: a row of MAX_N (hidden 16,384) and of MAX_VOCAB classes
+        "add_rmsnorm_fwd widest": (rmsnorm._add_rmsnorm_fwd, norm_fwd, widest, HIDDEN_DIV16, widest_warps),
+        "add_rmsnorm_bwd widest": (rmsnorm._add_rmsnorm_bwd, norm_bwd, widest, HIDDEN_DIV16, widest_warps),
+        "cross_entropy_fwd stablemax widest": (cross_entropy._ce_fwd, ce, {"STABLEMAX": True, "BLOCK_R": ce_rows,
+                                               "BLOCK_V": ce_classes}, set(), ce_warps),
         "attention_fwd": attention_kernel(attention._attn_fwd, attn, trm_attention, "fwd"),
         "attention_bwd_delta": (
             attention._attn_bwd_delta, {"OUT": t, "DOUT": t, "DELTA": "*fp32", "S": "i32", "H": "i32"},
@@ -378,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default=",".join(str(c) for c in A.ARCHS),
                         help="compute capabilities, comma-separated (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--dtype", default=",".join(DTYPES), help="bf16 and/or fp16 (default: %(default)s)")
+    parser.add_argument("--dtype", default=",".join(DTYPES), help="bf16, fp16 and/or fp32 (default: %(default)s)")
     parser.add_argument("--out", type=pathlib.Path, help="write report.json and report.md here instead of stdout")
     parser.add_argument("--workers", type=int, default=None, help="compiling processes (default: one per core)")
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
-"""Every Triton kernel compiles for every listed architecture (sm_80 ... sm_120) in bf16 and
-fp16, can launch there, and moves 16 bytes per access where memory-bound."""
+"""Every Triton kernel compiles for every listed architecture (sm_80 ... sm_120) in bf16, fp16
+and fp32 (the kernels a GPU runs in fp32: attention with its fp32 tiles, the element-wise and
+norm kernels; the GEMM-epilogue and token-mixer kernels are not launched in fp32), can launch
+there, and moves 16 bytes per access where memory-bound."""
 
 import json
 import os
@@ -9,19 +11,63 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+from trm_benchmarks.ptx import DTYPES  # noqa: E402
 from trm_kernels import arch as A  # noqa: E402
 from trm_kernels import channel_mlp, token_mlp  # noqa: E402
+
+HALF = ("bf16", "fp16")  # the dtypes the GEMM-epilogue and token-mixer kernels run in on a GPU
 
 MEMORY_BOUND = ["add_rmsnorm_fwd hidden", "add_rmsnorm_fwd sequence", "swiglu_fwd", "swiglu_bwd", "inject"]
 
 
-@pytest.fixture(scope="module")
-def report():
+# The oldest Triton we claim (pyproject.toml's floor), installed on its own with
+# `pip install --target DIR triton==3.6.0`: where TRM_TRITON_OLDEST names that folder (as
+# .ci/run does), every test here runs on a second, compile-only pass made with it (bf16, and
+# fp32; fp16 compiles as bf16 does), held to the spill budget below instead of none.
+OLDEST = os.environ.get("TRM_TRITON_OLDEST")
+OLDEST_VERSION, OLDEST_DTYPES = "3.6", ("bf16", "fp32")
+# The spills (store + load bytes, the most on any architecture and dtype) triton 3.6 makes in
+# kernels that the installed Triton compiles without: the causal GQA attention at head size
+# 128 on sm_86/89 (forward), sm_90 (fp32 dK/dV) and sm_100 (dQ). The mlp_t forward tiles are
+# held to their own (tested apart, they spill on both versions).
+OLDEST_SPILLS = {"attention_fwd causal GQA mask d128": 32, "attention_bwd_dkdv causal GQA mask d128": 32,
+                 "attention_bwd_dq causal GQA mask d128": 16}  # fmt: skip
+
+
+class Report(dict):
+    """{"sm_XX": {dtype: {kernel: entry}}} of one compile pass, with the Triton it ran."""
+
+    def __init__(self, archs: dict, triton: str, dtypes: tuple[str, ...], oldest: bool):
+        super().__init__(archs)
+        self.triton, self.dtypes, self.oldest = triton, dtypes, oldest
+
+    def spill_budget(self, name: str) -> int:
+        return OLDEST_SPILLS.get(name, 0) if self.oldest else 0
+
+
+@pytest.fixture(scope="module", params=["installed", "oldest"])
+def report(request):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile real kernels
-    done = subprocess.run([sys.executable, "-m", "trm_benchmarks.ptx"], capture_output=True, text=True, env=env,
-                          timeout=1200)  # fmt: skip
+    args, oldest = [sys.executable, "-m", "trm_benchmarks.ptx"], request.param == "oldest"
+    if oldest:
+        if not OLDEST:
+            pytest.skip("TRM_TRITON_OLDEST is not set (.ci/run sets it: a folder holding triton 3.6)")
+        env["PYTHONPATH"] = os.pathsep.join([OLDEST, *filter(None, [env.get("PYTHONPATH")])])
+        args += ["--dtype", ",".join(OLDEST_DTYPES)]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)["archs"]
+    result = json.loads(done.stdout)
+    triton = result["environment"]["triton"]
+    assert triton.startswith(OLDEST_VERSION) if oldest else not triton.startswith(OLDEST_VERSION + ".")
+    return Report(result["archs"], triton, OLDEST_DTYPES if oldest else DTYPES, oldest)
+
+
+def _spills(r: dict) -> int:
+    return (r.get("spill_store_bytes") or 0) + (r.get("spill_load_bytes") or 0)
+
+
+def _half(by_dtype: dict):
+    return [(dtype, rows) for dtype, rows in by_dtype.items() if dtype in HALF]
 
 
 def _entries(report):
@@ -33,7 +79,8 @@ def _entries(report):
 
 def test_every_kernel_compiles_and_launches_on_every_architecture(report):
     assert set(report) == {a.target for a in A.ARCHS.values()}
-    assert all(set(by_dtype) == {"bf16", "fp16"} for by_dtype in report.values())
+    assert all(set(by_dtype) == set(report.dtypes) for by_dtype in report.values())
+    assert set(DTYPES) == {*HALF, "fp32"}
     failed = {(t, d, n): r.get("error") or r.get("ptxas_error") or r.get("launch_problem")
               for t, d, n, r in _entries(report) if not (r["ok"] and r.get("launchable"))}  # fmt: skip
     assert not failed
@@ -44,7 +91,7 @@ def test_every_kernel_compiles_and_launches_on_every_architecture(report):
 def test_the_pruning_table_covers_every_compiled_token_mlp_config(report):
     """`token_mlp.SHARED_BYTES` is what the autotuner prunes with: a compiled kernel may not need more."""
     for capability, a in A.ARCHS.items():
-        for dtype, rows in report[a.target].items():
+        for dtype, rows in _half(report[a.target]):
             for key, row in token_mlp.SHARED_BYTES.items():
                 for variant in ("", " training"):  # the training form writes the sum and rstd too
                     compiled = rows[token_mlp.config_name(*key) + variant]["shared_bytes"]
@@ -56,12 +103,12 @@ def test_the_mlp_t_backward_kernels_fit_their_table_use_tensor_cores_and_do_not_
     within `token_mlp.BWD_SHARED_BYTES` (what decides whether training takes them), matrix
     instructions, operands by cp.async, no spills."""
     for capability, a in A.ARCHS.items():
-        for dtype, rows in report[a.target].items():
+        for dtype, rows in _half(report[a.target]):
             for (block_s, which), row in token_mlp.BWD_SHARED_BYTES.items():
                 r = rows[token_mlp.bwd_config_name(which, block_s)]
                 assert r["shared_bytes"] <= row[capability], (a.target, dtype, block_s, which, r["shared_bytes"])
                 assert r["mma_sync"] + r["wgmma"] + r["tcgen05"] > 0 and r["cp_async"] > 0, (a.target, which)
-                assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, (a.target, dtype, which)
+                assert _spills(r) == 0, (a.target, dtype, which, report.triton)
                 assert r["other_loads"] == 0, (a.target, dtype, which, r["accesses"])
 
 
@@ -83,14 +130,14 @@ def test_the_one_kernel_sublayer_fits_its_stated_shared_memory_and_does_not_spil
     for t, d, n, r in _entries(report):
         if n == name:
             assert r["shared_bytes"] <= channel_mlp.ONE_KERNEL_SHARED_BYTES and r["mma_sync"] > 0, (t, d)
-            assert r["spill_store_bytes"] == 0 and r["cp_async"] > 0 and r["other_loads"] == 0, (t, d, r)
+            assert _spills(r) <= report.spill_budget(n) and r["cp_async"] > 0 and r["other_loads"] == 0, (t, d, r)
 
 
 def test_the_pruning_table_covers_every_compiled_swiglu_mlp_config(report):
     """`channel_mlp.SHARED_BYTES` (the forward's, the larger) bounds both kernels of each config."""
     assert set(channel_mlp.SHARED_BYTES) == set(channel_mlp.CONFIGS)
     for capability, a in A.ARCHS.items():
-        for dtype, rows in report[a.target].items():
+        for dtype, rows in _half(report[a.target]):
             for key, row in channel_mlp.SHARED_BYTES.items():
                 for which in ("fwd", "bwd"):
                     compiled = rows[channel_mlp.config_name(which, *key)]["shared_bytes"]
@@ -123,7 +170,7 @@ def test_matrix_kernels_use_each_architectures_tensor_cores(report):
     field = {"mma.sync": "mma_sync", "wgmma": "wgmma", "tcgen05": "tcgen05"}
     matrix = [*ATTENTION, *(token_mlp.config_name(*key) for key in token_mlp.SHARED_BYTES), *SWIGLU_MLP]
     for a in A.ARCHS.values():
-        for dtype, rows in report[a.target].items():
+        for dtype, rows in _half(report[a.target]):  # fp32's IEEE products take no tensor cores
             for name in matrix:
                 assert rows[name][field[a.mma]] > 0, (a.target, dtype, name)
 
@@ -139,7 +186,9 @@ def test_fused_mlp_t_sublayer_on_hopper_uses_async_copies_and_does_not_spill(rep
 
 NO_SPILLS = ("add_rmsnorm_fwd hidden", "add_rmsnorm_bwd hidden", "add_rmsnorm_fwd pre-norm, weight",
              "add_rmsnorm_bwd pre-norm, weight", "swiglu_fwd", "swiglu_bwd", "inject", "inject broadcast",
-             "attention_bwd_delta", "attention_bwd_rope", *ATTENTION, *SWIGLU_MLP, *NORM_EPILOGUE)  # fmt: skip
+             "attention_bwd_delta", "attention_bwd_rope", *ATTENTION, *SWIGLU_MLP, *NORM_EPILOGUE,
+             "add_rmsnorm_fwd sequence", "add_rmsnorm_bwd sequence", "add_rmsnorm_fwd widest", "add_rmsnorm_bwd widest",
+             "cross_entropy_fwd stablemax widest", "cross_entropy_fwd softmax")  # fmt: skip
 
 
 def test_attention_and_the_elementwise_kernels_do_not_spill_anywhere(report):
@@ -148,4 +197,4 @@ def test_attention_and_the_elementwise_kernels_do_not_spill_anywhere(report):
     SwiGLU MLP's configs are those that fit everywhere."""
     for t, d, n, r in _entries(report):
         if n in NO_SPILLS:
-            assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, (t, d, n, r["registers"])
+            assert _spills(r) <= report.spill_budget(n), (t, d, n, r["registers"], report.triton)
