@@ -40,3 +40,19 @@ def sudoku4_data(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    """`auto` on CPU tries a 'triton' implementation first, where a test registers one (the real
+    Triton kernels are left out); registrations and checks are undone after."""
+    import trm_kernels as K
+    from trm_kernels import backend, verify
+
+    only_reference = {op: {"reference": impls["reference"]} for op, impls in backend._REGISTRY.items()}
+    monkeypatch.setattr(backend, "_REGISTRY", only_reference)
+    monkeypatch.setitem(backend.AUTO_ORDER, "cpu", ("triton", "reference"))
+    monkeypatch.setattr(verify, "verified", {})
+    monkeypatch.delenv("TRM_BACKEND", raising=False)
+    with verify.use_verify("first"), K.use_backend("auto"):
+        yield

@@ -82,17 +82,6 @@ def _timed(candidates):
 # ---- the parity guard: the last rows -----------------------------------------------------------
 
 
-@pytest.fixture
-def fused_on_cpu(monkeypatch):
-    only_reference = {op: {"reference": impls["reference"]} for op, impls in backend._REGISTRY.items()}
-    monkeypatch.setattr(backend, "_REGISTRY", only_reference)
-    monkeypatch.setitem(backend.AUTO_ORDER, "cpu", ("triton", "reference"))
-    monkeypatch.setattr(verify, "verified", {})
-    monkeypatch.delenv("TRM_BACKEND", raising=False)
-    with verify.use_verify("first"), K.use_backend("auto"):
-        yield
-
-
 def _wrong_last_row(x, *rest):
     """add_rmsnorm, wrong in the last batch row only (as the last programs' tiles of a kernel
     with a fault that depends on the batch size would be)."""

@@ -13,19 +13,6 @@ from trm_kernels import backend, reference, verify
 from trm.graphs import GraphWarning, StaticGraph
 
 
-@pytest.fixture
-def fused_on_cpu(monkeypatch):
-    """`auto` on CPU tries a 'triton' implementation first, where a test registers one (the real
-    Triton kernels are left out); registrations and checks are undone after."""
-    only_reference = {op: {"reference": impls["reference"]} for op, impls in backend._REGISTRY.items()}
-    monkeypatch.setattr(backend, "_REGISTRY", only_reference)
-    monkeypatch.setitem(backend.AUTO_ORDER, "cpu", ("triton", "reference"))
-    monkeypatch.setattr(verify, "verified", {})
-    monkeypatch.delenv("TRM_BACKEND", raising=False)
-    with verify.use_verify("first"), K.use_backend("auto"):
-        yield
-
-
 class Counted:
     def __init__(self, fn):
         self.fn, self.calls = fn, 0
