@@ -78,7 +78,7 @@ else:
     register("swiglu_mlp", "triton", _channel_mlp.swiglu_mlp, takes)
     register("swiglu_mlp_rmsnorm", "triton", _channel_mlp.swiglu_mlp_rmsnorm, takes)
     register("linear_add_rmsnorm", "triton", _channel_mlp.linear_add_rmsnorm, takes)
-    register("token_mlp_rmsnorm", "triton", _token_mlp.token_mlp_rmsnorm, takes)
+    register("token_mlp_rmsnorm", "triton", _token_mlp.token_mlp_rmsnorm, _token_mlp.supports)
     register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy, _ce.supports)
     register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy, _ce.supports)
 

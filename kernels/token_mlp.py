@@ -57,7 +57,17 @@ from . import arch as _arch
 from . import reference, tune
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
-from ._triton import check_input, device_budget, interpreting, launch, needs_grad, next_pow2, precision
+from ._triton import (
+    GRID_LIMITS,
+    check_input,
+    device_budget,
+    interpreting,
+    launch,
+    needs_grad,
+    next_pow2,
+    precision,
+    takes,
+)
 
 MAX_SEQ = 256  # the whole sequence of a tile is held in registers
 
@@ -456,6 +466,12 @@ def fused(h, w_gate_up, w_down, eps):
 
 
 CANDIDATES = {"fused": fused, "composed": composed}
+
+
+def supports(h: torch.Tensor, w_gate_up, w_down, eps) -> bool:
+    """Whether the triton backend takes `h`: the fused kernel and the composition's
+    sequence-axis norm put the batch on grid axis y, at most 65,535 elements."""
+    return takes(h) and h.shape[0] <= GRID_LIMITS[1]
 
 
 def token_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float) -> torch.Tensor:

@@ -169,3 +169,12 @@ def test_a_sequence_axis_norm_over_axis_ys_limit_is_not_taken_by_the_triton_kern
     monkeypatch.setattr(_triton, "GRID_LIMITS", (2**31 - 1, 3, 3))
     with pytest.raises(ValueError, match="4 programs along grid axis y"):
         K.add_rmsnorm(x, x, 1, backend="triton")
+
+
+def test_an_mlp_t_batch_over_axis_ys_limit_is_not_taken_by_the_triton_backend():
+    """The mlp_t kernel and its composition's sequence-axis norm put the batch on axis y."""
+    from trm_kernels import token_mlp
+
+    weights, row = (torch.empty(1024, 97), torch.empty(97, 512)), torch.empty(1, 97, 8)  # (the interpreter's CPU)
+    assert token_mlp.supports(row.expand(65535, 97, 8), *weights, 1e-5)
+    assert not token_mlp.supports(row.expand(65536, 97, 8), *weights, 1e-5)
