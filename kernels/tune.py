@@ -11,10 +11,9 @@ of repeated runs, forward plus backward where a gradient is needed), the choice 
 A candidate that raises while it is timed (out of resources, a grid over a limit, out of
 memory) is skipped, reported in :data:`decisions` and by one :class:`TuneWarning`, and the
 choice is made among the others (the first, the default, where every one raised: the
-parity guard then checks it). Under ``torch.distributed`` the choice is made once for every
-rank (:mod:`trm_kernels.ranks`): rank 0's timings decide, among the candidates that ran on
-every rank, so all ranks run the same kernels; Triton's autotuner keeps rank 0's config
-likewise (:func:`shared_autotuner`).
+parity guard then checks it). Under ``torch.distributed`` rank 0 times and chooses, and every
+rank takes its choice (:mod:`trm_kernels.ranks`), so all ranks run the same kernels; Triton's
+autotuner keeps rank 0's config likewise (:func:`shared_autotuner`).
 
 Setting: ``TRM_TUNE`` = ``on`` (default) | ``off`` (no timing: the fused kernel runs, as it
 does where nothing can be timed: the interpreter, CUDA-graph capture, ``torch.compile``
@@ -186,45 +185,57 @@ def _measure(candidates: dict[str, Callable], args: tuple) -> tuple[dict[str, fl
 
 
 def _decide(op: str, candidates: dict[str, Callable], args: tuple) -> Decision:
-    """Time every candidate here, then choose once for all ranks: rank 0's fastest among the
-    candidates that raised on no rank (the default where each raised somewhere)."""
-    measured = ranks.gather(_measure(candidates, args))
-    failed = {}
-    for rank, (_, errors) in enumerate(measured):
-        for name, error in errors.items():
-            failed.setdefault(name, error + (f" (on rank {rank})" if len(measured) > 1 else ""))
-    times = measured[0][0]
-    usable = {name: t for name, t in times.items() if name not in failed}
-    choice = min(usable, key=usable.get) if usable else next(iter(candidates))
-    decision = Decision(op, _describe(args), choice, times, failed)
-    if failed:
+    """Time every candidate and keep the fastest that ran (the default where each raised);
+    under torch.distributed rank 0 does, and every rank takes its decision."""
+
+    def measured() -> Decision:
+        times, failed = _measure(candidates, args)
+        usable = {name: t for name, t in times.items() if name not in failed}
+        choice = min(usable, key=usable.get) if usable else next(iter(candidates))
+        return Decision(op, _describe(args), choice, times, failed)
+
+    decision = ranks.agree(f"tune/{op}/{','.join(candidates)}/{_describe(args)}", measured)
+    if decision.failed:
         warnings.warn(f"trm_kernels: while timing {op} ({decision.signature}), "
-                      + "; ".join(f"{name} raised {error}" for name, error in failed.items())
-                      + f": skipped; {choice} runs", TuneWarning, stacklevel=4)  # fmt: skip
+                      + "; ".join(f"{name} raised {error}" for name, error in decision.failed.items())
+                      + f": skipped; {decision.choice} runs", TuneWarning, stacklevel=4)  # fmt: skip
     return decision
 
 
 def shared_autotuner(autotuner):
-    """`autotuner` (a ``triton.autotune`` kernel) keeping, under torch.distributed, the config
-    rank 0 chose for each key on every rank (see the module docstring); unchanged otherwise."""
-    autotuner.cache = _SharedConfigs(autotuner.configs)
+    """`autotuner` (a ``triton.autotune`` kernel) that under torch.distributed keeps rank 0's
+    config for each key on every rank (another rank times nothing: it takes rank 0's choice);
+    unchanged in a single process."""
+    autotuner.cache = _SharedConfigs(autotuner.configs, autotuner.base_fn.__name__)
     return autotuner
 
 
 class _SharedConfigs(dict):
-    """Triton's autotuner cache (key -> chosen config): each entry, set once per key after
-    the configs were timed, becomes rank 0's choice on every rank."""
+    """Triton's autotuner cache (key -> chosen config). On rank 0 each new entry is published;
+    on another rank a key not yet here is rank 0's entry, fetched when the autotuner asks
+    whether it has one (so it does not time the configs itself)."""
 
-    def __init__(self, configs: list):
+    def __init__(self, configs: list, name: str):
         super().__init__()
-        self.configs = configs
+        self.configs, self.name = configs, name
+
+    def _key(self, key) -> str:
+        return f"autotune/{self.name}/{key!r}"
+
+    def __contains__(self, key) -> bool:
+        if super().__contains__(key):
+            return True
+        if ranks.active() and ranks.rank() != 0:
+            chosen = ranks.agree(self._key(key), lambda: -1)  # -1: none came; this rank times the configs
+            if chosen >= 0:
+                super().__setitem__(key, self.configs[chosen])
+                return True
+        return False
 
     def __setitem__(self, key, config) -> None:
-        if ranks.active():
-            mine = next((i for i, c in enumerate(self.configs) if c is config), -1)
-            chosen = ranks.first(mine)
-            config = self.configs[chosen] if chosen >= 0 else config
         super().__setitem__(key, config)
+        if ranks.active() and ranks.rank() == 0:
+            ranks.agree(self._key(key), lambda: next((i for i, c in enumerate(self.configs) if c is config), -1))
 
 
 def report() -> list[dict]:

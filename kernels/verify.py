@@ -10,8 +10,10 @@ sums over the batch, on the first rows). An exception (compile error, out of res
 launch failure) or a mismatch disables that fused implementation for that signature for
 the rest of the process: the call, and every later one with the signature, returns the
 reference's result, and one warning names the op, the backend, the signature and the
-error. Under ``torch.distributed`` the verdict is shared (:mod:`trm_kernels.ranks`): a
-signature that fails on any rank is disabled on every rank, so all run the same kernels.
+error. Under ``torch.distributed`` every rank also takes rank 0's verdict
+(:mod:`trm_kernels.ranks`): a signature that fails on rank 0 is disabled on every rank, so
+all run the same kernels; one that fails on another rank alone is disabled there (that
+rank's fused kernel is wrong: it runs the reference, and says so).
 Bounded cost: once per signature, the reference on a few rows, and with grad one more
 fused forward and backward of the op.
 
@@ -312,11 +314,10 @@ def guarded(op: str, backend: str, fused: Callable, reference: Callable, args: t
         out, problem = _check(op, fused, reference, args)
     except Exception as e:  # any failure of a fused kernel: compile, resources, launch, wrong shapes
         out, problem = None, f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    verdicts = ranks.gather(problem)  # one verdict for every rank: disabled where any rank failed
-    if problem is None and any(v is not None for v in verdicts):
-        rank = next(i for i, v in enumerate(verdicts) if v is not None)
-        problem = f"on rank {rank}: {verdicts[rank]}"
     described = ", ".join(_describe(a) for a in args)
+    first = ranks.agree(f"verify/{op}/{backend}/{described}", lambda: problem)  # rank 0's verdict, for every rank
+    if problem is None and first is not None:
+        problem = f"on rank 0: {first}"
     verified[key] = Record(op, backend, described, problem is None, problem or "within tolerance")
     if problem is None:
         return out

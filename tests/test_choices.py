@@ -143,56 +143,111 @@ def _ranks_worker(rank: int, world: int, port: int, out) -> None:
     try:
         result = {}
         with tune.use_mode("on"):
-            # rank 0 measures "fused" faster, rank 1 "composed"; "one kernel" raises on rank 1 only
-            times = [{"fused": 1.0, "one kernel": 0.5, "composed": 2.0}, {"fused": 2.0, "one kernel": 0.1,
-                                                                           "composed": 1.0}][rank]  # fmt: skip
-            tune.set_timer(_timer(times))
-            failing = {"one kernel"} if rank == 1 else set()
+            # rank 0 measures "fused" fastest and "one kernel" raising; rank 1 would measure otherwise
+            times = [{"fused": 1.0, "composed": 2.0}, {"fused": 2.0, "one kernel": 0.1, "composed": 1.0}][rank]
+            timed = []
+            timer = _timer(times)
+
+            def noted(fn):
+                ms = timer(fn)
+                timed.append(_named[0])
+                return ms
+
+            tune.set_timer(noted)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", tune.TuneWarning)
-                result["choice"] = tune.choose("op", _timed(_candidates(failing)), (torch.randn(4),))
-            result["failed"] = tune.report()[0]["failed"]
+                result["choice"] = tune.choose("op", _timed(_candidates({"one kernel"} if rank == 0 else set())),
+                                               (torch.randn(4),))  # fmt: skip
+            result["failed"], result["timed"] = tune.report()[0]["failed"], timed
         configs = ["config 0", "config 1"]
-        cache = tune._SharedConfigs(configs)
-        cache[("key",)] = configs[rank]  # each rank's autotuner picked its own
-        result["config"] = cache[("key",)]
-        # a fused op that is wrong on rank 1 only: disabled on both
-        backend._REGISTRY["inject"]["triton"] = (
-            (lambda h, a, b: reference.inject(h, a, b) * (1.01 if rank == 1 else 1.0)),
-            None,
-        )
+        cache = tune._SharedConfigs(configs, "kernel")
+        if rank == 0:
+            cache[("key",)] = configs[0]  # what rank 0's autotuner timed and kept
+        result["config"] = cache[("key",)] if ("key",) in cache else None  # rank 1: taken, not timed
+        # a fused op wrong on rank 0 alone, then one wrong on rank 1 alone
         backend.AUTO_ORDER["cpu"] = ("triton", "reference")
-        with K.use_backend("auto"), verify.use_verify("first"), warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            h = torch.ones(4, 3)
-            result["inject"] = K.inject(h, h).tolist()
-        result["verdicts"] = [str(w.message) for w in record if issubclass(w.category, verify.ParityWarning)]
+        result["verdicts"] = []
+        for op, wrong_on in (("inject", 0), ("add_rmsnorm", 1)):
+            right = backend._REGISTRY[op]["reference"][0]
+            backend._REGISTRY[op]["triton"] = (lambda *a, f=right, w=wrong_on: f(*a) * (1.01 if rank == w else 1.0),
+                                               None)  # fmt: skip
+            with K.use_backend("auto"), verify.use_verify("first"), warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                h = torch.ones(4, 3)
+                fused = K.inject(h, h) if op == "inject" else K.add_rmsnorm(h, h)
+            result[op] = (
+                fused.tolist() == (reference.inject(h, h) if op == "inject" else reference.add_rmsnorm(h, h)).tolist()
+            )
+            result["verdicts"] += [str(w.message) for w in record if issubclass(w.category, verify.ParityWarning)]
         (out / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # rank 0 holds the store: nobody leaves before everyone is done
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_with_different_measurements_run_the_same_kernels(tmp_path):
-    """Two gloo processes: rank 0's timing decides (among candidates that ran on both), the
-    autotuner keeps rank 0's config, and a fused op that fails its check on rank 1 alone is
-    disabled on both."""
-    import torch.multiprocessing as mp
-
+def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ranks_worker, args=(2, port, tmp_path), nprocs=2, start_method="spawn")
+        return s.getsockname()[1]
+
+
+def test_every_rank_runs_rank_0s_choices(tmp_path):
+    """Two gloo processes with different stand-in timings: rank 0 times and chooses, rank 1
+    times nothing and takes its choice (and the candidate that raised on rank 0 is reported
+    on both); the autotuner's config is rank 0's; a fused op failing its check on rank 0 is
+    disabled on both; one failing on rank 1 alone is disabled there (its kernel is wrong)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ranks_worker, args=(2, _port(), tmp_path), nprocs=2, start_method="spawn")
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [g["choice"] for g in got] == ["fused", "fused"]  # rank 0's fastest that ran everywhere
-    assert all("one kernel" in g["failed"] and "(on rank 1)" in g["failed"]["one kernel"] for g in got)
+    assert [g["choice"] for g in got] == ["fused", "fused"]  # rank 0's fastest that ran
+    assert got[0]["timed"] == ["fused", "composed"] and got[1]["timed"] == []
+    assert all("one kernel" in g["failed"] for g in got)
     assert [g["config"] for g in got] == ["config 0", "config 0"]
-    assert got[0]["inject"] == got[1]["inject"] == [[2.0] * 3] * 4  # the reference on both ranks
-    assert all(len(g["verdicts"]) == 1 and "relative error" in g["verdicts"][0] for g in got)
-    assert "on rank 1" in got[0]["verdicts"][0]  # rank 0's own check passed
+    assert got[0]["inject"] and got[1]["inject"]  # wrong on rank 0: the reference on both
+    assert got[0]["add_rmsnorm"] and got[1]["add_rmsnorm"]  # right on rank 0 (fused); rank 1 falls back alone
+    assert len(got[0]["verdicts"]) == 1 and len(got[1]["verdicts"]) == 2  # rank 1: rank 0's inject, its own norm
+    assert "on rank 0" in got[1]["verdicts"][0]
+
+
+def _alone_worker(rank: int, world: int, port: int, out) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["TRM_RANK_TIMEOUT"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with tune.use_mode("on"), warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            tune.set_timer(_timer({"fused": 2.0, "one kernel": 3.0, "composed": 1.0}))
+            choice = tune.choose("alone", _timed(_candidates()), (torch.randn(rank + 2),))  # a shape per rank
+        messages = [str(w.message) for w in record if issubclass(w.category, ranks.RankWarning)]
+        (out / f"alone{rank}.json").write_text(json.dumps({"choice": choice, "warnings": messages}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_call_on_one_rank_alone_does_not_hang():
+    """Rank 0 never waits (a model evaluated on the main process alone); another rank waits
+    for rank 0's decision at most TRM_RANK_TIMEOUT seconds, then decides alone and says so."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from pathlib import Path
+
+        mp.start_processes(_alone_worker, args=(2, _port(), Path(tmp)), nprocs=2, start_method="spawn")
+        got = [json.loads((Path(tmp) / f"alone{r}.json").read_text()) for r in range(2)]
+    assert [g["choice"] for g in got] == ["composed", "composed"]
+    assert got[0]["warnings"] == [] and "had no decision from rank 0" in got[1]["warnings"][0]
 
 
 def test_a_single_process_decides_alone():
-    assert not ranks.active() and ranks.gather(3) == [3] and ranks.first("x") == "x"
+    assert not ranks.active() and ranks.agree("k", lambda: 3) == 3 and ranks.rank() == 0
 
 
 # ---- evaluation keeps one batch shape ----------------------------------------------------------
