@@ -2,7 +2,9 @@
 # Everything only a GPU can show, in one script, run from the repository root on a GPU
 # machine (it needs no network). Writes its logs and results under OUT_DIR.
 #
-#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: doctor | tests | ops | mlp | model[=CONFIG,...] | adaptive | lm
+#   bash benchmarks/gpu.sh OUT_DIR PART...      PART: first | doctor | tests | ops | mlp | model[=CONFIG,...] | adaptive | lm
+#
+#   bash benchmarks/gpu.sh $OUT first                                 # the 7-minute first look: start here
 #
 #   bash benchmarks/gpu.sh $OUT doctor tests ops                      # trm doctor, CUDA tests, op table
 #   bash benchmarks/gpu.sh $OUT model=sudoku-mlp,sudoku-att           # model table, profiled
@@ -11,6 +13,11 @@
 #   bash benchmarks/gpu.sh $OUT lm                                    # the recurrent-depth LM, plain vs trm_kernels.nn
 #   bash benchmarks/gpu.sh $OUT mlp                                   # the fused MLP kernels against cuBLAS + separate ops
 #
+# first: `python -m trm_benchmarks.first` (environment, ceilings, trm doctor --quick, the op table
+# beside the peers, the sudoku training steps against their predicted floor), each section within its
+# own time budget, in OUT_DIR/summary.md and a JSON file per section. Peers that do not import are
+# installed first from benchmarks/wheels (`python -m trm_benchmarks.peers download benchmarks/wheels`
+# on a machine with a network), without an index.
 # doctor: `trm doctor` (environment, parity of every op and dtype, graphs, op speeds) in
 # OUT_DIR/doctor/. tests: build the extension, then every test on CUDA (bf16 kernels, the extension,
 # graph capture, graph vs eager). ops: results in OUT_DIR/ops/. mlp: the SwiGLU MLP's op rows
@@ -25,7 +32,7 @@
 # 540) keeps what it measured. Merge the parts of one GPU run with
 # `python -m trm_benchmarks.run --out DIR --merge OPS_DIR MODEL_DIR...`.
 set -uo pipefail
-out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR doctor|tests|ops|mlp|model[=CONFIGS]|adaptive|lm...}"
+out="${1:?usage: bash benchmarks/gpu.sh OUT_DIR first|doctor|tests|ops|mlp|model[=CONFIGS]|adaptive|lm...}"
 shift
 limit="${PART_TIMEOUT:-540}"
 mkdir -p "$out"
@@ -45,6 +52,14 @@ tail -3 "$out/build.log"
 
 for part in "$@"; do
   case "$part" in
+    first)
+      # the peers, where they do not import, from the wheels carried here (no network, no index)
+      if [[ -d benchmarks/wheels ]] && ! python3 -c "import liger_kernel, quack" 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps benchmarks/wheels/*.whl >> "$out/build.log" 2>&1 \
+          || echo "installing the peers from benchmarks/wheels failed (see build.log); they are listed as not installed"
+      fi
+      timeout "${FIRST_TIMEOUT:-480}" python3 -m trm_benchmarks.first --out "$out" 2>&1 | tee -a "$out/build.log" \
+        | tail -40 ;;
     doctor)
       timeout "$limit" trm doctor --out "$out/doctor" 2>&1 | tee "$out/doctor.log" | tail -5 ;;
     tests)
@@ -75,6 +90,6 @@ for part in "$@"; do
     lm)
       # another recursive model: the recurrent-depth LM's training step, plain PyTorch against trm_kernels.nn
       timeout "$limit" python3 -m trm_benchmarks.run --out "$out/lm" --only lm 2>&1 | tee "$out/bench-lm.log" | tail -5 ;;
-    *) echo "unknown part: $part (doctor, tests, ops, mlp, model[=CONFIGS], adaptive, lm)"; exit 2 ;;
+    *) echo "unknown part: $part (first, doctor, tests, ops, mlp, model[=CONFIGS], adaptive, lm)"; exit 2 ;;
   esac
 done
