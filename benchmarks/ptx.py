@@ -70,6 +70,8 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     sequence = {"stride_col": 1, **plain, **sequence_tile}
     widest = {"stride_n": 1, **plain, **widest_tile}
     ce_rows, ce_classes, ce_warps = cross_entropy.tile(cross_entropy.MAX_VOCAB)
+    trm_rows, trm_classes, ce_trm_warps = cross_entropy.tile(11)  # Sudoku's vocabulary
+    ce_trm = {"BLOCK_R": trm_rows, "BLOCK_V": trm_classes}
     # a pre-norm block of another model: fp32 residual stream, bf16/fp16 branch, learnable fp32 weight
     prenorm_fwd = norm_fwd | {"R": "*fp32", "W": "*fp32", "SUM": "*fp32"}
     prenorm_bwd = norm_bwd | {"DSUM": "*fp32", "R": "*fp32", "W": "*fp32", "DH": "*fp32"}
@@ -84,12 +86,13 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     }  # fmt: skip  (the recurrent-depth LM's hidden 512, as _grid tiles it)
     token_mlp_sig = {"H": t, "WGU": t, "WD": t, "OUT": t, "SUM": t, "RSTD": "*fp32", "B": "i32", "S": "i32",
                      "D": "i32", "I_PAD": "i32", "eps": "fp32"}  # fmt: skip
-    token_mlp_configs = {  # every config the autotuner may pick; Sudoku's mlp_t: S = 97, D = 512, I = 512
+    token_mlp_configs = {  # every config the autotuner may pick here (its family's); sudoku: S = 97, D = I = 512
         token_mlp.config_name(block_s, bd, bi, warps) + (" training" if store else ""): (
             token_mlp._token_mlp_rmsnorm_fwd, token_mlp_sig,
             {"BLOCK_S": block_s, "BLOCK_D": bd, "BLOCK_I": bi, "PREC": prec, "STORE": store}, {"D", "I_PAD"},
             (warps, 2))
-        for block_s, tiles in token_mlp.CONFIGS.items() for bd, bi, warps in tiles for store in (False, True)
+        for block_s, tiles in token_mlp.configs(capability).items() for bd, bi, warps in tiles
+        for store in (False, True)
     }  # fmt: skip
     token_bwd_sig = {"DSUM": t, "H": t, "WGU": t, "WD": t, "S": "i32", "D": "i32", "I_PAD": "i32"}
     token_dw_sig = token_bwd_sig | {"PARTIAL": "*fp32", "TILES": "i32", "PER_SPLIT": "i32"}
@@ -181,10 +184,9 @@ def _specs(dtype: str = "bf16", capability: int = 90):
         "inject": (inject._inject, inject_sig, {"HAS_B": True, "BROADCAST": False, "BLOCK": inject.BLOCK}, {"n"}, 4),
         "inject broadcast": (inject._inject, inject_sig, {"HAS_B": True, "BROADCAST": True, "BLOCK": inject.BLOCK},
                              {"n", "d2", "a0", "b0", "b1"}, 4),
-        "cross_entropy_fwd stablemax": (cross_entropy._ce_fwd, ce, {"STABLEMAX": True, "BLOCK_R": 64, "BLOCK_V": 16},
-                                        set(), 4),
-        "cross_entropy_fwd softmax": (cross_entropy._ce_fwd, ce | {"LOSS": "*fp32"},
-                                      {"STABLEMAX": False, "BLOCK_R": 64, "BLOCK_V": 16}, set(), 4),
+        "cross_entropy_fwd stablemax": (cross_entropy._ce_fwd, ce, {"STABLEMAX": True, **ce_trm}, set(), ce_trm_warps),
+        "cross_entropy_fwd softmax": (cross_entropy._ce_fwd, ce | {"LOSS": "*fp32"}, {"STABLEMAX": False, **ce_trm},
+                                      set(), ce_trm_warps),
         # the widest tiles the ops take: a row of MAX_N (hidden 16,384) and of MAX_VOCAB classes
         "add_rmsnorm_fwd widest": (rmsnorm._add_rmsnorm_fwd, norm_fwd, widest, HIDDEN_DIV16, widest_warps),
         "add_rmsnorm_bwd widest": (rmsnorm._add_rmsnorm_bwd, norm_bwd, widest, HIDDEN_DIV16, widest_warps),

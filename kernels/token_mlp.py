@@ -180,26 +180,46 @@ def _token_mlp_bwd_dw(
     tl.store(out + 2 * I_PAD * BLOCK_S, acc_d)
 
 
-# (BLOCK_D, BLOCK_I, num_warps) tried by the autotuner on a GPU, per sequence tile. All of
-# them compile for every architecture in trm_kernels.arch (trm_benchmarks.ptx); registers,
-# shared memory and so CTAs per SM differ, and which is fastest is measured, not guessed. The
-# interpreter runs the first; FIXED_CONFIG, where set, runs everywhere (tests check each).
-CONFIGS = {
-    128: [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 4)],
-    256: [(64, 32, 8)],
+# (BLOCK_D, BLOCK_I, num_warps) tried by the autotuner on a GPU, per sequence tile, for each
+# tensor-core family: every one compiles without register spills on every architecture of
+# its family (trm_benchmarks.ptx; tests/test_ptx.py). On Hopper and B200 (wgmma, tcgen05) the
+# MMA operands are staged in shared memory; on the mma.sync architectures (Ampere, Ada,
+# consumer Blackwell) they are held in registers, where the 128-row tiles spilled 4-288 B:
+# those take 64- and 32-row tiles. Registers, shared memory and so CTAs per SM differ, and
+# which is fastest is measured, not guessed. The interpreter runs the wgmma family's first;
+# FIXED_CONFIG, where set, runs everywhere (tests check each).
+FAMILY_CONFIGS = {
+    "wgmma": {128: [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 4)], 256: [(32, 32, 8)]},
+    "mma.sync": {128: [(64, 64, 8), (64, 32, 8), (32, 64, 8), (32, 32, 4)], 256: [(32, 32, 8)]},
 }
-# Shared memory each config's compiled kernel takes, per architecture (bf16 and fp16 alike),
-# as `python -m trm_benchmarks.ptx` reports it with triton 3.9 (3.6 gives the same on sm_90).
-# A smaller sequence tile takes less than the 128 row. On Hopper and Blackwell the MMA
-# operands are staged in shared memory (wgmma, tcgen05); elsewhere mma.sync takes them from
-# registers and the same tiles need less. tests/test_ptx.py fails if a compiled kernel
-# needs more than is written here.
+
+
+def family(capability: int | None) -> str:
+    """The tensor-core family whose configs a GPU of this compute capability (10 * major +
+    minor) takes: "wgmma" on Hopper and B200 (sm_90, sm_100), "mma.sync" elsewhere; the
+    interpreter (None) runs the wgmma family's."""
+    return "wgmma" if capability is None or capability // 10 in (9, 10) else "mma.sync"
+
+
+def configs(capability: int | None) -> dict[int, list[tuple[int, int, int]]]:
+    """{sequence tile: configs} a GPU of this compute capability takes (see FAMILY_CONFIGS)."""
+    return FAMILY_CONFIGS[family(capability)]
+
+
+# Shared memory each config's compiled kernel takes on each architecture of its family (bf16
+# and fp16 alike), as `python -m trm_benchmarks.ptx` reports it with triton 3.9 (3.6 gives the
+# same). A smaller sequence tile takes less than its class's row. On Hopper and Blackwell the
+# MMA operands are staged in shared memory and the same tiles need more. tests/test_ptx.py
+# fails if a compiled kernel needs more than is written here.
 SHARED_BYTES = {
-    (128, 128, 64, 8): {80: 81920, 86: 81920, 89: 81920, 90: 131072, 100: 131120, 120: 81920},
-    (128, 128, 32, 8): {80: 57344, 86: 57344, 89: 57344, 90: 81920, 100: 81968, 120: 57344},
+    (128, 128, 64, 8): {90: 131072, 100: 131120},
+    (128, 128, 32, 8): {90: 81920, 100: 81968},
     (128, 64, 64, 8): {80: 73728, 86: 73728, 89: 73728, 90: 114688, 100: 114736, 120: 73728},
-    (128, 64, 32, 4): {80: 45056, 86: 45056, 89: 45056, 90: 65536, 100: 65584, 120: 45056},
-    (256, 64, 32, 8): {80: 86016, 86: 86016, 89: 86016, 90: 131072, 100: 131120, 120: 86016},
+    (128, 64, 32, 4): {90: 65536, 100: 65584},
+    (128, 64, 32, 8): {80: 45056, 86: 45056, 89: 45056, 120: 45056},
+    (128, 32, 64, 8): {80: 61440, 86: 61440, 89: 61440, 120: 61440},
+    (128, 32, 32, 4): {80: 34816, 86: 34816, 89: 34816, 120: 34816},
+    (256, 32, 32, 8): {80: 67584, 86: 67584, 89: 67584, 90: 67584, 100: 67584, 120: 67584},
 }
 
 
@@ -255,7 +275,7 @@ def _block_s(seq: int) -> int:
 
 def shared_needed(seq_class: int, tile: tuple[int, int, int], capability: int) -> int:
     """Shared memory of a config on `capability`: the listed architecture standing for it,
-    or, for an architecture none stands for, the most any listed one needs."""
+    or, for an architecture none stands for, the most any listed one of its family needs."""
     row = SHARED_BYTES[(seq_class, *tile)]
     stands_for = _arch.nearest(capability)
     return row[stands_for.capability] if stands_for is not None else max(row.values())
@@ -282,11 +302,11 @@ def launchable_tiles(seq: int, device: torch.device, dtype: torch.dtype = torch.
     the composed ops then run instead. The shared memory figures are bf16's and fp16's."""
     seq_class, budget = max(128, _block_s(seq)), device_budget(device)
     if budget is None:
-        return CONFIGS[seq_class]
+        return configs(None)[seq_class]
     if dtype == torch.float32:
         return []
     capability, limit = budget
-    return [tile for tile in CONFIGS[seq_class] if shared_needed(seq_class, tile, capability) <= limit]
+    return [tile for tile in configs(capability)[seq_class] if shared_needed(seq_class, tile, capability) <= limit]
 
 
 def _prune(configs, named_args, **_):
@@ -302,13 +322,14 @@ def _prune(configs, named_args, **_):
 
 def _autotuned(do_bench=None):
     """The kernel behind Triton's autotuner (`do_bench`: the timing function, for tests)."""
-    configs = [
-        triton.Config({"BLOCK_S": bs, "BLOCK_D": bd, "BLOCK_I": bi}, num_warps=w, num_stages=2)
-        for bs in (16, 32, 64, 128, 256)
-        for bd, bi, w in CONFIGS[max(128, bs)]
-    ]
-    prune = {"early_config_prune": _prune}
-    tuned = triton.autotune(configs, key=["B", "S", "D", "I_PAD"], prune_configs_by=prune, do_bench=do_bench)
+    tiles = {
+        seq_class: list(dict.fromkeys(t for c in FAMILY_CONFIGS.values() for t in c[seq_class]))
+        for seq_class in (128, 256)
+    }
+    every = [triton.Config({"BLOCK_S": bs, "BLOCK_D": bd, "BLOCK_I": bi}, num_warps=w, num_stages=2)
+             for bs in (16, 32, 64, 128, 256) for bd, bi, w in tiles[max(128, bs)]]  # fmt: skip
+    prune = {"early_config_prune": _prune}  # each device's family, what fits its shared memory
+    tuned = triton.autotune(every, key=["B", "S", "D", "I_PAD"], prune_configs_by=prune, do_bench=do_bench)
     return tune.shared_autotuner(tuned(_token_mlp_rmsnorm_fwd))
 
 

@@ -31,20 +31,24 @@ def test_nearest_listed_architecture():
 token_mlp = pytest.importorskip("trm_kernels.token_mlp", exc_type=ImportError)
 
 
-def test_every_config_has_a_shared_memory_row_for_every_architecture():
-    configs = {(seq_class, *tile) for seq_class, tiles in token_mlp.CONFIGS.items() for tile in tiles}
-    assert set(token_mlp.SHARED_BYTES) == configs
-    for row in token_mlp.SHARED_BYTES.values():
-        assert set(row) == set(A.ARCHS)
+def _family(capability: int) -> dict:
+    return token_mlp.configs(capability)
 
 
-def test_every_config_launches_somewhere_and_every_architecture_keeps_one_per_sequence_tile():
+def test_every_config_has_a_shared_memory_row_for_every_architecture_of_its_family():
+    rows = {}
+    for capability in A.ARCHS:
+        for seq_class, tiles in _family(capability).items():
+            for tile in tiles:
+                rows.setdefault((seq_class, *tile), set()).add(capability)
+    assert {key: set(row) for key, row in token_mlp.SHARED_BYTES.items()} == rows
+    assert token_mlp.family(90) == token_mlp.family(100) == "wgmma" and token_mlp.family(86) == "mma.sync"
+
+
+def test_every_config_launches_and_every_architecture_keeps_one_per_sequence_tile():
     """At the most registers ptxas can give (255), so the register limits are checked too."""
-    for key, row in token_mlp.SHARED_BYTES.items():
-        warps = key[-1]
-        assert any(A.launch_problem(a, 255, row[c], warps) is None for c, a in A.ARCHS.items()), key
     for capability, a in A.ARCHS.items():
-        for seq_class, tiles in token_mlp.CONFIGS.items():
+        for seq_class, tiles in _family(capability).items():
             ok = [t for t in tiles if A.launch_problem(a, 255, token_mlp.SHARED_BYTES[(seq_class, *t)][capability],
                                                         t[-1]) is None]  # fmt: skip
             assert ok, (a.target, seq_class)
@@ -52,16 +56,18 @@ def test_every_config_launches_somewhere_and_every_architecture_keeps_one_per_se
 
 def test_pruning_reads_the_device_budget(monkeypatch):
     cpu = torch.device("cpu")
-    assert token_mlp.launchable_tiles(97, cpu) == token_mlp.CONFIGS[128]  # no limit where nothing launches
+    assert token_mlp.launchable_tiles(97, cpu) == token_mlp.configs(None)[128]  # no limit where nothing launches
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (90, 100 * 1024))
     # on Hopper the 128x64 and 64x64 tiles take 128 and 112 KB: over a 100 KB budget
     assert token_mlp.launchable_tiles(97, cpu) == [(128, 32, 8), (64, 32, 4)]
+    assert token_mlp.launchable_tiles(200, cpu) == [(32, 32, 8)]  # S <= 256: 66 KB
+    monkeypatch.setattr(token_mlp, "device_budget", lambda device: (90, 60 * 1024))
     assert token_mlp.launchable_tiles(200, cpu) == []
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (86, 99 * 1024))
-    assert token_mlp.launchable_tiles(97, cpu) == token_mlp.CONFIGS[128]  # mma.sync kernels are smaller
-    # an architecture nothing listed stands for: the most any listed one needs
+    assert token_mlp.launchable_tiles(97, cpu) == token_mlp.configs(86)[128]  # mma.sync tiles: smaller, all fit
+    # an architecture nothing listed stands for: its family's tiles, at the most any listed architecture needs
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (75, 100 * 1024))
-    assert token_mlp.launchable_tiles(97, cpu) == [(128, 32, 8), (64, 32, 4)]
+    assert token_mlp.launchable_tiles(97, cpu) == [(64, 32, 8), (32, 64, 8), (32, 32, 4)]  # 64x64: 112 KB on sm_90
 
 
 def test_the_training_backward_launches_on_every_architecture_and_is_checked_against_the_budget(monkeypatch):
@@ -100,6 +106,6 @@ def test_fp32_on_a_gpu_takes_no_gemm_epilogue_or_token_mixer_kernel(monkeypatch)
     assert token_mlp.launchable_tiles(97, cpu, torch.float32) == [] and not token_mlp.backward_fits(
         97, cpu, torch.float32
     )
-    assert token_mlp.launchable_tiles(97, cpu, torch.bfloat16) == token_mlp.CONFIGS[128]
+    assert token_mlp.launchable_tiles(97, cpu, torch.bfloat16) == token_mlp.configs(90)[128]
     assert channel_mlp.launchable(cpu, torch.float32) == [] and channel_mlp.launchable(cpu, torch.float16)
     assert not channel_mlp._norm_launchable(like, 512) and channel_mlp._norm_launchable(like.half(), 512)

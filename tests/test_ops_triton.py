@@ -158,7 +158,8 @@ def _token_mlp_configs():
         return []
     from trm_kernels import token_mlp
 
-    return [c for tiles in token_mlp.CONFIGS.values() for c in tiles]
+    return list(dict.fromkeys(c for family in token_mlp.FAMILY_CONFIGS.values() for tiles in family.values()
+                              for c in tiles))  # fmt: skip
 
 
 @pytest.mark.parametrize("config", _token_mlp_configs())
@@ -166,7 +167,7 @@ def test_token_mlp_rmsnorm_every_autotuner_config(monkeypatch, config):
     from trm_kernels import token_mlp
 
     monkeypatch.setattr(token_mlp, "FIXED_CONFIG", config)
-    seq = 97 if config in token_mlp.CONFIGS[128] else 150
+    seq = 97 if any(config in family[128] for family in token_mlp.FAMILY_CONFIGS.values()) else 150
     for shape in ((2, seq, 150, 80), (1, seq, 64, 64)):
         for dtype in DTYPES[1:]:  # fp16, and bf16 on a GPU
             _check_fused_token_mlp(*_token_mlp_inputs(*shape, dtype), f"token_mlp{shape} {dtype} config {config}")
@@ -197,7 +198,7 @@ def test_token_mlp_rmsnorm_through_the_autotuner(timed_configs, seq):
     runs = timed_configs
     for batch in (2, 1):  # a new batch size is tuned again
         _check_fused_token_mlp(*_token_mlp_inputs(batch, seq, 150, 80, DTYPES[-1]), f"autotuned S={seq} B={batch}")
-    configs = len(token_mlp.CONFIGS[128 if seq <= 128 else 256])
+    configs = len(token_mlp.configs(None)[128 if seq <= 128 else 256])
     if configs > 1:  # (a lone config is timed by some Triton versions, not by others)
         assert len(runs) == 2 * configs
 
@@ -212,7 +213,7 @@ def test_token_mlp_rmsnorm_autotuner_prunes_what_the_device_cannot_launch(monkey
     runs = timed_configs
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (89, 60 * 1024))
     seq_class = 128 if seq <= 128 else 256
-    fits = [t for t in token_mlp.CONFIGS[seq_class] if token_mlp.SHARED_BYTES[(seq_class, *t)][89] <= 60 * 1024]
+    fits = [t for t in token_mlp.configs(89)[seq_class] if token_mlp.SHARED_BYTES[(seq_class, *t)][89] <= 60 * 1024]
     assert token_mlp.launchable_tiles(seq, torch.device("cpu")) == fits
     inputs = _token_mlp_inputs(2, seq, 150, 80, DTYPES[-1])
     if fits:
