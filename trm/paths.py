@@ -98,6 +98,18 @@ def _remove_made(path: Path, top: Path) -> None:
             break
 
 
+def empty(path: Path) -> None:
+    """Remove everything in the directory `path` but its lock file (what a failed run wrote)."""
+    for p in path.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def holds_anything(path: Path) -> bool:
     """A file, or a directory holding anything besides a lock file."""
     return path.exists() and (not path.is_dir() or any(p.name != LOCK for p in path.iterdir()))

@@ -17,9 +17,6 @@ import datetime
 import inspect
 import json
 import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ from .losses import act_loss
 from .model import Carry
 from .optim import EMA, AdamATan2, SparseSignSGD, warmup_lr
 from .plot import plot_metrics
+from .signals import StopSignals
 
 CHECKPOINT = "checkpoint.safetensors"
 _CARRY_FIELDS = ("y", "z", "steps", "halted")
@@ -339,40 +337,6 @@ def _record_step(line: str) -> float:
         return 0  # a torn last line of a killed run: kept, the reader skips it
 
 
-class StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current step (with a checkpoint);
-    a second one aborts at once. Handlers are installed only in the main thread."""
-
-    def __init__(self):
-        self.received, self._previous = None, {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, sig, frame) -> None:
-        if self.received is not None:
-            _say("\naborted: the run keeps its last checkpoint, if it wrote one (trm train --resume continues it)\n")
-            raise KeyboardInterrupt
-        self.received = signal.Signals(sig).name
-        _say(f"\n{self.received}: stopping after this step with a checkpoint (again to abort at once)\n")
-
-
-def _say(message: str) -> None:
-    """Straight to the file descriptor: a signal handler that printed through the console
-    could run inside the console's own write and repeat its buffer."""
-    try:
-        os.write(sys.stderr.fileno(), message.encode())
-    except (OSError, ValueError, AttributeError):  # no usable stderr (a captured or closed stream)
-        pass
-
-
 def _stats(m: dict[str, float | None]) -> str:
     if m["accuracy"] is None:  # no example halted in this window (e.g. the first steps after a resume)
         return f"loss {m['lm_loss']:.3f}  (none halted)"
@@ -386,13 +350,17 @@ def _progress_line(step: int, total: int, elapsed: float, done: int, m: dict[str
     return f"step {step}/{total}  {_stats(m)}  elapsed {duration(elapsed)}  left ~{duration(left)}"
 
 
-def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = None) -> dict[str, float]:
+def fit(
+    trainer: Trainer, show_progress: bool = True, console: Console | None = None, signals: StopSignals | None = None
+) -> dict[str, float]:
     """Train to cfg.train.steps; log, evaluate and checkpoint on schedule. Returns the last evaluation.
 
     Progress is a live bar on a terminal and one plain line per log interval otherwise (a
     pipe, a log file, a job scheduler). Checkpoints are written every
     ``checkpoint_interval`` steps, every ``checkpoint_minutes`` of wall time, at the end, and
-    when SIGINT or SIGTERM stops the run (``trainer.stopped_by`` then names the signal).
+    when SIGINT or SIGTERM stops the run (``trainer.stopped_by`` then names the signal); a
+    second signal aborts at once (KeyboardInterrupt). `signals`: the StopSignals of a caller
+    that holds them for longer than the training (``trm train``: from its start), else fit's own.
     Metric sums stay on the device between log steps.
 
     A run whose loss or gradients become non-finite stops at the next log step or checkpoint
@@ -429,9 +397,14 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
         return m
 
     started = last_save = time.monotonic()
-    with Progress(*columns, console=console, disable=not live) as bar, StopSignals() as stop:
+    with (
+        Progress(*columns, console=console, disable=not live) as bar,
+        contextlib.nullcontext(signals) if signals is not None else StopSignals() as stop,
+        _training(stop),
+    ):
         task = bar.add_task("train", total=t.steps, completed=trainer.step, stats="")
         while trainer.step < t.steps:
+            stop.raise_pending()
             metrics = trainer.train_step()
             pending = metrics if pending is None else {k: pending[k] + metrics[k] for k in metrics}
             since_log += 1
@@ -493,6 +466,16 @@ def fit(trainer: Trainer, show_progress: bool = True, console: Console | None = 
     if main and log.path.exists():
         plot_metrics(log.path, trainer.out_dir / "metrics.png")
     return last_eval
+
+
+@contextlib.contextmanager
+def _training(stop: StopSignals):
+    """The stage in which a first signal stops the run after the current step."""
+    stop.stage = "training"
+    try:
+        yield
+    finally:
+        stop.stage = "finished"
 
 
 def _stop_diverged(trainer: Trainer, log: MetricsLog, diverged: tuple[str, int, int | None]) -> None:

@@ -7,7 +7,7 @@ import gc
 import os
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from .. import checkpoint, paths
 from ..config import RunConfig, TrainConfig, apply_overrides, validate
-from ..train import CHECKPOINT, NONFINITE, Divergence, MetricsLog, Trainer, fit, init_distributed
+from ..train import CHECKPOINT, NONFINITE, Divergence, MetricsLog, StopSignals, Trainer, fit, init_distributed
 from .common import DEFAULT_PRESET, PresetOpt, SetOpt, app, config_from, console, errors, fail, run_data, warn
 from .data import check_batch_fits, check_data, default_data
 
@@ -25,6 +25,10 @@ from .data import check_batch_fits, check_data, default_data
 BOOKKEEPING = {"train.steps", "train.eval_interval", "train.eval_steps", "train.eval_batch_size",
                "train.checkpoint_interval", "train.checkpoint_minutes", "train.log_interval",
                "train.eval_halt", "train.eval_halt_threshold", "model.cuda_graphs", "model.compile"}  # fmt: skip
+
+DATA_HELP = (
+    "dataset (default: data/<preset>, or data/<task><size>-<digest> with other data.* settings; built if absent)"
+)
 
 
 def _new_run_dir(preset_name: str) -> tuple[Path, Path]:
@@ -48,22 +52,40 @@ def _new_run_dir(preset_name: str) -> tuple[Path, Path]:
     fail(f"{base}: too many runs started in one second")
 
 
-def _point_latest(out: Path, preset_name: str) -> None:
-    latest = out.parent / f"{preset_name}-latest"
-    tmp = out.parent / f".{preset_name}-latest.tmp"
+def _latest_link(out: Path, preset_name: str) -> Path | None:
+    """runs/<preset>-latest, for a run directory named runs/<preset>-..."""
+    if out.parent.name == "runs" and out.name.startswith(preset_name + "-"):
+        return out.parent / f"{preset_name}-latest"
+    return None
+
+
+def _point_latest(latest: Path, target: str | None) -> None:
+    """Point the symlink `latest` at `target`, a name next to it (None: remove the link)."""
+    tmp = latest.with_name(f".{latest.name}.tmp")
     try:
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(out.name, target_is_directory=True)
-        os.replace(tmp, latest)
+        if target is None:
+            latest.unlink(missing_ok=True)
+        else:
+            tmp.symlink_to(target, target_is_directory=True)
+            os.replace(tmp, latest)
     except OSError:  # no symlinks here (some Windows setups): the dated name still works
         tmp.unlink(missing_ok=True)
+
+
+def _link_target(link: Path | None) -> str | None:
+    """What the symlink `link` points at (None: no such link)."""
+    try:
+        return os.readlink(link) if link is not None else None
+    except OSError:
+        return None
 
 
 @app.command()
 def train(
     preset_name: PresetOpt = None,
     overrides: SetOpt = None,
-    data: Annotated[Path | None, typer.Option(help="dataset (default: data/<preset>, built if absent)")] = None,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default: runs/<preset>-<date>-<time>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="show progress (a bar on a terminal, lines otherwise)")] = True,
@@ -71,9 +93,28 @@ def train(
     """Train (and evaluate) a TRM; Ctrl-C stops after the current step with a checkpoint.
 
 
-    A run whose loss turns NaN or infinite stops (exit status 1) keeping its last good
+    Ctrl-C again (or once before training starts) stops at once: the run directory is kept if
+    it holds a checkpoint (--resume continues it), and removed if not. A run whose loss turns
+    NaN or infinite stops (exit status 1) keeping its last good
     checkpoint; --resume with a lower train.lr continues from it. On several GPUs run it
     under torchrun."""
+    with StopSignals() as signals, _exit_when_aborted(signals):
+        _train(preset_name, overrides, data, out, resume, progress, signals)
+
+
+@contextlib.contextmanager
+def _exit_when_aborted(signals: StopSignals) -> Iterator[None]:
+    """A command stopped at once by a signal exits 130 (SIGINT) or 143 (SIGTERM), without a
+    traceback: each signal's line is printed, and what the run directory keeps, by _run_directory."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise typer.Exit(143 if signals.received == "SIGTERM" else 130) from None
+
+
+def _train(preset_name: str | None, overrides: list[str] | None, data: Path | None, out: Path | None, resume: bool,
+           progress: bool, signals: StopSignals) -> None:  # fmt: skip
+    """The body of `trm train`, under the signals it holds from its start."""
     if resume:
         if out is None:
             fail("--resume needs --out, the run directory to continue")
@@ -96,7 +137,7 @@ def train(
         warn(f"this configuration is sized for a GPU (batch {cfg.train.global_batch_size}, hidden "
              f"{cfg.model.hidden_size}): on a CPU a step can take minutes and more memory than a laptop has; "
              "the CPU presets are sudoku4 and maze7")  # fmt: skip
-    with _run_directory(out, preset_name, resume, rank) as out:
+    with _run_directory(out, preset_name, resume, rank, signals) as out:
         if not resume:
             _check_data_everywhere(cfg, data, implicit)
         if world > 1:  # rank 0 has checked (or built) the data
@@ -112,11 +153,9 @@ def train(
                 dropped = MetricsLog(out / "metrics.jsonl", True).truncate_after(trainer.step)
                 note = f"; dropped {dropped} metric record(s) logged after it" if dropped else ""
                 console.print(f"resuming {out} at step {trainer.step} of {cfg.train.steps}{note}")
-            elif out.parent.name == "runs" and out.name.startswith(preset_name + "-"):
-                _point_latest(out, preset_name)
             console.print(f"{cfg.model.arch.upper()} {trainer.model.num_parameters():,} parameters on {device}, "
                           f"{world} process(es); run directory {out}")  # fmt: skip
-        result = fit(trainer, show_progress=progress, console=console)
+        result = fit(trainer, show_progress=progress, console=console, signals=signals)
         stopped_by, step, diverged = trainer.stopped_by, trainer.step, trainer.diverged
         if world > 1:  # every process finishes (rank 0 writes the last checkpoint) before teardown
             torch.distributed.barrier()
@@ -161,23 +200,67 @@ def _diverged_message(d: Divergence, out: Path, lr: float) -> str:
 
 
 @contextlib.contextmanager
-def _run_directory(out: Path | None, preset_name: str | None, resume: bool, rank: int) -> Iterator[Path]:
+def _run_directory(
+    out: Path | None, preset_name: str | None, resume: bool, rank: int, signals: StopSignals
+) -> Iterator[Path]:
     """The run directory, created if new and held by this process (rank 0) for the whole run:
-    a second `trm train` on it stops with one line naming this one."""
+    a second `trm train` on it stops with one line naming this one.
+
+    A run that fails or is aborted (Ctrl-C twice, or once before training) keeps its directory
+    only if it holds a checkpoint, which --resume continues. Without one, nothing it wrote is
+    worth keeping (a run continued from a checkpoint logs the steps after it again): the
+    directory is removed if this command made it, emptied if it was an empty one given with
+    --out, and runs/<preset>-latest points back where it did. The directory is then always
+    resumable or gone, and the same command can simply be run again."""
     if rank != 0:  # rank 0 holds it; the others only need its name
         yield out or Path("runs") / f"{preset_name}-rank{rank}"
         return
-    made = None
-    if out is None:
-        out, made = _new_run_dir(preset_name)
     try:
-        with paths.held_directory("--out", out, "one run per directory", created=made) as created:
+        with _say_what_is_kept(lambda: out), contextlib.ExitStack() as held:
+            with signals.deferred():  # made and held, or neither, whenever a signal comes
+                made = None
+                if out is None:
+                    out, made = _new_run_dir(preset_name)
+                created = held.enter_context(paths.held_directory("--out", out, "one run per directory", created=made))
             if not resume and not created and paths.holds_anything(out):
                 what = "a run; pass --resume to continue it" if (out / CHECKPOINT).exists() else "files"
                 fail(f"--out {out} already holds {what}; a new run needs a new or empty directory")
-            yield out
+            latest = None if resume else _latest_link(out, preset_name)
+            previous = _link_target(latest)
+            try:
+                if latest is not None:
+                    _point_latest(latest, out.name)
+                yield out
+            except BaseException:
+                if not (out / CHECKPOINT).exists():
+                    paths.empty(out)  # held_directory then removes it if it made it
+                    if latest is not None and _link_target(latest) == out.name:  # no later run took it meanwhile
+                        _point_latest(latest, previous)
+                raise
     except (paths.PathProblem, paths.Busy) as e:
         fail(str(e))
+
+
+@contextlib.contextmanager
+def _say_what_is_kept(out: Callable[[], Path | None]) -> Iterator[None]:
+    """After an abort (KeyboardInterrupt) and the cleanup inside this block: one line saying
+    what the run directory `out()` keeps."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        errors.print(_aborted_message(out()), markup=False, highlight=False)
+        raise
+
+
+def _aborted_message(out: Path | None) -> str:
+    if out is None:
+        return "aborted: no run directory had been made"
+    if (out / CHECKPOINT).exists():
+        return (
+            f"aborted: {out} keeps its last checkpoint; continue with: trm train --resume --out {shlex.quote(str(out))}"
+        )
+    kept = "emptied again" if out.exists() else "removed"
+    return f"aborted: no checkpoint had been written, so the run directory {out} is {kept}"
 
 
 def _check_data_everywhere(cfg: RunConfig, data: Path, implicit: bool) -> None:
