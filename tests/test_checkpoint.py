@@ -1,5 +1,8 @@
 """Checkpoint files: round trip, atomic replace, corrupt files, reference-checkpoint import."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -142,3 +145,17 @@ def test_hrm_reference_checkpoint_import_keeps_both_stacks(tmp_path):
     checkpoint.load_state_dict_strict(target, checkpoint.read_reference(tmp_path / "hrm.pt", "hrm"), "hrm")
     for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_a_checkpoint_gets_the_mode_of_any_file_the_run_writes(tmp_path, umask):
+    """Before: 0600 whatever the umask (safetensors' own), where metrics.jsonl got 0644."""
+    previous = os.umask(umask)
+    try:
+        checkpoint.save(tmp_path / "c.safetensors", {"w": torch.ones(2)}, {"step": 1})
+        (tmp_path / "metrics.jsonl").write_text("{}\n")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "metrics.jsonl").stat().st_mode) == 0o666 & ~umask

@@ -227,16 +227,27 @@ def test_import_reference_then_eval(trained, tmp_path):
     assert checkpoint.load(tmp_path / "imported" / "checkpoint.safetensors")[1]["step"] == 0
 
 
-def test_changed_data_settings_get_their_own_default_dataset():
+def test_changed_data_settings_get_their_own_default_dataset_named_for_what_it_holds(tmp_path, monkeypatch):
+    """Before: `--preset sudoku4 --set data.size=6` built its 6x6 Sudoku into data/sudoku4-<digest>."""
     from trm.cli.data import default_data
     from trm.config import apply_overrides, preset
 
+    monkeypatch.chdir(tmp_path)
     assert default_data(preset("sudoku4"), "sudoku4").as_posix() == "data/sudoku4"
     six = default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix()
-    assert re.fullmatch(r"data/sudoku4-[0-9a-f]{8}", six)
+    assert re.fullmatch(r"data/sudoku6-[0-9a-f]{8}", six)
     assert default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4").as_posix() == six
+    maze = default_data(apply_overrides(preset("maze7"), ["data.size=9"]), "maze7").as_posix()
+    assert re.fullmatch(r"data/maze9-[0-9a-f]{8}", maze)
+    more = default_data(apply_overrides(preset("sudoku-mlp"), ["data.num_train=500"]), "sudoku-mlp").as_posix()
+    assert re.fullmatch(r"data/sudoku9-[0-9a-f]{8}", more)
     trained_only = apply_overrides(preset("sudoku4"), ["train.lr=1e-2", "model.hidden_size=32"])
     assert default_data(trained_only, "sudoku4").as_posix() == "data/sudoku4"
+    # a dataset already built under the earlier name is still used
+    earlier = tmp_path / "data" / ("sudoku4-" + six.rsplit("-", 1)[1])
+    earlier.mkdir(parents=True)
+    (earlier / "metadata.json").write_text("{}")
+    assert default_data(apply_overrides(preset("sudoku4"), ["data.size=6"]), "sudoku4") == earlier.relative_to(tmp_path)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
@@ -429,3 +440,21 @@ def test_eval_png_draws_the_wrong_puzzles_first_with_fixed_and_halting_steps(tra
         assert all(how in t for t in titles)
         for (_, _, (_, answer, marks)), title in zip(rows, titles, strict=True):
             assert ("right" in title) == bool((answer == marks["target"]).all())  # the title tells the truth
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU reports")
+def test_doctor_in_a_pipe_names_whole_cases_and_says_no_graph_was_captured_on_a_cpu(monkeypatch):
+    """Before: `checking add_rmsnorm [2,` (each shape cut at its first space), and `graphs 2/2`
+    passed on a CPU, where no CUDA graph is captured."""
+    from trm import doctor
+
+    monkeypatch.setattr(doctor, "_dtypes", lambda device: [torch.float32])  # the lines are per case, not dtype
+    result = CliRunner().invoke(app, ["doctor", "--quick"])
+    lines = result.output.splitlines()
+    assert "checking add_rmsnorm [2, 97, 64], hidden" in lines, result.output
+    assert "checking rope_attention [2, 40, 4x96], 2 kv heads, causal, key mask, RoPE" in lines
+    checking = [line for line in lines if line.startswith("checking ")]
+    assert len(checking) == len(set(checking)) and all(line.count("[") == line.count("]") for line in checking)
+    assert "checking the static-buffer path of the CUDA graphs" in lines
+    assert "skipped: CUDA graphs: need a GPU; nothing was captured" in result.output
+    assert "graphs 2/2" not in result.output and "static buffers, no graph captured 2/2" in result.output

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import torch
@@ -51,12 +52,24 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        mode = _new_file_mode(tmp)
         save_file(cpu, str(tmp), metadata={"trm": json.dumps({"format": FORMAT, **meta})})
+        os.chmod(tmp, mode)  # safetensors writes 0600: a checkpoint is readable as every other file of the run
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a new file gets at `path`: 0666 less the umask (or as a default ACL has it),
+    found by creating it empty (os.umask reads the umask only by setting it, racing other threads)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

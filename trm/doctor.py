@@ -4,7 +4,8 @@ One report a user can attach to a bug: the environment; every op on every backen
 here, in fp32, fp16 and bf16 where supported, at TRM's shapes and awkward ones, forward and
 backward, each error against the reference and float64 under the package's tolerance rule
 (``trm_kernels.verify``); a small TRM training and evaluation step through the CUDA-graph
-path against eager; and on a GPU the speed of each op, fused against eager. Written as
+path against eager (on a CPU nothing is captured: the static-buffer path the graphs replay
+runs, and is reported as such); and on a GPU the speed of each op, fused against eager. Written as
 ``doctor.json`` and ``doctor.md``; failures are listed first. On a CPU the Triton kernels
 run in the interpreter (a child process with ``TRITON_INTERPRET=1``), and speed is not
 measured.
@@ -31,6 +32,8 @@ from trm_kernels.verify import relative_error, run_op, tolerance_problem
 from .arch import build_model
 from .config import ModelConfig, preset
 from .losses import act_loss
+
+STATIC_BUFFERS = "static buffers vs eager"  # the backend of the graphs checks on a CPU, where nothing is captured
 
 
 @dataclass
@@ -238,7 +241,7 @@ def parity(device: torch.device, quick: bool, progress: Callable[[str], None]) -
             ref_out, ref_grads = _run(op, "reference", args)
             ora_out, ora_grads = _run(op, "reference", wide)
             for name in [b for b in K.available(op) if b != "reference"] + ["reference"]:
-                progress(f"{op} {label} {str(dtype)[6:]} {name}")
+                progress(f"checking {op} {label}: {str(dtype)[6:]} {name}")
                 if name == "cuda" and device.type != "cuda":
                     continue
                 try:
@@ -258,16 +261,19 @@ def parity(device: torch.device, quick: bool, progress: Callable[[str], None]) -
 
 
 def graphs(device: torch.device, progress: Callable[[str], None]) -> list[Check]:
-    """A small TRM's no-grad training cycles and evaluation step through trm.graphs (captured
-    on a GPU; the static-buffer path on a CPU) against the same functions run directly."""
-    progress("CUDA graphs: a small TRM's training cycles and evaluation step")
+    """A small TRM's no-grad training cycles and evaluation step through trm.graphs against the
+    same functions run directly: captured as CUDA graphs on a GPU; on a CPU nothing is captured,
+    and what runs is the eager static-buffer path the graphs replay (backend STATIC_BUFFERS)."""
+    captured = device.type == "cuda"
+    progress("checking " + ("CUDA graphs" if captured else "the static-buffer path of the CUDA graphs")
+             + ": a small TRM's training cycles and evaluation step")  # fmt: skip
     cfg = ModelConfig(vocab_size=11, seq_len=16, hidden_size=64, num_heads=2, puzzle_emb_len=1, T=3, n=2, n_sup=2)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).eval()
     inputs = torch.randint(1, 11, (4, 16), device=device)
     x = model.embed(inputs, torch.zeros(4, dtype=torch.long, device=device))
     y, z = (t.contiguous() for t in model.initial_y_z(4))
-    label = "captured" if device.type == "cuda" else "static buffers (no GPU: not captured)"
+    label = "captured" if captured else "no GPU: nothing captured"
     checks = []
     for step, name, direct in (("training step, no-grad cycles", "no_grad_part", model._no_grad_part),
                                ("evaluation step", "eval_step", model._eval_step)):  # fmt: skip
@@ -278,8 +284,8 @@ def graphs(device: torch.device, progress: Callable[[str], None]) -> list[Check]
             passed, detail = err <= 1e-2, f"largest relative difference {err:.2e} over {len(got)} outputs"
         except Exception as e:
             passed, detail, err = False, f"raised {type(e).__name__}: {_first_line(e)}", None
-        checks.append(Check("graphs", step, "graphed vs eager", str(model.dtype)[6:], label, passed, detail,
-                            {"relative_difference": err}))  # fmt: skip
+        checks.append(Check("graphs", step, "graphed vs eager" if captured else STATIC_BUFFERS, str(model.dtype)[6:],
+                            label, passed, detail, {"relative_difference": err}))  # fmt: skip
     return checks
 
 
@@ -293,7 +299,7 @@ def speed(device: torch.device, quick: bool, progress: Callable[[str], None]) ->
     for op, label, make in _cases(device, quick):
         args = make(torch.bfloat16)
         for name in ["reference", *[b for b in K.available(op) if b != "reference"]]:
-            progress(f"timing {op} {label} {name}")
+            progress(f"timing {op} {label}: {name}")
             fn = getattr(K, op)
             try:
                 ms = _time(lambda fn=fn, name=name, args=args: fn(*args, backend=name))
@@ -328,7 +334,7 @@ def _step_speed(device: torch.device, progress: Callable[[str], None], batch: in
             model.zero_grad()
 
         for backend_name in ("reference", "auto"):
-            progress(f"timing a {name} training step at batch {batch}, {backend_name}")
+            progress(f"timing a {name} training step at batch {batch}: {backend_name}")
             try:
                 with K.use_backend(backend_name):
                     ms = _time(step, reps=5)
@@ -355,7 +361,7 @@ def choices(device: torch.device, quick: bool, progress: Callable[[str], None]) 
         for grad in (False, True):
             if op == "token_mlp_rmsnorm" and not grad:
                 continue  # without grad the one kernel always runs
-            progress(f"choosing {op} [{batch}, 97, {d}]{' with grad' if grad else ''}")
+            progress(f"choosing for {op} [{batch}, 97, {d}]{' with grad' if grad else ''}")
             x = rand(batch, 97, d, grad=grad)
             if op == "linear_add_rmsnorm":  # TRM's o_proj: the heads' output [.., D] -> [.., D]
                 args = (rand(batch, 97, d), rand(d, d, scale=d**-0.5), x)
@@ -407,6 +413,7 @@ def run(out: Path | None, quick: bool, progress: Callable[[str], None]) -> dict:
     if device.type != "cuda":
         skipped.append("speed: not measured on a CPU")
         skipped.append("bf16 and the CUDA extension: need a GPU")
+        skipped.append("CUDA graphs: need a GPU; nothing was captured (their static-buffer path ran eagerly instead)")
         if "triton" not in {c.backend for c in checks}:
             skipped.append("Triton kernels: triton is not installed or its interpreter cannot run here")
     checks.sort(key=lambda c: c.passed is not False)  # failures first
@@ -465,9 +472,10 @@ def present(report: dict, out: Path | None, console) -> None:
     for c in measured:
         console.print(f"  {c['kind']}: {c['name']} {c['backend']} {c['dtype']} {c['shape']}: {c['detail']}",
                       highlight=False)  # fmt: skip
-    kinds = sorted({c["kind"] for c in checks if c["passed"] is not None})
-    counts = ", ".join(f"{k} {sum(c['passed'] is True for c in checks if c['kind'] == k)}/"
-                       f"{sum(c['passed'] is not None for c in checks if c['kind'] == k)}" for k in kinds)  # fmt: skip
+    judged = [c for c in checks if c["passed"] is not None]
+    groups = sorted({_tally(c) for c in judged})
+    counts = ", ".join(f"{k} {sum(c['passed'] is True for c in judged if _tally(c) == k)}/"
+                       f"{sum(_tally(c) == k for c in judged)}" for k in groups)  # fmt: skip
     if failed:
         console.print(f"[bold red]{len(failed)} of {len(checks) - len(measured)} checks failed[/] ({counts} passed, "
                       f"{report['seconds']} s); the guard uses the reference for the failing ops")  # fmt: skip
@@ -478,6 +486,11 @@ def present(report: dict, out: Path | None, console) -> None:
         console.print(f"wrote {out / 'doctor.json'} and {out / 'doctor.md'} (every check)")
     else:
         console.print("--out DIR writes every check to DIR/doctor.md and DIR/doctor.json")
+
+
+def _tally(check: dict) -> str:
+    """The group a check is counted in: its kind, or for CUDA graphs on a CPU what ran instead."""
+    return "static buffers, no graph captured" if check["backend"] == STATIC_BUFFERS else check["kind"]
 
 
 def needs_interpreter() -> bool:
@@ -508,18 +521,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def checked_run(out: Path | None, quick: bool, console) -> dict:
-    """run() with progress (a status line on a terminal, one line per op on stderr otherwise), then present()."""
+    """run() with progress (a status line on a terminal, one line per case on stderr otherwise), then present()."""
     if console.is_terminal:
         with console.status("trm doctor") as status:
-            report = run(out, quick, lambda what: status.update(f"checking {what}"))
+            report = run(out, quick, status.update)
     else:
         seen: set[str] = set()
 
-        def progress(what: str) -> None:  # one line per op and kind, not per backend and dtype
-            head = " ".join(what.split()[:2])
+        def progress(what: str) -> None:  # one line per case, not per dtype and backend (after the ": ")
+            head = what.partition(": ")[0]
             if head not in seen:
                 seen.add(head)
-                print(f"checking {head}", file=sys.stderr, flush=True)
+                print(head, file=sys.stderr, flush=True)
 
         report = run(out, quick, progress)
     present(report, out, console)

@@ -125,12 +125,23 @@ def _build_default(cfg: RunConfig, data: Path) -> None:
 
 
 def default_data(cfg: RunConfig, preset_name: str) -> Path:
-    """data/<preset>, or data/<preset>-<digest of the data settings> when --set changed them
-    (so that `--set data.size=6` builds its own dataset instead of clashing with the preset's)."""
+    """data/<preset> for the preset's own data settings. When --set changed them:
+    data/<what it holds>-<digest of the data settings> (data/sudoku6-..., data/maze9-...), so
+    that `--set data.size=6` builds a dataset of its own, named for what it is. One built under
+    the name earlier versions gave it, data/<preset>-<the same digest>, is still found and used."""
     if cfg.data == preset(preset_name).data:
         return Path("data") / preset_name
     digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg.data), sort_keys=True).encode()).hexdigest()[:8]
-    return Path("data") / f"{preset_name}-{digest}"
+    named, earlier = Path("data") / f"{_kind(cfg)}-{digest}", Path("data") / f"{preset_name}-{digest}"
+    return earlier if (earlier / "metadata.json").exists() and not named.exists() else named
+
+
+def _kind(cfg: RunConfig) -> str:
+    """What a dataset holds, in a name: sudoku6, maze9; arc1; sudoku-csv (a CSV's grids decide)."""
+    d = cfg.data
+    if d.csv:
+        return f"{d.task}-csv"
+    return f"{d.task}{d.size}" if d.task in ("sudoku", "maze") else d.task
 
 
 def holds_anything(path: Path) -> bool:
