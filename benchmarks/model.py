@@ -75,11 +75,26 @@ class Provider:
     graphs: bool = False  # our CUDA graphs of the no-grad recursion
 
 
+def fused_backend(device: torch.device) -> str:
+    """The trm_kernels backend a fused row runs here: ``auto`` on a GPU (the fused kernels
+    wherever they take a call); on a CPU ``triton`` in the interpreter (TRITON_INTERPRET=1 set
+    before import); else (a CPU without it, or no triton) ``reference``."""
+    if "triton" not in K.available("add_rmsnorm") or not fused_runs_on(device):
+        return "reference"
+    return "auto" if device.type == "cuda" else "triton"
+
+
+def backend_label(backend: str, device: torch.device) -> str:
+    """How a row names the backend it ran: the interpreter said as such."""
+    return "triton interpreter" if backend == "triton" and device.type != "cuda" else backend
+
+
 def _providers(device: torch.device, compile_ok: bool) -> list[Provider]:
-    """Eager and ours first, torch.compile (whose compile time is the longest) last."""
+    """Eager and ours first, torch.compile (whose compile time is the longest) last. No fused
+    rows where they would run the reference (a CPU without the interpreter): eager's rows again."""
     out = [Provider("eager", "reference")]
-    if "triton" in K.available("add_rmsnorm") and fused_runs_on(device):
-        fused = "auto" if device.type == "cuda" else "triton"
+    fused = fused_backend(device)
+    if fused != "reference":
         out.append(Provider("fused", fused))
         if device.type == "cuda":
             out.append(Provider("fused + CUDA graphs", fused, graphs=True))
@@ -131,7 +146,7 @@ def _train_case(name, cfg, batch, device, provider: Provider, gemm_tflops, case=
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tflops = step_flops(cfg, batch, train=True) / ms / 1e9
     extra = {"batch": batch, "tokens_per_s": batch * cfg.seq_len / ms * 1e3, "mfu": tflops / gemm_tflops,
-             "peak_gib": peak}  # fmt: skip
+             "peak_gib": peak, "backend": backend_label(provider.backend, device)}  # fmt: skip
     return Row("training step", case or f"{name} B={batch}", provider.name, ms, tflops=tflops, extra=extra), step
 
 
@@ -217,7 +232,8 @@ def _eval_case(name, cfg, batch, device, provider: Provider) -> Row:
     solve()
     ms = bench(solve, device, reps=10)
     return Row("evaluation (full solve)", f"{name} B={batch}", provider.name, ms,
-               extra={"batch": batch, "puzzles_per_s": batch / ms * 1e3})  # fmt: skip
+               extra={"batch": batch, "puzzles_per_s": batch / ms * 1e3,
+                      "backend": backend_label(provider.backend, device)})  # fmt: skip
 
 
 NAMES = ("sudoku-mlp", "sudoku-att", "maze", "hrm-sudoku")  # HRM: the baseline, same ops

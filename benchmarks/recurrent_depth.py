@@ -11,6 +11,15 @@ parameter names, so one loads the other's state dict: the oracle of the tests an
 eager provider of the benchmark. ``rows`` times a training step of both (and
 ``torch.compile`` of the plain one) for the model benchmark; ``trm_benchmarks.roofline``
 counts the same step.
+
+A complete training example, on CPU in seconds (``train_copy_task``, or from a shell)::
+
+    python -m trm_benchmarks.recurrent_depth --steps 200
+
+trains ``QUICK`` on the copy task (random tokens, a separator, the same tokens again, right-
+padded): a batch is tokens [B, seq_len + 1] and a key mask [B, seq_len + 1] (False: padding),
+and ``training_step`` makes one optimizer step of ``lm_loss``, the next-token cross-entropy of
+the real positions.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import trm_kernels.nn as KN
 from torch import nn
 
 from .common import Row, bench
+from .model import backend_label, fused_backend
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,10 @@ class RecurrentDepthLM(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        e = self.embed(tokens)
         s = tokens.shape[1]
+        if s > self.cfg.seq_len:  # the RoPE tables end there
+            raise ValueError(f"input has {s} tokens but the model was built with seq_len={self.cfg.seq_len}")
+        e = self.embed(tokens)
         cos, sin = self.cos[:s], self.sin[:s]
         h = torch.zeros_like(e)
         for _ in range(self.cfg.loops):
@@ -179,20 +191,91 @@ def step_flops(cfg: LMConfig, batch: int) -> float:
     return 3 * (cfg.loops * (block + attention) + 2 * tokens * d * cfg.vocab_size)
 
 
-def training_step(model: nn.Module, tokens: torch.Tensor, key_mask: torch.Tensor, backend: str) -> Callable:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+IGNORE = -100  # the target of a position the loss skips (F.cross_entropy's ignore_index)
 
-    def step():
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real positions of a batch.
+
+    tokens [B, S + 1] int64 (S <= the model's seq_len); key_mask [B, S + 1] bool, False for
+    padding (None: no padding). The model reads tokens[:, :-1] and predicts tokens[:, 1:]; a
+    prediction counts when the token it reads and the token it predicts are both real, so
+    padding, on the right or on the left, does not change the loss. fp32 logits."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if key_mask is None:
+        return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    real = key_mask[:, :-1] & key_mask[:, 1:]
+    logits = model(inputs, key_mask[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), targets.masked_fill(~real, IGNORE).flatten(), ignore_index=IGNORE)
+
+
+def training_step(
+    model: nn.Module, tokens: torch.Tensor, key_mask: torch.Tensor | None, backend: str = "auto", lr: float = 1e-3
+) -> Callable[[], torch.Tensor]:
+    """A function that makes one AdamW step on `lm_loss` of the batch (tokens [B, S + 1],
+    key_mask [B, S + 1] or None: see lm_loss) and returns that loss, computed before the step.
+
+    The trm_kernels ops run on `backend` ("auto", "reference", "triton", "cuda"); on CUDA
+    under bf16 autocast, elsewhere in the model's dtype. The optimizer is made here, once, and
+    kept by the function: call it once per step, on the same batch (the benchmark) or after
+    filling `tokens` and `key_mask` in place with the next one."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step() -> torch.Tensor:
         with K.use_backend(backend), torch.autocast(tokens.device.type, torch.bfloat16,
                                                      enabled=tokens.device.type == "cuda"):  # fmt: skip
-            logits = model(tokens[:, :-1], key_mask[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss = lm_loss(model, tokens, key_mask)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     return step
+
+
+PAD, SEP = 0, 1  # the copy task's padding and separator tokens
+
+
+def copy_task(cfg: LMConfig, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of the copy task: n random tokens, SEP, the same n tokens again (n from 1 to
+    seq_len // 2), right-padded with PAD: (tokens [batch, seq_len + 1], key_mask [batch,
+    seq_len + 1], False on the padding). The copy half is predictable from what precedes it."""
+    width = cfg.seq_len + 1
+    lengths = torch.randint(1, cfg.seq_len // 2 + 1, (batch,), generator=generator)
+    tokens = torch.full((batch, width), PAD, dtype=torch.long)
+    for row, n in enumerate(lengths.tolist()):
+        x = torch.randint(SEP + 1, cfg.vocab_size, (n,), generator=generator)
+        tokens[row, : 2 * n + 1] = torch.cat((x, torch.tensor([SEP]), x))
+    key_mask = torch.arange(width) < (2 * lengths + 1)[:, None]
+    return tokens, key_mask
+
+
+def train_copy_task(
+    cfg: LMConfig = QUICK,
+    steps: int = 200,
+    batch: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    log: Callable[[int, float], None] | None = None,
+) -> tuple[RecurrentDepthLM, list[float]]:
+    """Train a RecurrentDepthLM on the copy task, a fresh batch each step; returns the model and
+    the loss of every step. `log(step, loss)` is called every 10 steps and at the last."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = RecurrentDepthLM(cfg).to(device)
+    tokens, key_mask = (t.to(device) for t in copy_task(cfg, batch, generator))
+    step = training_step(model, tokens, key_mask, backend, lr)
+    losses = []
+    for i in range(1, steps + 1):
+        fresh_tokens, fresh_mask = copy_task(cfg, batch, generator)
+        tokens.copy_(fresh_tokens)  # in place: the step function holds these tensors
+        key_mask.copy_(fresh_mask)
+        losses.append(step().item())
+        if log is not None and (i % 10 == 0 or i == steps):
+            log(i, losses[-1])
+    return model, losses
 
 
 def rows(device: torch.device, quick: bool, compile_ok: bool, gemm_tflops: float) -> list[Row]:
@@ -207,8 +290,9 @@ def rows(device: torch.device, quick: bool, compile_ok: bool, gemm_tflops: float
     providers = [("plain PyTorch", PlainRecurrentDepthLM, "reference", False)]
     if compile_ok:
         providers.append(("plain PyTorch + torch.compile", PlainRecurrentDepthLM, "reference", True))
-    if "triton" in K.available("swiglu") and (device.type == "cuda" or quick):
-        providers.append(("trm_kernels.nn", RecurrentDepthLM, "auto" if device.type == "cuda" else "triton", False))
+    fused = fused_backend(device)  # a CPU runs the reference, or the Triton interpreter if chosen before import
+    label = backend_label(fused, device)
+    providers.append(("trm_kernels.nn" + ("" if fused == "auto" else f" ({label})"), RecurrentDepthLM, fused, False))
     out = []
     for name, cls, backend, compiled in providers:
         torch.manual_seed(0)
@@ -219,11 +303,50 @@ def rows(device: torch.device, quick: bool, compile_ok: bool, gemm_tflops: float
             step()
         ms = bench(step, device, reps=3 if quick else 20)
         tflops = step_flops(cfg, batch) / ms / 1e9
+        ran = label if cls is RecurrentDepthLM else "none (plain PyTorch)"
         out.append(Row("training step", f"recurrent-depth LM B={batch} S={cfg.seq_len} x{cfg.loops} loops", name, ms,
                        tflops=tflops, extra={"batch": batch, "tokens_per_s": batch * cfg.seq_len / ms * 1e3,
-                                             "mfu": tflops / gemm_tflops}))  # fmt: skip
-        print(f"{out[-1].case:40s} {name:32s} {ms:10.3f} ms", flush=True)
+                                             "mfu": tflops / gemm_tflops, "backend": ran}))  # fmt: skip
+        print(f"{out[-1].case:40s} {name:44s} {ms:10.3f} ms  (trm_kernels backend: {ran})", flush=True)
     return out
 
 
-__all__ = ["LMConfig", "PlainRecurrentDepthLM", "QUICK", "RecurrentDepthLM", "rows", "step_flops", "training_step"]
+def main(argv: list[str] | None = None) -> list[float]:
+    """``python -m trm_benchmarks.recurrent_depth``: train QUICK on the copy task, printing the loss."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trm_benchmarks.recurrent_depth",
+                                     description="Train the recurrent-depth LM (QUICK) on the copy task.")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (%(default)s)")
+    parser.add_argument("--batch", type=int, default=32, help="sequences per step (%(default)s)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (%(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "reference", "triton", "cuda"),
+        default="auto",
+        help="trm_kernels backend (%(default)s: the fused kernels on a GPU, the reference on a CPU)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.lr <= 0:
+        parser.error(f"--lr {args.lr}: must be > 0")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backend == "cuda" and device.type != "cuda":
+        parser.error("--backend cuda: needs a GPU; auto and reference run anywhere")
+    if args.backend == "triton" and fused_backend(device) == "reference":
+        parser.error("--backend triton: needs triton, and a GPU or TRITON_INTERPRET=1 set (the interpreter, on a "
+                     "CPU); auto and reference run anywhere")  # fmt: skip
+    print(f"copy task, {QUICK.seq_len + 1} tokens a sequence, batch {args.batch}, on {device}", flush=True)
+    _, losses = train_copy_task(QUICK, args.steps, args.batch, args.lr, args.seed, args.backend, device,
+                                log=lambda i, loss: print(f"step {i}: loss {loss:.3f}", flush=True))  # fmt: skip
+    return losses
+
+
+__all__ = ["IGNORE", "LMConfig", "PAD", "PlainRecurrentDepthLM", "QUICK", "RecurrentDepthLM", "SEP", "copy_task",
+           "lm_loss", "main", "rows", "step_flops", "train_copy_task", "training_step"]  # fmt: skip
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,11 @@ python -m trm_benchmarks.run --out /tmp/bench --quick                           
 python -m trm_benchmarks.run --out /tmp/m --only model --configs maze --profile   # one model config, profiled
 python -m trm_benchmarks.run --out DIR --merge PART1 PART2                       # one table from several runs
 python -m trm_benchmarks.run --out DIR --only lm                                 # the recurrent-depth LM example
+
+On a CPU the fused rows run in the Triton interpreter where TRITON_INTERPRET=1 was set before
+the run (slow: a check, not a speed), else on the reference backend (the model part then has no
+fused rows, which would be eager's again); each row records the backend it ran (extra.backend
+in results.json, and on its line of output).
 """
 
 from __future__ import annotations

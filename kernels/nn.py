@@ -42,6 +42,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., N, ...] (N = `size` along `dim`) -> the same shape, in x's dtype:
+        ``x * rsqrt(mean(x^2) + eps) * weight`` over `dim`, the statistics in fp32 and the result
+        rounded once. fp32, fp16, bf16 (float64 on the reference backend)."""
         return add_rmsnorm(x, None, self.dim, self.eps, weight=self.weight)
 
     def extra_repr(self) -> str:
@@ -62,6 +65,12 @@ class AddRMSNorm(RMSNorm):
         self.prenorm = prenorm
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor):
+        """x, the sub-layer's output, and residual, the stream: the same shape [..., N, ...] (N =
+        `size` along `dim`); their dtypes may differ (a bf16 x on an fp32 stream), the sum is
+        taken in the promoted dtype. Post-norm -> ``rmsnorm(residual + x) * weight`` in the sum's
+        dtype; pre-norm -> ``(residual + x, its norm)``, the new stream in the sum's dtype and its
+        norm in x's dtype (the next sub-layer's input). Statistics in fp32; gradients reach x,
+        residual and the weight."""
         return add_rmsnorm(x, residual, self.dim, self.eps, weight=self.weight, prenorm=self.prenorm)
 
     def extra_repr(self) -> str:
@@ -95,6 +104,9 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D] in x's dtype: ``down_proj(silu(gate) * up)`` with
+        ``gate, up = gate_up_proj(x).chunk(2, -1)`` (gate first). The projections' weights are
+        used in x's dtype (fp32, fp16, bf16; float64 on the reference backend)."""
         if plain_weight(self.gate_up_proj) and plain_weight(self.down_proj):
             return swiglu_mlp(x, weight_as(self.gate_up_proj, x.dtype), weight_as(self.down_proj, x.dtype))
         return self.down_proj(swiglu(self.gate_up_proj(x)))
@@ -150,6 +162,17 @@ class RoPEAttention(nn.Module):
         sin: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """h [B, S, D] -> [B, S, D], in h's dtype (fp32, fp16, bf16; float64 on the reference
+        backend): ``o_proj(attention(qkv_proj(h)))``.
+
+        cos, sin: RoPE tables [S, d], fp32, in the rotate-half convention, as
+        ``trm_kernels.rope_cos_sin(S, d)`` makes them (of a longer table, pass cos[:S]); both
+        or neither (None: no rotation). key_mask: [B, S] bool, True for a real token and False
+        for padding, which no query attends (lengths L: ``torch.arange(S) < L[:, None]``);
+        None: every token is real. Query i attends every real key (with ``causal``, set at
+        construction, those j <= i); one with none to attend (a padded query at the start of a
+        causal row) gives 0 before o_proj. Scale 1/sqrt(d); with fewer key/value heads,
+        query head i reads key/value head i // (H / KVH). See ``trm_kernels.rope_attention``."""
         return self.o_proj(self.attend(h, cos, sin, key_mask))
 
     def extra_repr(self) -> str:
@@ -172,6 +195,9 @@ class TokenMixer(nn.Module):
         self.down_proj = linear(intermediate, seq_len, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, S, D], S the `seq_len` it was built for -> [B, S, D] in h's dtype: for each
+        channel, ``rmsnorm over S of (h + down_proj(swiglu(gate_up_proj(h over S))))``, no norm
+        weight, statistics in fp32; the weights are used in h's dtype (fp32, fp16, bf16)."""
         w_gate_up, w_down = weight_as(self.gate_up_proj, h.dtype), weight_as(self.down_proj, h.dtype)
         return token_mlp_rmsnorm(h, w_gate_up, w_down, eps=self.eps)
 

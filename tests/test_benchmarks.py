@@ -1,6 +1,9 @@
 """The benchmark command end to end on small shapes, and CPU timings under pytest-benchmark."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,8 +29,11 @@ def test_benchmark_command_writes_json_markdown_and_plots(tmp_path, monkeypatch)
     assert data["ceilings"]["copy_gbps"] > 0 and data["environment"]["torch"] == torch.__version__
     providers = {r["provider"] for r in data["rows"] if r["group"] == "add+rmsnorm forward"}
     assert {"eager", "triton"} <= providers  # the interpreter runs the fused kernels on CPU
-    lm = {r["provider"] for r in data["rows"] if r["case"].startswith("recurrent-depth LM")}
-    assert lm == {"plain PyTorch", "trm_kernels.nn"}  # another recursive model, timed as its own config
+    lm = {r["provider"]: r["extra"]["backend"] for r in data["rows"] if r["case"].startswith("recurrent-depth LM")}
+    # another recursive model, timed as its own config; on a CPU its fused row says what ran
+    assert lm == {"plain PyTorch": "none (plain PyTorch)", "trm_kernels.nn (triton interpreter)": "triton interpreter"}
+    fused = [r for r in data["rows"] if r["provider"] == "fused"]
+    assert fused and all(r["extra"]["backend"] == "triton interpreter" for r in fused)
     # the training step of eager and fused is profiled: matrix products and our ops are found by name
     profiles = {p["provider"]: p for p in data["profiles"]}
     assert set(profiles) == {"eager", "fused"}
@@ -37,6 +43,27 @@ def test_benchmark_command_writes_json_markdown_and_plots(tmp_path, monkeypatch)
     assert "## where the time of a training step goes" in md and "## targets" in md
     assert "| case | provider | ms | GB/s | % copy | vs eager |" in md
     assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "ceiling.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU without the Triton interpreter")
+def test_a_quick_run_on_a_cpu_without_the_interpreter_runs_the_fused_rows_on_the_reference(tmp_path, monkeypatch):
+    """Before: `--quick --only lm` (and `--quick`) died on a CPU: `ValueError: h is on cpu: the
+    triton backend needs CUDA tensors`, the recurrent-depth LM's fused row forced onto triton."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-m", "trm_benchmarks.run", "--out", str(tmp_path), "--quick", "--only", "lm",
+            "--no-compile"]  # fmt: skip
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["provider"]: r["extra"]["backend"] for r in rows} == {
+        "plain PyTorch": "none (plain PyTorch)",
+        "trm_kernels.nn (reference)": "reference",
+    }
+    assert "trm_kernels.nn (reference)" in proc.stdout and "trm_kernels backend: reference" in proc.stdout
+    monkeypatch.delenv(
+        "TRITON_INTERPRET", raising=False
+    )  # the model part: no "fused" rows, which would be eager's again
+    assert model._providers(torch.device("cpu"), False) == [model.Provider("eager", "reference")]
 
 
 def _results(device: str, rows: list[Row]) -> Results:

@@ -1,13 +1,16 @@
 """trm_kernels.nn: each module against plain PyTorch written here, TRM built from them, and
 compilation without graph breaks."""
 
+import inspect
 import math
+import pydoc
 
 import pytest
 import torch
 import torch.nn.functional as F
 import trm_kernels as K
 import trm_kernels.nn as KN
+from torch import nn
 
 from trm.config import preset
 from trm.model import TRM
@@ -116,3 +119,17 @@ def test_a_stack_of_modules_compiles_without_graph_breaks():
     if "triton" in K.available("swiglu") and not torch.cuda.is_available():
         with K.use_backend("triton"):
             torch.testing.assert_close(torch.compile(block, fullgraph=True, backend="aot_eager")(h), block(h))
+
+
+def test_every_module_documents_its_forward():
+    """Before: help(trm_kernels.nn.RoPEAttention.forward) showed nn.Module's stock text."""
+    stock = inspect.getdoc(torch.nn.Module.forward)
+    modules = [
+        m for m in vars(KN).values() if isinstance(m, type) and issubclass(m, nn.Module) and m.__module__ == KN.__name__
+    ]
+    assert {m.__name__ for m in modules} >= {"RMSNorm", "AddRMSNorm", "SwiGLUMLP", "RoPEAttention", "TokenMixer"}
+    for module in modules:
+        doc = inspect.getdoc(module.forward)
+        assert doc and doc != stock and "->" in doc and "dtype" in doc, module.__name__
+    text = pydoc.render_doc(KN.RoPEAttention.forward, renderer=pydoc.plaintext)
+    assert "h [B, S, D] -> [B, S, D]" in text and "key_mask: [B, S] bool" in text and "rope_cos_sin" in text

@@ -7,7 +7,18 @@ import torch
 import torch.nn.functional as F
 import trm_kernels as K
 from oracle import check
-from trm_benchmarks.recurrent_depth import QUICK, PlainRecurrentDepthLM, RecurrentDepthLM, step_flops
+from trm_benchmarks.recurrent_depth import (
+    PAD,
+    QUICK,
+    SEP,
+    PlainRecurrentDepthLM,
+    RecurrentDepthLM,
+    copy_task,
+    lm_loss,
+    main,
+    step_flops,
+    training_step,
+)
 
 TRITON = "triton" in K.available("swiglu") and not torch.cuda.is_available()
 
@@ -90,3 +101,53 @@ def test_step_flops_counts_the_matrix_products():
     tokens = 2 * s
     forward = 2 * tokens * d * ((heads + 2 * kv) * hd + heads * hd + 3 * inter) + 4 * 2 * heads * s * s * hd
     assert step_flops(cfg, 2) == 3 * (forward + 2 * tokens * d * v)
+
+
+def padded(tokens, width, left=False):
+    """`tokens` [B, L] padded with junk tokens to [B, width]; the key mask False on the padding."""
+    junk = torch.randint(0, QUICK.vocab_size, (tokens.shape[0], width - tokens.shape[1]), generator=torch.Generator())
+    mask = torch.ones(tokens.shape[0], width, dtype=torch.bool)
+    if left:
+        mask[:, : junk.shape[1]] = False
+        return torch.cat((junk, tokens), 1), mask
+    mask[:, tokens.shape[1] :] = False
+    return torch.cat((tokens, junk), 1), mask
+
+
+def test_padding_does_not_change_the_loss():
+    """Before: training_step's loss counted the padded positions (and the one predicted from them)."""
+    torch.manual_seed(0)
+    model = RecurrentDepthLM(QUICK).double()
+    tokens = torch.randint(0, QUICK.vocab_size, (3, 17), generator=torch.Generator().manual_seed(2))
+    width = QUICK.seq_len + 1
+    right, left = padded(tokens, width), padded(tokens, width, left=True)
+    with K.use_backend("reference"):
+        want = lm_loss(model, tokens)
+        for batch in (right, left):
+            torch.testing.assert_close(lm_loss(model, *batch), want)
+        losses = []
+        for batch in ((tokens, torch.ones_like(tokens, dtype=torch.bool)), right, left):
+            twin = RecurrentDepthLM(QUICK).double()
+            twin.load_state_dict(model.state_dict())
+            losses.append(training_step(twin, *batch, backend="reference")())
+    torch.testing.assert_close(torch.stack(losses), want.expand(3))
+
+
+def test_more_tokens_than_seq_len_say_so():
+    """Before: ValueError: cos must have shape (30, 32), got (24, 32)."""
+    with pytest.raises(ValueError, match=r"^input has 30 tokens but the model was built with seq_len=24$"):
+        RecurrentDepthLM(QUICK)(torch.zeros(2, 30, dtype=torch.long))
+
+
+def test_the_training_example_learns_the_copy_task_in_seconds(capsys):
+    tokens, mask = copy_task(QUICK, 4, torch.Generator().manual_seed(0))
+    for row, real in zip(tokens, mask, strict=True):
+        n = (int(real.sum()) - 1) // 2  # n tokens, SEP, the same n tokens, padding
+        assert row[n] == SEP and torch.equal(row[:n], row[n + 1 : 2 * n + 1]) and (row[~real] == PAD).all()
+    losses = main(["--steps", "60"])
+    out = capsys.readouterr().out
+    assert "step 60: loss" in out and len(losses) == 60
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05  # it learns
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+    assert "--steps 0: must be >= 1" in capsys.readouterr().err
