@@ -66,7 +66,7 @@ for part in "$@"; do
       # 8 workers where pytest-xdist is installed: Triton compiles each kernel variant the
       # tests reach (a second or so each), and that, not the GPU, is what takes the time
       workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-      timeout "$limit" python3 -m pytest -q -p no:cacheprovider "${workers[@]}" -k "not learns_4x4" tests 2>&1 \
+      timeout "$limit" python3 -m pytest -q -p no:cacheprovider "${workers[@]}" -m "not slow" -k "not learns_4x4" tests 2>&1 \
         | tee "$out/pytest.log" | tail -15 ;;
     ops)
       timeout "$limit" python3 -m trm_benchmarks.run --out "$out/ops" --only ops 2>&1 | tee "$out/bench-ops.log" | tail -5 ;;
