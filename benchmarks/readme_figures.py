@@ -99,7 +99,7 @@ def sudoku6(out: Path, log) -> dict:
     result = {"sudoku6_minutes": seconds / 60, "sudoku6_exact": 100 * test["exact_accuracy"]}
     _trm(["eval", "runs/sudoku6", "--halt", "--threshold", "4", "--steps", "4,16", "--compare", "--json",
           "sweep.json"], out, log)  # fmt: skip
-    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    rows = json.loads((out / "sweep.json").read_text())["results"]
     for depth in (4, 16):
         halting, fixed = (
             next(r for r in rows if r["mode"] == m and r["max_steps"] == depth) for m in ("halting", "fixed")
@@ -109,7 +109,7 @@ def sudoku6(out: Path, log) -> dict:
             ratios = sorted(halting["speedup_rounds"])
             result["sudoku6_speedup_16"] = ratios[len(ratios) // 2]
     _trm(["eval", "runs/sudoku6", "--halt", "--compare", "--json", "threshold0.json"], out, log)
-    rows = json.loads((out / "threshold0.json").read_text())["rows"]
+    rows = json.loads((out / "threshold0.json").read_text())["results"]
     halting, fixed = (next(r for r in rows if r["mode"] == m) for m in ("halting", "fixed"))
     result["sudoku6_threshold0_drop"] = 100 * (fixed["exact_accuracy"] - halting["exact_accuracy"])
     return result
