@@ -50,16 +50,16 @@ CHEAP = {
 }
 # EXPENSIVE: not run here; the value is the last measured time.
 EXPENSIVE = {
-    "pip install -e . && trm train": "112 s from a fresh clone on 2 cores, the install included (README's figure)",
+    "pip install -e . && trm train": "45-74 s on 2 cores after the install (2 and 1 threads, readme_figures)",
     'pip install -e ".[test]" && pytest -q': "about 10 min on a quiet 2-core CPU, about 25 on a busy one",
     "trm train --preset sudoku4 --set data.size=6 --set data.num_test=1000 --set train.steps=2000 "
-    "--out runs/sudoku6": "7 min 22 s on 2 cores (README's figure)",
+    "--out runs/sudoku6": "3.5-6.0 min on 2 cores (2 and 1 threads, readme_figures)",
     "trm eval runs/sudoku6 --halt --threshold 4 --steps 4,8,16,32 --compare --plot runs/sudoku6/depth.png": (
-        "not recorded; it needs runs/sudoku6 (7 min 22 s)"
+        "not timed alone; it needs runs/sudoku6 (3.5-6 min)"
     ),
-    "trm train --preset maze7": "2 min 35 s on 2 cores (README's figure)",
+    "trm train --preset maze7": "77-137 s on 2 cores (2 and 1 threads, readme_figures)",
     "trm eval runs/maze7-latest --png runs/maze7-latest/maze.png": (
-        "5 s, after a maze7 run: 2 min 35 s, or 22 s for 10 steps (the mazes are generated first)"
+        "5 s, after a maze7 run (77-137 s), or 22 s for 10 steps (the mazes are generated first)"
     ),
     "TRITON_INTERPRET=1 python -m trm_benchmarks.traffic --config sudoku-mlp --eval": (
         "35 min under the interpreter (benchmarks/README's figure, 2026-11-30)"
@@ -283,3 +283,17 @@ SCENARIOS = {"sudoku4": sudoku4, "arc": arc, "bench": bench, "alone": alone}
 )
 def test_cheap_readme_commands_run_as_written(scenario, tmp_path):
     SCENARIOS[scenario](tmp_path)
+
+
+def test_every_figure_the_figure_script_checks_is_stated_in_the_readme_with_its_range():
+    """trm_benchmarks.readme_figures holds the README's CPU figures to ranges: each range is
+    the README's, and the check says which measured value falls outside."""
+    from trm_benchmarks import readme_figures as F
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    for figure in F.FIGURES:
+        assert " ".join(figure.stated.split()) in text, figure.key
+    inside = {f.key: (f.low + f.high) / 2 for f in F.FIGURES}
+    assert all(r["inside"] for r in F.check(inside))
+    outside = F.check({"quick_solved": 190, "maze7_seconds": 90})
+    assert [(r["key"], r["inside"]) for r in outside] == [("quick_solved", False), ("maze7_seconds", True)]
