@@ -59,7 +59,7 @@ def test_pruning_reads_the_device_budget(monkeypatch):
     assert token_mlp.launchable_tiles(97, cpu) == token_mlp.configs(None)[128]  # no limit where nothing launches
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (90, 100 * 1024))
     # on Hopper the 128x64 and 64x64 tiles take 128 and 112 KB: over a 100 KB budget
-    assert token_mlp.launchable_tiles(97, cpu) == [(128, 32, 8), (64, 32, 4)]
+    assert token_mlp.launchable_tiles(97, cpu) == [(64, 32, 4)]
     assert token_mlp.launchable_tiles(200, cpu) == [(32, 32, 8)]  # S <= 256: 66 KB
     monkeypatch.setattr(token_mlp, "device_budget", lambda device: (90, 60 * 1024))
     assert token_mlp.launchable_tiles(200, cpu) == []

@@ -92,6 +92,18 @@ def check_attention(batch, seq, heads, kv, head_dim, rope, causal, masked, dtype
                                f"mask={masked}")  # fmt: skip
 
 
+@pytest.mark.parametrize("family", [8, 9])  # mma.sync GPUs, wgmma / tcgen05 GPUs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_in_each_gpu_familys_tiles(monkeypatch, family, dtype, head_dim):
+    """The tiles a GPU runs (attention.tiles: per family, head size and dtype; fp32's own), run
+    under the interpreter, causal grouped-query with a key mask, forward and backward."""
+    from trm_kernels import attention
+
+    monkeypatch.setattr(attention, "_tiles_for", lambda qkv, d: attention.tiles(d, (family, 0), qkv.dtype))
+    check_attention(2, 37, 4, 2, head_dim, True, True, True, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
 def test_attention_head_sizes(dtype, head_dim):
