@@ -48,7 +48,9 @@ def markdown(results: Results) -> str:
         f'GEMM {ceilings["gemm_tflops"]:.0f} TFLOP/s. "% GEMM" of a training step is its MFU.',
     ]
     if "cuda" not in env:
-        lines += ["", "**A CPU smoke run, not performance**: small shapes, fused kernels in the Triton interpreter."]
+        backends = sorted({r.extra["backend"] for r in rows if r.extra.get("backend")})
+        ran = f" (the fused rows ran: {', '.join(backends)})" if backends else ""
+        lines += ["", f"**A CPU smoke run, not performance**: small shapes{ran}."]
     for group in dict.fromkeys(r.group for r in rows):
         sub = [r for r in rows if r.group == group]
         cells = [[cell(r, ceilings, sub) for _, cell in _COLUMNS] for r in sub]

@@ -1,4 +1,4 @@
-"""The performance targets of the project's issues, checked against a benchmark run, and
+"""The project's performance targets, checked against a benchmark run, and
 the HRM vs TRM comparison the paper's table needs.
 
 Each target compares our best provider on a case with a bound: a fraction of the copy or
@@ -68,7 +68,7 @@ def _speedup(results: Results, group: str, case: str, over: str, bound: float) -
 
 def check(results: Results) -> list[Check]:
     rows, out = results.rows, []
-    # issue 3: op level at TRM shapes (hidden 512, the last axis)
+    # op level at TRM shapes (hidden 512, the last axis)
     out += _fraction(results, "add+rmsnorm forward", 0.80, "hidden")
     out += _fraction(results, "add+rmsnorm backward", 0.70, "hidden")
     out += _fraction(results, "swiglu forward", 0.80, "")
@@ -84,7 +84,7 @@ def check(results: Results) -> list[Check]:
         fastest = min(sdpa, key=lambda r: r.ms)
         out.append(Check(target, case, f"{best.ms:.3f} ms vs {fastest.ms:.3f} ms ({fastest.provider})",
                          best.ms < fastest.ms))  # fmt: skip
-    # issue 18: where a fused GEMM competes with cuBLAS, the timed choice runs the faster
+    # where a fused GEMM competes with cuBLAS, the timed choice runs the faster
     # (within 5%: the two are timed once on the first call, the table times them again)
     candidates = {"swiglu_mlp forward": ("cuBLAS + triton swiglu", "triton GEMM epilogues"),
                   "swiglu_mlp backward": ("cuBLAS + triton swiglu", "triton GEMM epilogues"),
@@ -102,7 +102,7 @@ def check(results: Results) -> list[Check]:
                 out.append(Check(target, case, "", None))
                 continue
             out.append(Check(target, case, f"{chosen:.3f} ms vs {min(others):.3f} ms", chosen <= 1.05 * min(others)))
-    # issue 4: model level at batch 768 (where the run has a model part)
+    # model level at batch 768 (where the run has a model part)
     for config in ("sudoku-mlp", "maze") if any(r.group == "training step" for r in rows) else ():
         case = f"{config} B=768"
         out.append(_speedup(results, "training step", case, "eager", 2.0))
