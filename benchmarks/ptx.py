@@ -168,7 +168,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
                   "a2": "i32", "b0": "i32", "b1": "i32", "b2": "i32"}  # fmt: skip
     ce = {"LOGITS": t, "LABELS": "*i64", "LOSS": "*fp64", "DLOGITS": t, "n_rows": "i32", "V": "i32",
           "ignore_index": "i32"}  # fmt: skip
-    if dtype == "fp32":  # fp32 on a GPU runs cuBLAS + the element-wise kernels instead (_triton.gpu_fp32)
+    if dtype == "fp32":  # fp32 on a GPU runs cuBLAS + the element-wise kernels instead (_triton.fits)
         token_mlp_configs, mlp_configs = {}, {}
     return token_mlp_configs | mlp_configs | {
         "add_rmsnorm_fwd hidden": (rmsnorm._add_rmsnorm_fwd, norm_fwd, hidden, HIDDEN_DIV16, hidden_warps),

@@ -198,9 +198,21 @@ def on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda or STAND_IN is not None
 
 
-def gpu_fp32(t: torch.Tensor) -> bool:
-    """An fp32 tensor on a GPU: where the package's matrix kernels (the GEMM epilogues, the
-    token mixer) do not run. With IEEE products they have no tensor cores to use, and their
-    tiles need up to twice bf16's shared memory (over the 99 KB of sm_86/89/120) and spill
-    registers; cuBLAS's fp32 GEMM plus the element-wise kernels run instead."""
-    return t.dtype == torch.float32 and on_gpu(t)
+def needed_on(row: dict[int, int], capability: int) -> int:
+    """A kernel's shared memory on a GPU of `capability`, from its compiled figures per listed
+    architecture ({capability: bytes}, as trm_benchmarks.ptx reports them): the listed one
+    standing for it (trm_kernels.arch.nearest), else the most any listed one needs."""
+    from . import arch
+
+    stands_for = arch.nearest(capability)
+    return row[stands_for.capability] if stands_for is not None else max(row.values())
+
+
+def fits(budget: tuple[int, int] | None, dtype: torch.dtype, needed: int) -> bool:
+    """Whether a matrix kernel (a GEMM epilogue, the token mixer) needing `needed` bytes of
+    shared memory in bf16/fp16 launches under `budget` (device_budget's; None: no limit, the
+    interpreter) in `dtype`. Never in fp32 on a GPU: with IEEE products these kernels have no
+    tensor cores to use, their tiles need up to twice bf16's shared memory (over the 99 KB of
+    sm_86/89/120) and spill registers; cuBLAS's fp32 GEMM plus the element-wise kernels run
+    instead."""
+    return budget is None or (dtype != torch.float32 and needed <= budget[1])

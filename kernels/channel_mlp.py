@@ -36,11 +36,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import arch as _arch
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
 from . import tune
-from ._triton import check_input, device_budget, interpreting, launch, needs_grad, next_pow2, precision
+from ._triton import check_input, device_budget, fits, interpreting, launch, needed_on, needs_grad, next_pow2, precision
 
 
 @triton.jit
@@ -227,21 +226,16 @@ def config_name(which: str, block_m: int, block_n: int, block_k: int, warps: int
 
 
 def shared_needed(config: tuple[int, ...], capability: int) -> int:
-    row = SHARED_BYTES[config]
-    stands_for = _arch.nearest(capability)
-    return row[stands_for.capability] if stands_for is not None else max(row.values())
+    return needed_on(SHARED_BYTES[config], capability)
 
 
 def launchable(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[tuple[int, int, int, int, int]]:
     """The configs this device can launch in this dtype (all where no limit applies; none in
-    fp32 on a GPU, see _triton.gpu_fp32). The shared memory figures are bf16's and fp16's."""
+    fp32 on a GPU, see _triton.fits). The shared memory figures are bf16's and fp16's."""
     budget = device_budget(device)
     if budget is None:
         return CONFIGS
-    if dtype == torch.float32:
-        return []
-    capability, limit = budget
-    return [c for c in CONFIGS if shared_needed(c, capability) <= limit]
+    return [c for c in CONFIGS if fits(budget, dtype, shared_needed(c, budget[0]))]
 
 
 def _prune(configs, named_args, **_):
@@ -407,10 +401,8 @@ def norm_config_name(block_m: int, block_k: int, warps: int, stages: int) -> str
 
 def _norm_launchable(t: torch.Tensor, hidden: int) -> bool:
     """Whether the norm epilogue kernel can launch for rows of `hidden` like `t` (not in fp32
-    on a GPU: see _triton.gpu_fp32; NORM_SHARED_BYTES is bf16's and fp16's)."""
-    budget = device_budget(t.device)
-    fits = budget is None or (t.dtype != torch.float32 and NORM_SHARED_BYTES <= budget[1])
-    return hidden <= MAX_NORM_HIDDEN and fits
+    on a GPU: see _triton.fits; NORM_SHARED_BYTES is bf16's and fp16's)."""
+    return hidden <= MAX_NORM_HIDDEN and fits(device_budget(t.device), t.dtype, NORM_SHARED_BYTES)
 
 
 def _norm_prune(configs, named_args, **_):
@@ -643,9 +635,7 @@ def one_kernel_config_name() -> str:
 
 
 def _one_kernel_launchable(t: torch.Tensor, hidden: int) -> bool:
-    budget = device_budget(t.device)
-    fits = budget is None or (t.dtype != torch.float32 and ONE_KERNEL_SHARED_BYTES <= budget[1])
-    return hidden <= MAX_NORM_HIDDEN and fits
+    return hidden <= MAX_NORM_HIDDEN and fits(device_budget(t.device), t.dtype, ONE_KERNEL_SHARED_BYTES)
 
 
 @torch.library.custom_op("trm::swiglu_mlp_rmsnorm_one_kernel", mutates_args=())

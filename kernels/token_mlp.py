@@ -53,7 +53,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import arch as _arch
 from . import reference, tune
 from . import rmsnorm as _rmsnorm
 from . import swiglu as _swiglu
@@ -61,8 +60,10 @@ from ._triton import (
     GRID_LIMITS,
     check_input,
     device_budget,
+    fits,
     interpreting,
     launch,
+    needed_on,
     needs_grad,
     next_pow2,
     precision,
@@ -274,11 +275,8 @@ def _block_s(seq: int) -> int:
 
 
 def shared_needed(seq_class: int, tile: tuple[int, int, int], capability: int) -> int:
-    """Shared memory of a config on `capability`: the listed architecture standing for it,
-    or, for an architecture none stands for, the most any listed one of its family needs."""
-    row = SHARED_BYTES[(seq_class, *tile)]
-    stands_for = _arch.nearest(capability)
-    return row[stands_for.capability] if stands_for is not None else max(row.values())
+    """Shared memory of a config on `capability` (see _triton.needed_on)."""
+    return needed_on(SHARED_BYTES[(seq_class, *tile)], capability)
 
 
 def backward_fits(seq: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -287,26 +285,18 @@ def backward_fits(seq: int, device: torch.device, dtype: torch.dtype = torch.bfl
     seq_class, budget = max(128, _block_s(seq)), device_budget(device)
     if budget is None:
         return True
-    if dtype == torch.float32:  # see _triton.gpu_fp32
-        return False
-    capability, limit = budget
-    stands_for = _arch.nearest(capability)
-    needed = [row[stands_for.capability] if stands_for is not None else max(row.values())
-              for (block_s, _), row in BWD_SHARED_BYTES.items() if block_s == seq_class]  # fmt: skip
-    return max(needed) <= limit
+    needed = [needed_on(row, budget[0]) for (block_s, _), row in BWD_SHARED_BYTES.items() if block_s == seq_class]
+    return fits(budget, dtype, max(needed))
 
 
 def launchable_tiles(seq: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[tuple[int, int, int]]:
     """The configs for this sequence length and dtype that the device can launch (all of them
-    where no limit applies); empty when none can (fp32 on a GPU: see _triton.gpu_fp32), and
-    the composed ops then run instead. The shared memory figures are bf16's and fp16's."""
+    where no limit applies); empty when none can (fp32 on a GPU: see _triton.fits), and the
+    composed ops then run instead. The shared memory figures are bf16's and fp16's."""
     seq_class, budget = max(128, _block_s(seq)), device_budget(device)
     if budget is None:
         return configs(None)[seq_class]
-    if dtype == torch.float32:
-        return []
-    capability, limit = budget
-    return [tile for tile in configs(capability)[seq_class] if shared_needed(seq_class, tile, capability) <= limit]
+    return [t for t in configs(budget[0])[seq_class] if fits(budget, dtype, shared_needed(seq_class, t, budget[0]))]
 
 
 def _prune(configs, named_args, **_):
