@@ -15,13 +15,12 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 import trm_kernels as K
 from trm_kernels import reference as R
 
 from . import peers
 from .common import bench
-from .ops import fused_runs_on
+from .ops import _sdpa, fused_runs_on
 
 OURS = ("trm triton", "trm cuda")
 DIRECTIONS = ("forward", "forward+backward")
@@ -115,7 +114,9 @@ def _attention_case(batch: int, seq: int, hidden: int, heads: int, rand, device,
         from torch.nn.attention import SDPBackend
 
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-            providers[f"SDPA {backend.name.lower().removesuffix('_attention')} (no RoPE)"] = _sdpa(backend, heads)
+            sdpa = _sdpa(backend)  # on pre-split q, k, v: no RoPE
+            providers[f"SDPA {backend.name.lower().removesuffix('_attention')} (no RoPE)"] = (
+                lambda q, _f=sdpa: _f(q, cos, sin, heads))  # fmt: skip
     for b in _ours("rope_attention", device):
         providers[f"trm {b}"] = lambda q, _b=b: K.rope_attention(q, cos, sin, heads, _b)
     flops = 4 * batch * heads * seq * seq * d
@@ -139,18 +140,6 @@ def cases(device: torch.device, quick: bool, compile_ok: bool) -> list[Case]:
         _ce_case(tokens, vocab, rand, device, compile_ok),
         _attention_case(batch, seq, hidden, heads, rand, device, compile_ok),
     ]
-
-
-def _sdpa(backend, heads: int) -> Callable:
-    from torch.nn.attention import sdpa_kernel
-
-    def fn(qkv):
-        b, s, width = qkv.shape
-        q, k, v = qkv.view(b, s, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    return fn
 
 
 def _timed(case: Case, fn: Callable, device: torch.device, timer) -> dict[str, float]:
