@@ -153,24 +153,25 @@ def device_guard(device: torch.device | None) -> Iterator[torch.device | None]:
             yield device
 
 
+def _checked(kernel, sizes) -> tuple[int, ...]:
+    """`sizes` as a grid, or a ValueError naming the kernel and the limit it is over."""
+    sizes = tuple(sizes)
+    if (problem := grid_problem(sizes)) is not None:
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+        raise ValueError(f"{name}: {problem}; the input is too large for one launch")
+    return sizes
+
+
 def launch(kernel, grid, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)`` on the device of its tensors, after checking the grid
     against CUDA's limits. `grid` is a tuple, or (for an autotuned kernel) a function of the
     chosen config's meta-parameters as Triton takes it; a grid over a limit raises a
     ValueError naming the kernel and the limit before anything is launched."""
-
-    def checked(sizes) -> tuple[int, ...]:
-        sizes = tuple(sizes)
-        if (problem := grid_problem(sizes)) is not None:
-            name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
-            raise ValueError(f"{name}: {problem}; the input is too large for one launch")
-        return sizes
-
     with device_guard(_device_of(args)):
         if callable(grid):
-            kernel[lambda config: checked(grid(config))](*args, **meta)
+            kernel[lambda config: _checked(kernel, grid(config))](*args, **meta)
         else:
-            kernel[checked(grid)](*args, **meta)
+            kernel[_checked(kernel, grid)](*args, **meta)
 
 
 _BUDGETS: dict[torch.device, tuple[int, int]] = {}  # a plain dict, which torch.compile traces
