@@ -58,19 +58,55 @@ def _rows(base, rows, row_stride, valid, D: tl.constexpr, D_P: tl.constexpr):
 
 
 @triton.jit
-def _rotated(base, rows, row_stride, COS, SIN, valid, HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr):
-    """The two halves of one head's rows, rotated by RoPE in fp32 and rounded to the storage
-    dtype as the reference rounds q and k (or as stored, without RoPE): (x1, x2), each
-    [rows, HALF_P], zero past HALF."""
+def _load_pairs(rows_ptr, valid, HALF: tl.constexpr, HALF_P: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """A head's rows as the two members of its RoPE pairs, (x1, x2) each [rows, HALF_P], zero
+    past HALF: columns (c, c + HALF) rotate-half, (2c, 2c + 1) interleaved (one contiguous
+    load of the row, split in registers, so the accesses stay vectorised). Every kernel holds
+    a head as these two halves: a dot product over the head is the sum of the halves' dots."""
+    c = tl.arange(0, HALF_P)
+    if INTERLEAVED:
+        w = tl.arange(0, 2 * HALF_P)
+        x = tl.load(rows_ptr + w[None, :], mask=_cols(valid, w, 2 * HALF, 2 * HALF_P), other=0.0)
+        x1, x2 = tl.split(tl.reshape(x, [x.shape[0], HALF_P, 2]))
+    else:
+        mask = _cols(valid, c, HALF, HALF_P)
+        x1 = tl.load(rows_ptr + c[None, :], mask=mask, other=0.0)
+        x2 = tl.load(rows_ptr + HALF + c[None, :], mask=mask, other=0.0)
+    return x1, x2
+
+
+@triton.jit
+def _store_pairs(rows_ptr, valid, x1, x2, HALF: tl.constexpr, HALF_P: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Store (x1, x2) where _load_pairs reads them (interleaved: two strided stores, once per
+    program; joining the halves in registers spilled in fp32 on sm_80)."""
     c = tl.arange(0, HALF_P)
     mask = _cols(valid, c, HALF, HALF_P)
-    ptr = base + rows[:, None].to(tl.int64) * row_stride + c[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    if INTERLEAVED:
+        tl.store(rows_ptr + 2 * c[None, :], x1, mask=mask)
+        tl.store(rows_ptr + 2 * c[None, :] + 1, x2, mask=mask)
+    else:
+        tl.store(rows_ptr + c[None, :], x1, mask=mask)
+        tl.store(rows_ptr + HALF + c[None, :], x2, mask=mask)
+
+
+@triton.jit
+def _trig(TABLE, pos, valid, HALF: tl.constexpr, HALF_P: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """A RoPE table's angle of each pair at positions `pos`: [rows, HALF_P]."""
+    return _load_pairs(TABLE + pos[:, None] * (2 * HALF), valid, HALF, HALF_P, INTERLEAVED)[0]
+
+
+@triton.jit
+def _rotated(
+    base, rows, row_stride, pos, COS, SIN, valid,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    """The two halves of one head's rows (at positions `pos`), rotated by RoPE in fp32 and
+    rounded to the storage dtype as the reference rounds q and k (or as stored, without
+    RoPE): (x1, x2), each [rows, HALF_P], zero past HALF."""
+    x1, x2 = _load_pairs(base + rows[:, None].to(tl.int64) * row_stride, valid, HALF, HALF_P, INTERLEAVED)
     if ROPE:
-        trig = rows[:, None] * (2 * HALF) + c[None, :]
-        cos = tl.load(COS + trig, mask=mask, other=0.0)
-        sin = tl.load(SIN + trig, mask=mask, other=0.0)
+        cos = _trig(COS, pos, valid, HALF, HALF_P, INTERLEAVED)
+        sin = _trig(SIN, pos, valid, HALF, HALF_P, INTERLEAVED)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         dtype = base.dtype.element_ty
         x1, x2 = (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
@@ -79,19 +115,17 @@ def _rotated(base, rows, row_stride, COS, SIN, valid, HALF: tl.constexpr, HALF_P
 
 @triton.jit
 def _unrotate_store(
-    base, rows, row_stride, COS, SIN, valid, d1, d2, HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr
-):
+    base, rows, row_stride, COS, SIN, valid, d1, d2,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+):  # fmt: skip
     """Store the gradient w.r.t. the unrotated input: the rotation's transpose applied to (d1, d2)."""
-    c = tl.arange(0, HALF_P)
-    mask = _cols(valid, c, HALF, HALF_P)
-    ptr = base + rows[:, None].to(tl.int64) * row_stride + c[None, :]
     if ROPE:
-        trig = rows[:, None] * (2 * HALF) + c[None, :]
-        cos = tl.load(COS + trig, mask=mask, other=0.0)
-        sin = tl.load(SIN + trig, mask=mask, other=0.0)
+        cos = _trig(COS, rows, valid, HALF, HALF_P, INTERLEAVED)
+        sin = _trig(SIN, rows, valid, HALF, HALF_P, INTERLEAVED)
         d1, d2 = d1 * cos + d2 * sin, d2 * cos - d1 * sin
-    tl.store(ptr, d1.to(base.dtype.element_ty), mask=mask)
-    tl.store(ptr + HALF, d2.to(base.dtype.element_ty), mask=mask)
+    dtype = base.dtype.element_ty
+    _store_pairs(base + rows[:, None].to(tl.int64) * row_stride, valid, d1.to(dtype), d2.to(dtype), HALF, HALF_P,
+                 INTERLEAVED)  # fmt: skip
 
 
 @triton.jit
@@ -104,19 +138,32 @@ def _keys_ok(KEY_MASK, b, cols, S, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _allowed(q_rows, q_ok, k_cols, k_ok, CAUSAL: tl.constexpr):
-    """[rows, cols]: may this query attend this key."""
+def _allowed(q_rows, q_ok, k_cols, k_ok, CAUSAL: tl.constexpr, window=0, WINDOW: tl.constexpr = False):
+    """[rows, cols]: may this query attend this key (with WINDOW, only keys j > i - window)."""
     ok = q_ok[:, None] & k_ok[None, :]
     if CAUSAL:
         ok = ok & (k_cols[None, :] <= q_rows[:, None])
+    if WINDOW:
+        ok = ok & (k_cols[None, :] > q_rows[:, None] - window)
     return ok
 
 
 @triton.jit
+def _window_start(first_row, window, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """The first key block a tile of queries from `first_row` on may attend: 0, or with a
+    window the block of key first_row - window + 1."""
+    if WINDOW:
+        return (tl.maximum(first_row - window + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        return 0
+
+
+@triton.jit
 def _attn_fwd(
-    QKV, COS, SIN, KEY_MASK, OUT, LSE, S, H, KVH, scale,
+    QKV, COS, SIN, KEY_MASK, OUT, LSE, S, H, KVH, scale, window,
     D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERLEAVED: tl.constexpr = False, WINDOW: tl.constexpr = False,
 ):  # fmt: skip
     m_block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -128,18 +175,18 @@ def _attn_fwd(
     q_base, k_base, v_base = base + h * D, base + (H + g) * D, base + (H + KVH + g) * D
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = rows < S
-    q1, q2 = _rotated(q_base, rows, row_stride, COS, SIN, q_ok, HALF, HALF_P, ROPE)
+    q1, q2 = _rotated(q_base, rows, row_stride, rows, COS, SIN, q_ok, HALF, HALF_P, ROPE, INTERLEAVED)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_P], tl.float32)
     qk_scale = scale * LOG2E
     end = tl.minimum(S, (m_block + 1) * BLOCK_M) if CAUSAL else S
-    for start in range(0, end, BLOCK_N):
+    for start in range(_window_start(m_block * BLOCK_M, window, BLOCK_N, WINDOW), end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k_ok = _keys_ok(KEY_MASK, b, cols, S, HAS_MASK)
-        k1, k2 = _rotated(k_base, cols, row_stride, COS, SIN, k_ok, HALF, HALF_P, ROPE)
+        k1, k2 = _rotated(k_base, cols, row_stride, cols, COS, SIN, k_ok, HALF, HALF_P, ROPE, INTERLEAVED)
         qk = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
-        qk = tl.where(_allowed(rows, q_ok, cols, k_ok, CAUSAL), qk * qk_scale, float("-inf"))
+        qk = tl.where(_allowed(rows, q_ok, cols, k_ok, CAUSAL, window, WINDOW), qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
         p = tl.exp2(qk - m_safe[:, None])
@@ -189,15 +236,19 @@ def _score_grad(p, do, v, delta, scale, dtype, PREC: tl.constexpr):
 
 
 @triton.jit
-def _rope_qk(QKV, COS, SIN, QK, S, H, KVH, D: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr):
+def _rope_qk(
+    QKV, COS, SIN, QK, S, H, KVH,
+    D: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr, INTERLEAVED: tl.constexpr = False,
+):  # fmt: skip
     """The backward's q and k, rotated once ([B, S, (H + KVH) * d], as the forward rotates and
-    rounds them), so that its inner loops load them without trigonometry: fewer registers."""
+    rounds them), so that its inner loops load them without trigonometry: fewer registers.
+    Stored as rotate-half halves in either convention (only their dot products are used)."""
     m_block, bj = tl.program_id(0), tl.program_id(1)
     b, j = bj // (H + KVH), bj % (H + KVH)  # head j of the q heads then the k heads
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = rows < S
     src = QKV + b.to(tl.int64) * S * (H + 2 * KVH) * D + j * D
-    x1, x2 = _rotated(src, rows, (H + 2 * KVH) * D, COS, SIN, ok, D // 2, HALF_P, True)
+    x1, x2 = _rotated(src, rows, (H + 2 * KVH) * D, rows, COS, SIN, ok, D // 2, HALF_P, True, INTERLEAVED)
     dst = QK + b.to(tl.int64) * S * (H + KVH) * D + j * D
     c = tl.arange(0, HALF_P)
     ptr = dst + rows[:, None].to(tl.int64) * ((H + KVH) * D) + c[None, :]
@@ -213,7 +264,7 @@ def _query_tile(
 ):  # fmt: skip
     """The backward's view of query rows of head h: validity, (rotated) q halves, lse, delta, dO."""
     q_ok = rows < S
-    q1, q2 = _rotated(QK_BASE + h * D, rows, qk_stride, QK_BASE, QK_BASE, q_ok, D // 2, HALF_P, False)
+    q1, q2 = _rotated(QK_BASE + h * D, rows, qk_stride, rows, QK_BASE, QK_BASE, q_ok, D // 2, HALF_P, False, False)
     bh = (b * H + h).to(tl.int64)
     lse = tl.load(LSE + bh * S + rows, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * S + rows, mask=q_ok, other=0.0)
@@ -228,16 +279,18 @@ def _key_tile(
 ):  # fmt: skip
     """The backward's view of key rows of key/value head g: validity, (rotated) k halves and v."""
     k_ok = _keys_ok(KEY_MASK, b, cols, S, HAS_MASK)
-    k1, k2 = _rotated(QK_BASE + (H + g) * D, cols, qk_stride, QK_BASE, QK_BASE, k_ok, D // 2, HALF_P, False)
+    k1, k2 = _rotated(QK_BASE + (H + g) * D, cols, qk_stride, cols, QK_BASE, QK_BASE, k_ok, D // 2, HALF_P, False,
+                      False)  # fmt: skip
     v = _rows(V_BASE + g * D, cols, row_stride, k_ok, D, D_P)
     return k_ok, k1, k2, v
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    QKV, QK, COS, SIN, KEY_MASK, DOUT, LSE, DELTA, DQKV, S, H, KVH, qk_stride, scale,
+    QKV, QK, COS, SIN, KEY_MASK, DOUT, LSE, DELTA, DQKV, S, H, KVH, qk_stride, scale, window,
     D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERLEAVED: tl.constexpr = False, WINDOW: tl.constexpr = False,
 ):  # fmt: skip
     """dK and dV of one block of keys of one key/value head, summed over its group's query heads.
     q and k come rotated (QK, row stride qk_stride); dK is un-rotated when stored."""
@@ -257,20 +310,23 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, D_P], tl.float32)
     qk_scale = scale * LOG2E
     first = (n_block * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0  # earlier queries see none of these keys
+    last = tl.minimum(S, (n_block + 1) * BLOCK_N + window - 1) if WINDOW else S  # later queries: out of window
     for j in range(0, group):
         h = g * group + j
-        for start in range(first, S, BLOCK_M):
+        for start in range(first, last, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             q_ok, q1, q2, lse, delta, do = _query_tile(qk_base, qk_stride, DOUT, LSE, DELTA, b, h, rows, S, H, D,
                                                        HALF_P, D_P)  # fmt: skip
-            p = _probabilities(q1, q2, k1, k2, lse, _allowed(rows, q_ok, cols, k_ok, CAUSAL), qk_scale, PREC)
+            allowed = _allowed(rows, q_ok, cols, k_ok, CAUSAL, window, WINDOW)
+            p = _probabilities(q1, q2, k1, k2, lse, allowed, qk_scale, PREC)
             dv += tl.dot(tl.trans(p.to(dtype)), do, input_precision=PREC)
             ds = _score_grad(p, do, v, delta, scale, dtype, PREC)
             dk1 += tl.dot(tl.trans(ds), q1, input_precision=PREC)
             dk2 += tl.dot(tl.trans(ds), q2, input_precision=PREC)
     g_base = DQKV + b.to(tl.int64) * S * row_stride
     valid = cols < S  # masked keys get a zero gradient, stored
-    _unrotate_store(g_base + (H + g) * D, cols, row_stride, COS, SIN, valid, dk1, dk2, HALF, HALF_P, ROPE)
+    _unrotate_store(g_base + (H + g) * D, cols, row_stride, COS, SIN, valid, dk1, dk2, HALF, HALF_P, ROPE,
+                    INTERLEAVED)  # fmt: skip
     d = tl.arange(0, D_P)
     dv_ptr = g_base + (H + KVH + g) * D + cols[:, None].to(tl.int64) * row_stride + d[None, :]
     tl.store(dv_ptr, dv.to(dtype), mask=_cols(valid, d, D, D_P))
@@ -278,9 +334,10 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    QKV, QK, COS, SIN, KEY_MASK, DOUT, LSE, DELTA, DQKV, S, H, KVH, qk_stride, scale,
+    QKV, QK, COS, SIN, KEY_MASK, DOUT, LSE, DELTA, DQKV, S, H, KVH, qk_stride, scale, window,
     D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, ROPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERLEAVED: tl.constexpr = False, WINDOW: tl.constexpr = False,
 ):  # fmt: skip
     """dQ of one block of queries of one head; q and k come rotated, dQ is un-rotated when stored."""
     m_block, bh = tl.program_id(0), tl.program_id(1)
@@ -297,16 +354,17 @@ def _attn_bwd_dq(
     dq2 = tl.zeros([BLOCK_M, HALF_P], tl.float32)
     qk_scale = scale * LOG2E
     end = tl.minimum(S, (m_block + 1) * BLOCK_M) if CAUSAL else S
-    for start in range(0, end, BLOCK_N):
+    for start in range(_window_start(m_block * BLOCK_M, window, BLOCK_N, WINDOW), end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k_ok, k1, k2, v = _key_tile(qk_base, qk_stride, v_base, row_stride, KEY_MASK, b, g, cols, S, H, D, HALF_P,
                                     D_P, HAS_MASK)  # fmt: skip
-        p = _probabilities(q1, q2, k1, k2, lse, _allowed(rows, q_ok, cols, k_ok, CAUSAL), qk_scale, PREC)
+        allowed = _allowed(rows, q_ok, cols, k_ok, CAUSAL, window, WINDOW)
+        p = _probabilities(q1, q2, k1, k2, lse, allowed, qk_scale, PREC)
         ds = _score_grad(p, do, v, delta, scale, dtype, PREC)
         dq1 += tl.dot(ds, k1, input_precision=PREC)
         dq2 += tl.dot(ds, k2, input_precision=PREC)
     g_base = DQKV + b.to(tl.int64) * S * row_stride
-    _unrotate_store(g_base + h * D, rows, row_stride, COS, SIN, q_ok, dq1, dq2, D // 2, HALF_P, ROPE)
+    _unrotate_store(g_base + h * D, rows, row_stride, COS, SIN, q_ok, dq1, dq2, D // 2, HALF_P, ROPE, INTERLEAVED)
 
 
 class Tile(NamedTuple):
@@ -316,7 +374,9 @@ class Tile(NamedTuple):
     stages: int
 
 
-def tiles(head_dim: int, capability: tuple[int, int] | None, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tile]:
+def tiles(
+    head_dim: int, capability: tuple[int, int] | None, dtype: torch.dtype = torch.bfloat16, interleaved: bool = False
+) -> dict[str, Tile]:
     """Each kernel's tile for this head size and dtype on this GPU (None: the interpreter): the
     largest that ptxas compiles without register spills on every architecture of its family,
     with the family's tensor-core instruction (`python -m trm_benchmarks.ptx` checks sm_80, 86,
@@ -333,22 +393,25 @@ def tiles(head_dim: int, capability: tuple[int, int] | None, dtype: torch.dtype 
     major = capability[0] if capability is not None else None
     if dtype == torch.float32 and major is not None:
         if wide:  # 8 warps spread dK/dV's accumulators (2 stages on wgmma GPUs, 1 on mma.sync ones)
-            dkdv = Tile(16, 16, 8, 2) if major in (9, 10) else Tile(16, 16, 8, 1)
+            # ptxas holds these at 64 registers a thread: sm_80 spilled 8 B at 16 x 16 (window), the
+            # others 16 B at 32 x 16
+            dkdv = Tile(16, 16, 8, 2) if major in (9, 10) else Tile(32 if capability == (8, 0) else 16, 16, 8, 1)
             return {"fwd": Tile(32, 16, 4, 1), "dq": Tile(32, 16, 4, 1), "dkdv": dkdv}
         return {"fwd": Tile(16, 32, 4, 1), "dq": Tile(16, 32, 4, 1), "dkdv": Tile(16, 16, 4, 1)}
     if major in (9, 10):  # Hopper, B200: wgmma / tcgen05
         if wide:
             return {"fwd": Tile(64, 32, 8, 2), "dq": Tile(64, 32, 8, 2), "dkdv": Tile(16, 64, 8, 1)}
         return {"fwd": Tile(64, 64, 4, 2), "dq": Tile(64, 64, 4, 1), "dkdv": Tile(64, 64, 8, 1)}
+    keys = 32 if interleaved else 64  # splitting interleaved pairs in registers: 64-key tiles spill, or need 108 KB
     if wide:
-        return {"fwd": Tile(32, 64, 4, 2), "dq": Tile(32, 64, 8, 1), "dkdv": Tile(32, 32, 8, 1)}
-    return {"fwd": Tile(64, 64, 4, 2), "dq": Tile(64, 64, 4, 1), "dkdv": Tile(32, 32, 8, 1)}
+        return {"fwd": Tile(32, keys, 4, 2), "dq": Tile(32, 64, 8, 1), "dkdv": Tile(32, 32, 8, 1)}
+    return {"fwd": Tile(64, keys, 4, 2), "dq": Tile(64, 64, 4, 1), "dkdv": Tile(32, 32, 8, 1)}
 
 
-def _tiles_for(qkv: torch.Tensor, head_dim: int) -> dict[str, Tile]:
+def _tiles_for(qkv: torch.Tensor, head_dim: int, interleaved: bool = False) -> dict[str, Tile]:
     budget = device_budget(qkv.device) if on_gpu(qkv) else None
     capability = divmod(budget[0], 10) if budget is not None else None
-    return tiles(head_dim, capability, qkv.dtype)
+    return tiles(head_dim, capability, qkv.dtype, interleaved)
 
 
 def _launch_by_batch(kernel, blocks: int, per_element: int, batch: int, args: tuple, batched: tuple[int, ...],
@@ -371,16 +434,19 @@ def head_dim_of(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> int:
     return qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
 
 
-def supports(qkv: torch.Tensor, cos, sin, num_heads: int, num_kv_heads: int, causal: bool, key_mask) -> bool:
+def supports(qkv: torch.Tensor, cos, sin, num_heads: int, num_kv_heads: int, causal: bool, key_mask,
+             rope: str = "rotate_half", window: int = 0) -> bool:  # fmt: skip
     return takes(qkv) and head_dim_of(qkv, num_heads, num_kv_heads) in HEAD_DIMS
 
 
-def _meta(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos, causal: bool, key_mask) -> dict:
+def _meta(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos, causal: bool, key_mask,
+          interleaved: bool = False, window: int = 0) -> dict:  # fmt: skip
     d = head_dim_of(qkv, num_heads, num_kv_heads)
     if d not in HEAD_DIMS:
         raise ValueError(f"rope_attention: head_dim {d} is not supported by the triton backend (even, 32..128)")
     return dict(D=d, HALF_P=next_pow2(d // 2), D_P=2 * next_pow2(d // 2), PREC=precision(qkv), ROPE=cos is not None,
-                CAUSAL=causal, HAS_MASK=key_mask is not None)  # fmt: skip
+                CAUSAL=causal, HAS_MASK=key_mask is not None,
+                INTERLEAVED=cos is not None and interleaved, WINDOW=window > 0)  # fmt: skip
 
 
 def _tables(qkv: torch.Tensor, cos, sin, key_mask):
@@ -394,23 +460,23 @@ def _tables(qkv: torch.Tensor, cos, sin, key_mask):
 @torch.library.custom_op("trm::rope_attention", mutates_args=())
 def attention_fwd(
     qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, num_kv_heads: int,
-    causal: bool, key_mask: torch.Tensor | None,
+    causal: bool, key_mask: torch.Tensor | None, interleaved: bool, window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     qkv = qkv.contiguous()
     batch, seq, _ = qkv.shape
-    meta = _meta(qkv, num_heads, num_kv_heads, cos, causal, key_mask)
+    meta = _meta(qkv, num_heads, num_kv_heads, cos, causal, key_mask, interleaved, window)
     d = head_dim_of(qkv, num_heads, num_kv_heads)
     out = qkv.new_empty(batch, seq, num_heads * d)
     lse = torch.empty(batch, num_heads, seq, dtype=torch.float32, device=qkv.device)
-    t = _tiles_for(qkv, d)["fwd"]
-    args = (qkv, *_tables(qkv, cos, sin, key_mask), out, lse, seq, num_heads, num_kv_heads, 1 / math.sqrt(d))
+    t = _tiles_for(qkv, d, meta["INTERLEAVED"])["fwd"]
+    args = (qkv, *_tables(qkv, cos, sin, key_mask), out, lse, seq, num_heads, num_kv_heads, 1 / math.sqrt(d), window)
     _launch_by_batch(_attn_fwd, triton.cdiv(seq, t.block_m), num_heads, batch, args, (0, 3, 4, 5), **meta,
                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.warps, num_stages=t.stages)  # fmt: skip
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask):
+def _(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask, interleaved, window):
     batch, seq, _ = qkv.shape
     d = head_dim_of(qkv, num_heads, num_kv_heads)
     return qkv.new_empty(batch, seq, num_heads * d), qkv.new_empty(batch, num_heads, seq, dtype=torch.float32)
@@ -420,10 +486,11 @@ def _(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask):
 def attention_bwd(
     dout: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor,
     lse: torch.Tensor, num_heads: int, num_kv_heads: int, causal: bool, key_mask: torch.Tensor | None,
+    interleaved: bool, window: int,
 ) -> torch.Tensor:  # fmt: skip
     dout, qkv = dout.contiguous(), qkv.contiguous()
     batch, seq, _ = qkv.shape
-    meta = _meta(qkv, num_heads, num_kv_heads, cos, causal, key_mask)
+    meta = _meta(qkv, num_heads, num_kv_heads, cos, causal, key_mask, interleaved, window)
     d = head_dim_of(qkv, num_heads, num_kv_heads)
     delta = torch.empty_like(lse)
     row_blocks = triton.cdiv(seq, DELTA_ROWS)
@@ -437,10 +504,10 @@ def attention_bwd(
         qk = qkv.new_empty(batch, seq, qk_stride)
         _launch_by_batch(_rope_qk, row_blocks, num_heads + num_kv_heads, batch,
                          (qkv, cos, sin, qk, seq, num_heads, num_kv_heads), (0, 3), D=d, HALF_P=meta["HALF_P"],
-                         BLOCK_M=DELTA_ROWS)  # fmt: skip
+                         BLOCK_M=DELTA_ROWS, INTERLEAVED=meta["INTERLEAVED"])  # fmt: skip
     args = (qkv, qk, cos, sin, mask, dout, lse, delta, dqkv, seq, num_heads, num_kv_heads, qk_stride,
-            1 / math.sqrt(d))  # fmt: skip
-    chosen = _tiles_for(qkv, d)
+            1 / math.sqrt(d), window)  # fmt: skip
+    chosen = _tiles_for(qkv, d, meta["INTERLEAVED"])
     for kernel, t, rows, programs in ((_attn_bwd_dkdv, chosen["dkdv"], "block_n", num_kv_heads),
                                       (_attn_bwd_dq, chosen["dq"], "block_m", num_heads)):  # fmt: skip
         _launch_by_batch(kernel, triton.cdiv(seq, getattr(t, rows)), programs, batch, args, (0, 1, 4, 5, 6, 7, 8),
@@ -450,23 +517,25 @@ def attention_bwd(
 
 
 @attention_bwd.register_fake
-def _(dout, qkv, cos, sin, out, lse, num_heads, num_kv_heads, causal, key_mask):
+def _(dout, qkv, cos, sin, out, lse, num_heads, num_kv_heads, causal, key_mask, interleaved, window):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):
-    qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask = inputs
+    qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask, interleaved, window = inputs
     ctx.save_for_backward(qkv, cos, sin, key_mask, output[0], output[1])
-    ctx.num_heads, ctx.num_kv_heads, ctx.causal = num_heads, num_kv_heads, causal
+    ctx.num_heads, ctx.num_kv_heads, ctx.causal, ctx.interleaved = num_heads, num_kv_heads, causal, interleaved
+    ctx.window = window
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs backward ignores
 
 
 def _backward(ctx, dout, _dlse):
     if dout is None:  # the output is unused
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     qkv, cos, sin, key_mask, out, lse = ctx.saved_tensors
-    dqkv = attention_bwd(dout, qkv, cos, sin, out, lse, ctx.num_heads, ctx.num_kv_heads, ctx.causal, key_mask)
-    return dqkv, None, None, None, None, None, None
+    dqkv = attention_bwd(dout, qkv, cos, sin, out, lse, ctx.num_heads, ctx.num_kv_heads, ctx.causal, key_mask,
+                         ctx.interleaved, ctx.window)  # fmt: skip
+    return dqkv, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -480,6 +549,10 @@ def rope_attention(
     num_kv_heads: int,
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    rope: str = "rotate_half",
+    window: int = 0,
 ) -> torch.Tensor:
     check_input("qkv", qkv)
-    return attention_fwd(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask)[0]
+    if cos is not None and cos.shape[0] != qkv.shape[1]:  # a longer table: its first S positions
+        cos, sin = cos[: qkv.shape[1]], sin[: qkv.shape[1]]
+    return attention_fwd(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask, rope == "interleaved", window)[0]
