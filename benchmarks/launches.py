@@ -160,6 +160,29 @@ def _one_kernel_sublayer(rows: int, hidden: int, inter: int) -> None:
                                     _meta(hidden, inter, grad=False), 1e-5)  # fmt: skip
 
 
+def _recurrent_depth_adapter(batch: int, seq: int, hidden: int) -> None:
+    """A recurrent-depth LM's adapter on cat([state, embeds]) (Huginn's), forward and backward."""
+    import trm_kernels as K
+
+    out = K.concat_linear(_meta(batch, seq, hidden), _meta(batch, seq, hidden), _meta(hidden, 2 * hidden),
+                          _meta(hidden), backend="triton")  # fmt: skip
+    _backward(out)
+
+
+def _sandwich_block(batch: int, seq: int, hidden: int, inter: int) -> None:
+    """A Huginn-style sandwich block's norms (fp32 weights, eps 1e-6): the attention's closing
+    norm and the MLP's opening one as one sandwich_rmsnorm, then the MLP's down projection with
+    its weighted post-norm (linear_add_rmsnorm: above hidden 512, cuBLAS + the add + RMSNorm kernel)."""
+    import trm_kernels as K
+
+    fp32 = torch.float32
+    stream, mlp_in = K.sandwich_rmsnorm(_meta(batch, seq, hidden), _meta(batch, seq, hidden), _meta(hidden, dtype=fp32),
+                                        _meta(hidden, dtype=fp32), 1e-6, backend="triton")  # fmt: skip
+    out = K.linear_add_rmsnorm(_meta(batch, seq, inter), _meta(hidden, inter), stream, 1e-6, backend="triton",
+                               weight=_meta(hidden, dtype=fp32))  # fmt: skip
+    _backward(mlp_in, out)
+
+
 def _language_model(batch: int, seq: int, hidden: int, heads: int, kv_heads: int, inter: int, vocab: int) -> None:
     """A causal grouped-query decoder layer (head size 128), pre-norm with learnable weights."""
     import trm_kernels as K
@@ -176,6 +199,16 @@ def _language_model(batch: int, seq: int, hidden: int, heads: int, kv_heads: int
     loss = K.softmax_cross_entropy(_meta(batch, seq, vocab), _meta(batch, seq, dtype=torch.int64, grad=False),
                                    backend="triton")  # fmt: skip
     _backward(attn, stream, out, loss)
+
+
+def _cached_attention(batch: int, seq: int, capacity: int, heads: int, kv_heads: int, d: int) -> None:
+    """A language model's generation step: `seq` new tokens per sequence against a cache (decode: 1)."""
+    import trm_kernels as K
+
+    caches = [_meta(batch, capacity, kv_heads, d, grad=False) for _ in range(2)]
+    lens = _meta(batch, dtype=torch.int32, grad=False)
+    K.kv_cache_attention(_meta(batch, seq, (heads + 2 * kv_heads) * d, grad=False), *caches, lens,
+                         *_tables(capacity, d), heads, backend="triton", num_kv_heads=kv_heads)  # fmt: skip
 
 
 def _in(dtype: torch.dtype, run: Callable, *sizes: int) -> None:
@@ -202,6 +235,11 @@ def cases() -> dict[str, Callable[[], None]]:
         "maze mlp_t batch 1536 x 916": lambda: _token_mixer(1536, 916, 512, 1536),
         "one-kernel sub-layer, maze rows": lambda: _one_kernel_sublayer(1536 * 916, 512, 1536),
         "LM 8 x 4096, hidden 4096, 32/8 heads": lambda: _language_model(8, 4096, 4096, 32, 8, 14336, 8192),
+        "sandwich block 8 x 4096, hidden 5280": lambda: _sandwich_block(8, 4096, 5280, 17920),
+        "recurrent-depth adapter 8 x 4096, hidden 5280": lambda: _recurrent_depth_adapter(8, 4096, 5280),
+        "LM decode, batch 16384, cache 4096, 32/8 heads": lambda: _cached_attention(16384, 1, 4096, 32, 8, 128),
+        "LM decode, batch 1, cache 131072, 32/8 heads": lambda: _cached_attention(1, 1, 131072, 32, 8, 128),
+        "LM prefill chunk 8 x 2048, cache 8192, 32/8 heads": lambda: _cached_attention(8, 2048, 8192, 32, 8, 128),
     }
 
 

@@ -157,6 +157,43 @@ def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
             yield Row("attention forward+backward", case, name, ms_f + ms_b, tflops=3.5 * flops / (ms_f + ms_b) / 1e9)
 
 
+def _kv_cache_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
+    """A generation step against a KV cache (decode: 1 new token; chunked prefill: Sq), each
+    sequence with `cached` tokens before the step; GB/s by the bytes the step must read (the
+    cached keys and values up to the new positions, the new tokens) and write (the output,
+    the new keys and values). SDPA on keys and values already cut to length and rotated, no
+    cache write (``F.scaled_dot_product_attention``, ``enable_gqa``): the target to beat."""
+    for batch, seq, cached, heads, kv, d in shapes:
+        capacity = cached + seq
+        qkv = torch.randn(batch, seq, (heads + 2 * kv) * d, device=device, dtype=dtype)
+        caches = [torch.randn(batch, capacity, kv, d, device=device, dtype=dtype) for _ in range(2)]
+        lens = torch.full((batch,), cached, dtype=torch.int32, device=device)
+        cos, sin = (t.to(device) for t in K.rope_cos_sin(capacity, d))
+        size = torch.finfo(dtype).bits // 8
+        moved = 2 * capacity * kv * d + seq * (heads + 2 * kv) * d + seq * heads * d + 2 * seq * kv * d
+        nbytes = size * batch * moved
+        case = f"{'decode' if seq == 1 else f'prefill chunk {seq}'} B={batch} cache {cached} H={heads}/{kv} d={d}"
+        providers = [("eager", R.kv_cache_attention)]
+        if compile_ok:
+            providers.append(("torch.compile", torch.compile(R.kv_cache_attention)))
+        if fused_runs_on(device):
+            providers.append(("triton", functools.partial(K.kv_cache_attention, backend="triton")))
+        with torch.no_grad():
+            for name, fn in providers:
+                if name == "triton":
+                    step = functools.partial(fn, qkv, *caches, lens, cos, sin, heads, num_kv_heads=kv)
+                else:
+                    step = functools.partial(fn, qkv, *caches, lens, cos, sin, heads, kv, True)
+                ms = bench(step, device)
+                yield Row("kv-cache attention", case, name, ms, gbps=nbytes / ms / 1e6)
+            q = torch.randn(batch, heads, seq, d, device=device, dtype=dtype)
+            k, v = (c.transpose(1, 2) for c in caches)  # [B, KVH, C, d] views
+            mask = torch.ones(seq, capacity, dtype=torch.bool, device=device).tril(cached)
+            sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=True)
+            ms = bench(sdpa, device)
+            yield Row("kv-cache attention", case, "sdpa (no rope, no cache write)", ms, gbps=nbytes / ms / 1e6)
+
+
 def _folded(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.matmul(w, h)
 
@@ -288,6 +325,14 @@ def _shapes(quick: bool):
     return [(768, 97), (768, 916)], 512, 1536, [(768, 97, 8, 64), (768, 916, 8, 64)]
 
 
+def _cache_shapes(quick: bool) -> list[tuple[int, int, int, int, int, int]]:
+    """(batch, new tokens, cached tokens, heads, kv heads, head_dim): a language model's decode
+    steps (batch 1 and 64 at 4096 cached tokens: split-K and many tiles) and a prefill chunk."""
+    if quick:
+        return [(2, 1, 40, 4, 2, 32), (2, 5, 20, 4, 2, 32)]
+    return [(1, 1, 4096, 32, 8, 128), (64, 1, 4096, 32, 8, 128), (8, 512, 3584, 32, 8, 128)]
+
+
 def _printed(cases: Iterator[Row]) -> list[Row]:
     out = []
     for row in cases:
@@ -322,6 +367,7 @@ def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
         _inject_cases(rows_list, hidden, dtype, device, compile_ok),
         _ce_cases([(768, 81)] if not quick else [(2, 16)], 11, dtype, device, compile_ok),
         _attention_cases(attn, dtype, device, compile_ok),
+        _kv_cache_cases(_cache_shapes(quick), dtype, device, compile_ok),
         _token_mix_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device),
         _token_mlp_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),
         _token_mlp_training_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),

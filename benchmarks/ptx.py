@@ -24,6 +24,7 @@ import concurrent.futures
 import datetime
 import importlib
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -43,9 +44,9 @@ def _specs(dtype: str = "bf16", capability: int = 90):
     package launches each kernel on a GPU of this compute capability."""
     import torch
 
-    attention, cross_entropy, inject, rmsnorm, swiglu, channel_mlp, token_mlp = (
+    attention, cross_entropy, inject, rmsnorm, swiglu, channel_mlp, token_mlp, sandwich = (
         importlib.import_module(f"trm_kernels.{m}")
-        for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "channel_mlp", "token_mlp")
+        for m in ("attention", "cross_entropy", "inject", "rmsnorm", "swiglu", "channel_mlp", "token_mlp", "sandwich")
     )
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -84,6 +85,19 @@ def _specs(dtype: str = "bf16", capability: int = 90):
         "BLOCK_N": 512,
         "BLOCK_C": 16,
     }  # fmt: skip  (the recurrent-depth LM's hidden 512, as _grid tiles it)
+    # the sandwich norm (two norms a row, fp32 weights) at hidden 512, a language model's 4096, and its widest row
+    sandwich_fwd = {"X": t, "R": t, "W": "*fp32", "W2": "*fp32", "S": t, "Y": t, "RSTD": "*fp32", "RSTD2": "*fp32",
+                    **norm, "eps": "fp32"}  # fmt: skip
+    sandwich_bwd = {"DS": t, "DY": t, "X": t, "R": t, "W": "*fp32", "W2": "*fp32", "RSTD": "*fp32", "RSTD2": "*fp32",
+                    "DH": t, "DW": "*fp32", "DW2": "*fp32", **norm}  # fmt: skip
+    sandwich_specs = {}
+    for width in (512, 4096, sandwich.MAX_N):
+        sizes = sandwich._grid(torch.Size((74496, width)))[1]
+        meta = {"stride_n": 1, "ROUND": True, "BLOCK_N": sizes["BLOCK_N"], "BLOCK_C": sizes["BLOCK_C"]}
+        for which, kernel, sig in (("fwd", sandwich._sandwich_fwd, sandwich_fwd),
+                                   ("bwd", sandwich._sandwich_bwd, sandwich_bwd)):  # fmt: skip
+            sandwich_specs[f"sandwich_rmsnorm_{which} hidden {width}"] = (kernel, sig, meta, HIDDEN_DIV16,
+                                                                          sizes["num_warps"])  # fmt: skip
     token_mlp_sig = {"H": t, "WGU": t, "WD": t, "OUT": t, "SUM": t, "RSTD": "*fp32", "B": "i32", "S": "i32",
                      "D": "i32", "I_PAD": "i32", "eps": "fp32"}  # fmt: skip
     token_mlp_configs = {  # every config the autotuner may pick here (its family's); sudoku: S = 97, D = I = 512
@@ -111,19 +125,20 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             )
     # the channel MLP: rows M = 768 * 97, hidden K = 512, intermediate N = 1536 (all multiples of 16)
     mlp_sizes = {"M": "i32", "N": "i32", "K": "i32"}
-    mlp_fwd = {"X": t, "W": t, "ACT": t, "GU": t, **mlp_sizes}
+    mlp_fwd = {"X": t, "W": t, "UP": "i32", "ACT": t, "GU": t, **mlp_sizes}  # UP = I * K: the packed weight
     mlp_bwd = {"DY": t, "WD": t, "GU": t, "DGU": t, "ACT": t, **mlp_sizes}
     mlp_configs = {}
-    for bm, bn, bk, warps, stages in channel_mlp.CONFIGS:
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": channel_mlp.GROUP_M, "PREC": prec}
-        mlp_configs[channel_mlp.config_name("fwd", bm, bn, bk, warps, stages)] = (
+    for (bm, bn, bk, warps, stages), act in itertools.product(channel_mlp.CONFIGS, channel_mlp.ACTIVATIONS):
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": channel_mlp.GROUP_M, "PREC": prec,
+                "ACTIVATION": act}  # fmt: skip
+        mlp_configs[channel_mlp.config_name("fwd", bm, bn, bk, warps, stages, act)] = (
             channel_mlp._linear_swiglu_fwd,
             mlp_fwd,
             meta | {"STORE_GU": True},
-            {"M", "N", "K"},
+            {"M", "N", "K", "UP"},
             (warps, stages),
         )
-        mlp_configs[channel_mlp.config_name("bwd", bm, bn, bk, warps, stages)] = (
+        mlp_configs[channel_mlp.config_name("bwd", bm, bn, bk, warps, stages, act)] = (
             channel_mlp._swiglu_mlp_bwd,
             mlp_bwd,
             meta,
@@ -131,10 +146,12 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             (warps, stages),
         )
     # the down GEMM + residual + RMSNorm: hidden N = 512 is one tile (BLOCK_N), intermediate K = 1536
-    norm_sig = {"A": t, "WD": t, "H": t, "OUT": t, "SUM": t, "RSTD": "*fp32", **mlp_sizes, "eps": "fp32"}
-    for bm, bk, warps, stages in channel_mlp.NORM_CONFIGS:
-        meta = {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_K": bk, "STORE_SUM": True, "PREC": prec}
-        mlp_configs[channel_mlp.norm_config_name(bm, bk, warps, stages)] = (
+    # (a language model's post-norm with its learnable fp32 weight: the " with weight" variants)
+    norm_sig = {"A": t, "WD": t, "H": t, "W": "*fp32", "OUT": t, "SUM": t, "RSTD": "*fp32", **mlp_sizes,
+                "eps": "fp32"}  # fmt: skip
+    for (bm, bk, warps, stages), weighted in itertools.product(channel_mlp.NORM_CONFIGS, (False, True)):
+        meta = {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_K": bk, "STORE_SUM": True, "HAS_W": weighted, "PREC": prec}
+        mlp_configs[channel_mlp.norm_config_name(bm, bk, warps, stages) + " with weight" * weighted] = (
             channel_mlp._down_add_rmsnorm_fwd,
             norm_sig,
             meta,
@@ -142,25 +159,42 @@ def _specs(dtype: str = "bf16", capability: int = 90):
             (warps, stages),
         )
     bm, bi, bk, warps, stages = channel_mlp.ONE_KERNEL_CONFIG  # the whole sub-layer without grad, hidden 512
-    mlp_configs[channel_mlp.one_kernel_config_name()] = (
-        channel_mlp._mlp_add_rmsnorm_fwd,
-        {"H": t, "WGU": t, "WD": t, "OUT": t, "M": "i32", "N": "i32", "INTER": "i32", "eps": "fp32"},
-        {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_I": bi, "BLOCK_K": bk, "PREC": prec},
-        {"M", "N", "INTER"},
-        (warps, stages),
-    )
+    for weighted, act in itertools.product((False, True), channel_mlp.ACTIVATIONS):
+        suffix = (f" {act}" if act != "swiglu" else "") + " with weight" * weighted
+        mlp_configs[channel_mlp.one_kernel_config_name() + suffix] = (
+            channel_mlp._mlp_add_rmsnorm_fwd,
+            {"H": t, "WG": t, "UP": "i32", "WD": t, "W": "*fp32", "OUT": t, "M": "i32", "N": "i32",
+             "INTER": "i32", "eps": "fp32"},
+            {"BLOCK_M": bm, "BLOCK_N": 512, "BLOCK_I": bi, "BLOCK_K": bk, "HAS_W": weighted, "ACTIVATION": act,
+             "PREC": prec},
+            {"M", "N", "INTER", "UP"},
+            (warps, stages),
+        )  # fmt: skip
+    # a recurrent-depth LM's adapter on cat([state, embeds]): Huginn's Kx = Ke = N = 5280 (multiples of 16)
+    concat_linear = importlib.import_module("trm_kernels.concat_linear")
+    concat_sig = {"X": t, "E": t, "W": t, "BIAS": t, "OUT": t, "M": "i32", "N": "i32", "KX": "i32", "KE": "i32"}
+    for bm, bn, bk, warps, stages in concat_linear.CONFIGS:
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": concat_linear.GROUP_M, "HAS_BIAS": True,
+                "PREC": prec}  # fmt: skip
+        mlp_configs[concat_linear.config_name(bm, bn, bk, warps, stages)] = (
+            concat_linear._concat_linear_fwd,
+            concat_sig,
+            meta,
+            {"M", "N", "KX", "KE"},
+            (warps, stages),
+        )
     attn = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "OUT": t, "LSE": "*fp32", "S": "i32",
-            "H": "i32", "KVH": "i32", "scale": "fp32"}  # fmt: skip
+            "H": "i32", "KVH": "i32", "scale": "fp32", "window": "i32"}  # fmt: skip
     attn_bwd = {"QKV": t, "QK": t, "COS": "*fp32", "SIN": "*fp32", "KEY_MASK": "*i8", "DOUT": t, "LSE": "*fp32",
                 "DELTA": "*fp32", "DQKV": t, "S": "i32", "H": "i32", "KVH": "i32", "qk_stride": "i32",
-                "scale": "fp32"}  # fmt: skip
+                "scale": "fp32", "window": "i32"}  # fmt: skip
     trm_attention = {"D": 64, "HALF_P": 32, "D_P": 64, "PREC": prec, "ROPE": True, "CAUSAL": False, "HAS_MASK": False}
     # the variant a causal language model uses: GQA, RoPE, causal, a key mask, head size 128
     lm_attention = {"D": 128, "HALF_P": 64, "D_P": 128, "PREC": prec, "ROPE": True, "CAUSAL": True, "HAS_MASK": True}
     cc = divmod(capability, 10) if capability < 100 else (capability // 10, capability % 10)
 
     def attention_kernel(kernel, signature, meta, which):
-        tile = attention.tiles(meta["D"], cc, torch_dtype)[which]
+        tile = attention.tiles(meta["D"], cc, torch_dtype, meta.get("INTERLEAVED", False))[which]
         return (kernel, signature, meta | {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}, set(),
                 (tile.warps, tile.stages))  # fmt: skip
 
@@ -190,6 +224,7 @@ def _specs(dtype: str = "bf16", capability: int = 90):
         # the widest tiles the ops take: a row of MAX_N (hidden 16,384) and of MAX_VOCAB classes
         "add_rmsnorm_fwd widest": (rmsnorm._add_rmsnorm_fwd, norm_fwd, widest, HIDDEN_DIV16, widest_warps),
         "add_rmsnorm_bwd widest": (rmsnorm._add_rmsnorm_bwd, norm_bwd, widest, HIDDEN_DIV16, widest_warps),
+        **sandwich_specs,
         "cross_entropy_fwd stablemax widest": (cross_entropy._ce_fwd, ce, {"STABLEMAX": True, "BLOCK_R": ce_rows,
                                                "BLOCK_V": ce_classes}, set(), ce_warps),
         "attention_fwd": attention_kernel(attention._attn_fwd, attn, trm_attention, "fwd"),
@@ -206,6 +241,53 @@ def _specs(dtype: str = "bf16", capability: int = 90):
                                                                     lm_attention, "dkdv"),
         "attention_bwd_dq causal GQA mask d128": attention_kernel(attention._attn_bwd_dq, attn_bwd, lm_attention,
                                                                   "dq"),
+        **{f"{name}{label}": attention_kernel(kernel, sig, lm_attention | switch, which)
+           for label, switch in ((" interleaved RoPE", {"INTERLEAVED": True}), (" window", {"WINDOW": True}))
+           for name, kernel, sig, which in (("attention_fwd causal GQA mask d128", attention._attn_fwd, attn, "fwd"),
+                                            ("attention_bwd_dkdv causal GQA mask d128", attention._attn_bwd_dkdv,
+                                             attn_bwd, "dkdv"),
+                                            ("attention_bwd_dq causal GQA mask d128", attention._attn_bwd_dq, attn_bwd,
+                                             "dq"))},
+        "attention_fwd interleaved RoPE": attention_kernel(attention._attn_fwd, attn,
+                                                           trm_attention | {"INTERLEAVED": True}, "fwd"),
+        "attention_bwd_rope interleaved": (
+            attention._rope_qk, {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "QK": t, "S": "i32", "H": "i32",
+                                 "KVH": "i32"}, {"D": 64, "HALF_P": 32, "BLOCK_M": attention.DELTA_ROWS,
+                                                 "INTERLEAVED": True}, set(), 4),
+        **_kv_cache_specs(t, dtype, prec, cc, torch_dtype),
+    }  # fmt: skip
+
+
+def _kv_cache_specs(t: str, dtype: str, prec: str, cc, torch_dtype) -> dict:
+    """The KV-cache attention's kernels as an LM runs them (head size 128, GQA, RoPE): a decode
+    step (one token, the group's heads in a tile, split over the cache), a prefill chunk, the
+    interleaved convention with a sliding window, the chunks' combine and the cache write."""
+    from trm_kernels import kv_cache
+
+    strides = {"kc_b": "i32", "kc_s": "i32", "kc_h": "i32", "vc_b": "i32", "vc_s": "i32", "vc_h": "i32"}
+    common = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "LENS": "*i32", "KC": t, "VC": t}
+    write = common | {"Sq": "i32", "H": "i32", "KVH": "i32", **strides}
+    attn = common | {"OUT": t, "PART_O": "*fp32", "PART_LSE": "*fp32", "Sq": "i32", "H": "i32", "KVH": "i32",
+                     **strides, "chunk": "i32", "window": "i32", "scale": "fp32"}  # fmt: skip
+    div16 = set(strides) | {"chunk"}
+    head = {"D": 128, "HALF_P": 64, "D_P": 128, "ROPE": True}
+
+    def attention(rows: int, **switches):
+        block_m, block_n, warps = kv_cache.tile(rows, 128, cc, torch_dtype, switches.get("INTERLEAVED", False))
+        meta = head | {"BLOCK_M": block_m, "BLOCK_N": block_n, "PREC": prec, "INTERLEAVED": False, "CAUSAL": True,
+                       "WINDOW": False, "SPLITS": 1} | switches  # fmt: skip
+        return (kv_cache._cache_attn, attn, meta, div16, (warps, 2))
+
+    return {
+        "kv_cache_write": (kv_cache._cache_write, write, head | {"BLOCK_M": kv_cache.WRITE_ROWS, "INTERLEAVED": False},
+                           div16, 4),
+        "kv_cache_attn decode, split": attention(4, SPLITS=8),
+        "kv_cache_attn prefill chunk": attention(512),
+        "kv_cache_attn interleaved, window": attention(512, INTERLEAVED=True, WINDOW=True),
+        "kv_cache_attn decode, interleaved": attention(4, INTERLEAVED=True, SPLITS=8),
+        "kv_cache_combine": (kv_cache._cache_combine, {"PART_O": "*fp32", "PART_LSE": "*fp32", "OUT": t,
+                             "rows_total": "i32", "per_batch": "i32"},
+                             {"D": 128, "D_P": 128, "SPLITS": 8, "BLOCK_R": kv_cache.COMBINE_ROWS}, set(), 4),
     }  # fmt: skip
 
 

@@ -44,6 +44,16 @@ def nbytes(tree) -> int:
 # (parts(args, out) -> [(name, bytes, flops)]), not as one op reading its inputs once.
 
 
+def _gate_up_weights(args, at: int) -> tuple:
+    """The gate|up weight, and the up weight where the op was given two (args[at]: activation, w_up)."""
+    return (args[1], args[at + 1]) if len(args) > at + 1 and args[at + 1] is not None else (args[1],)
+
+
+def _gate_up_flops(args, at: int, rows: int, hidden: int, inter: int) -> int:
+    """The gate|up GEMM's FLOPs: two [rows, hidden] @ [hidden, inter] products, one for relu2."""
+    return (2 if len(args) > at and args[at] == "relu2" else 4) * rows * hidden * inter
+
+
 def _swiglu_mlp_parts(args, out) -> list[tuple[str, int, int]]:
     """trm::swiglu_mlp(_train): the gate|up GEMM with SwiGLU in its epilogue (writing the
     activation, and gate|up for backward when training), then cuBLAS's down GEMM."""
@@ -52,7 +62,8 @@ def _swiglu_mlp_parts(args, out) -> list[tuple[str, int, int]]:
     act = rows * inter * x.element_size()
     kept = nbytes(out[1]) if isinstance(out, tuple | list) else 0
     y = out[0] if isinstance(out, tuple | list) else out
-    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((x, w_gate_up)) + act + kept, 4 * rows * hidden * inter)
+    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((x, *_gate_up_weights(args, 3))) + act + kept,
+          _gate_up_flops(args, 3, rows, hidden, inter))  # fmt: skip
     return [up, ("trm.swiglu_mlp: down GEMM (cuBLAS)", act + nbytes((w_down, y)), 2 * rows * inter * hidden)]
 
 
@@ -65,7 +76,8 @@ def _swiglu_mlp_rmsnorm_parts(args, out) -> list[tuple[str, int, int]]:
     act = rows * inter * h.element_size()
     training = isinstance(out, tuple | list)
     gate_up, rest = (nbytes(out[1]), nbytes((out[0], *out[2:]))) if training else (0, nbytes(out) + rows * 4)
-    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((h, w_gate_up)) + act + gate_up, 4 * rows * hidden * inter)
+    up = ("trm.swiglu_mlp: gate|up GEMM + SwiGLU", nbytes((h, *_gate_up_weights(args, 5))) + act + gate_up,
+          _gate_up_flops(args, 5, rows, hidden, inter))  # fmt: skip
     down = ("trm.swiglu_mlp_rmsnorm: down GEMM + residual + RMSNorm", act + nbytes((w_down, h)) + rest,
             2 * rows * inter * hidden)  # fmt: skip
     return [up, down]

@@ -3,8 +3,8 @@
 Every op validates its arguments once here, then runs the implementation chosen by
 :mod:`trm_kernels.backend` (``reference`` PyTorch everywhere; fused backends where
 registered). Semantics are those of :mod:`trm_kernels.reference`. Modules built on the
-ops are in :mod:`trm_kernels.nn`; :func:`patch` runs existing TRM / HRM code on them in one
-call. The guide is kernels/README.md.
+ops are in :mod:`trm_kernels.nn`; :func:`patch` runs existing TRM / HRM code (and Llama-style
+decoder layers, Huginn-style sandwich blocks) on them in one call. The guide is kernels/README.md.
 
 Example, one post-norm block of your own recursive model::
 
@@ -31,8 +31,11 @@ __all__ = [
     "swiglu_mlp",
     "swiglu_mlp_rmsnorm",
     "linear_add_rmsnorm",
+    "sandwich_rmsnorm",
+    "concat_linear",
     "token_mlp_rmsnorm",
     "rope_attention",
+    "kv_cache_attention",
     "rope_cos_sin",
     "stablemax_cross_entropy",
     "softmax_cross_entropy",
@@ -48,10 +51,12 @@ __all__ = [
     "PatchReport",
 ]
 
-rope_cos_sin = reference.rope_cos_sin  # (seq_len, head_dim, base=10000.0) -> fp32 cos, sin [seq_len, head_dim]
+rope_cos_sin = reference.rope_cos_sin  # (seq_len, head_dim, base, *, rope) -> fp32 cos, sin [seq_len, head_dim]
 
 _OPS = ("add_rmsnorm", "inject", "swiglu", "swiglu_mlp", "swiglu_mlp_rmsnorm", "linear_add_rmsnorm",
-        "token_mlp_rmsnorm", "rope_attention", "stablemax_cross_entropy", "softmax_cross_entropy")  # fmt: skip
+        "token_mlp_rmsnorm", "rope_attention", "kv_cache_attention", "stablemax_cross_entropy",
+        "softmax_cross_entropy",
+        "concat_linear", "sandwich_rmsnorm")  # fmt: skip
 for _name in _OPS:
     register(_name, "reference", getattr(reference, _name))
 
@@ -62,9 +67,12 @@ except ImportError:
 else:
     from . import attention as _attention
     from . import channel_mlp as _channel_mlp
+    from . import concat_linear as _concat_linear
     from . import cross_entropy as _ce
     from . import inject as _inject
+    from . import kv_cache as _kv_cache
     from . import rmsnorm as _rmsnorm
+    from . import sandwich as _sandwich
     from . import swiglu as _swiglu
     from . import token_mlp as _token_mlp
     from ._triton import takes
@@ -73,11 +81,14 @@ else:
     if torch.version.cuda is not None:  # a CUDA build of torch: the extension can be built or loaded
         register("add_rmsnorm", "cuda", _rmsnorm.add_rmsnorm_cuda, _rmsnorm.supports)
     register("rope_attention", "triton", _attention.rope_attention, _attention.supports)
+    register("kv_cache_attention", "triton", _kv_cache.kv_cache_attention, _kv_cache.supports)
     register("inject", "triton", _inject.inject, takes)
     register("swiglu", "triton", _swiglu.swiglu, takes)
     register("swiglu_mlp", "triton", _channel_mlp.swiglu_mlp, takes)
-    register("swiglu_mlp_rmsnorm", "triton", _channel_mlp.swiglu_mlp_rmsnorm, takes)
-    register("linear_add_rmsnorm", "triton", _channel_mlp.linear_add_rmsnorm, takes)
+    register("swiglu_mlp_rmsnorm", "triton", _channel_mlp.swiglu_mlp_rmsnorm, _channel_mlp.sublayer_supports)
+    register("linear_add_rmsnorm", "triton", _channel_mlp.linear_add_rmsnorm, _channel_mlp.linear_norm_supports)
+    register("sandwich_rmsnorm", "triton", _sandwich.sandwich_rmsnorm, _sandwich.supports)
+    register("concat_linear", "triton", _concat_linear.concat_linear, takes)
     register("token_mlp_rmsnorm", "triton", _token_mlp.token_mlp_rmsnorm, _token_mlp.supports)
     register("stablemax_cross_entropy", "triton", _ce.stablemax_cross_entropy, _ce.supports)
     register("softmax_cross_entropy", "triton", _ce.softmax_cross_entropy, _ce.supports)
@@ -198,7 +209,12 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> 
 
 
 def swiglu_mlp(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, backend: str | None = None
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    w_down: torch.Tensor,
+    backend: str | None = None,
+    *,
+    activation: str = "swiglu",
 ) -> torch.Tensor:
     """The SwiGLU MLP ``down(silu(gate) * up)`` with the activation inside the GEMMs.
 
@@ -212,9 +228,22 @@ def swiglu_mlp(
     epilogue, keeping x and gate|up for backward but not the activation; on a GPU it times
     that against cuBLAS + the separate SwiGLU kernel on each signature's first call and runs
     the faster (``TRM_TUNE=off``: always the fused kernels; see ``trm_kernels.tune``).
+
+    ``activation``: ``"swiglu"`` (the default, above), ``"geglu"`` (``gelu(gate,
+    approximate="tanh") * up``, Gemma's) or ``"relu2"`` (``relu(x @ w_gate_up^T)^2``, not gated:
+    Primer's, Nemotron's; w_gate_up is then [I, D], backward keeps the [..., I] product), the activation
+    computed in fp32 from the rounded product and rounded once, its derivative in the dgrad
+    epilogue. ``w_gate_up`` may also be the pair ``(w_gate, w_up)`` of two [I, D] weights
+    (Llama's gate_proj and up_proj): the kernel reads the up weight at its distance in memory
+    from the gate's, with no concatenation, and both get gradients (swiglu and geglu).
     """
-    _check_mlp(x, w_gate_up, w_down)
-    return call("swiglu_mlp", x.device, backend, x, w_gate_up, w_down)
+    w_gate, w_up = _check_mlp(x, w_gate_up, w_down, activation=activation)
+    return call("swiglu_mlp", x.device, backend, x, w_gate, w_down, *_mlp_extra(activation, w_up))
+
+
+def _mlp_extra(activation: str, w_up: torch.Tensor | None) -> tuple:
+    """The backends' trailing (activation, w_up) arguments; none for the packed SwiGLU MLP."""
+    return (activation, w_up) if activation != "swiglu" or w_up is not None else ()
 
 
 def _check_mlp_weights(name: str, x: torch.Tensor, w_gate_up, w_down, axis: str, size: int) -> None:
@@ -232,46 +261,124 @@ def _check_mlp_weights(name: str, x: torch.Tensor, w_gate_up, w_down, axis: str,
                          f"got {tuple(w_down.shape)}")  # fmt: skip
 
 
-def _check_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, name: str = "x") -> None:
+def _check_mlp(x: torch.Tensor, w_gate_up, w_down: torch.Tensor, name: str = "x", activation: str = "swiglu"):
+    """x, the weights and the activation checked; returns (w_gate_up, None), or (w_gate, w_up)
+    for a pair of weights, as the backends take them."""
     _check_float(name, x)
-    _check_mlp_weights(name, x, w_gate_up, w_down, "hidden", x.shape[-1])
+    if activation not in reference.MLP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, reference.MLP_ACTIVATIONS))}, "
+                         f"got {activation!r}")  # fmt: skip
+    if isinstance(w_gate_up, tuple | list):
+        if activation == "relu2":
+            raise ValueError("w_gate_up must be one [inter, hidden] weight for activation='relu2' (no up "
+                             "projection), got a pair")  # fmt: skip
+        if len(w_gate_up) != 2:
+            raise ValueError(f"w_gate_up as a pair must be (w_gate, w_up), got {len(w_gate_up)} items")
+        _check_unpacked(name, x, {"w_gate_up[0] (gate)": w_gate_up[0], "w_gate_up[1] (up)": w_gate_up[1]}, w_down)
+        return w_gate_up[0], w_gate_up[1]
+    if activation == "relu2":
+        _check_unpacked(name, x, {"w_gate_up": w_gate_up}, w_down)
+    else:
+        _check_mlp_weights(name, x, w_gate_up, w_down, "hidden", x.shape[-1])
+    return w_gate_up, None
+
+
+def _check_unpacked(name: str, x: torch.Tensor, weights: dict, w_down) -> None:
+    """Each of `weights` [inter, hidden] (one inter) and w_down [hidden, inter], x's dtype and device."""
+    hidden = x.shape[-1]
+    for wname, w in (*weights.items(), ("w_down", w_down)):
+        _check_float(wname, w)
+        if w.dtype != x.dtype:
+            raise TypeError(f"{wname} has dtype {w.dtype} but {name} has dtype {x.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"{wname} is on {w.device} but {name} is on {x.device}")
+    inter = next(iter(weights.values())).shape[0]
+    for wname, w in weights.items():
+        if w.shape != (inter, hidden):
+            raise ValueError(f"{wname} must be [inter, hidden] = {(inter, hidden)}, got {tuple(w.shape)}")
+    if w_down.shape != (hidden, inter):
+        raise ValueError(f"w_down must be [hidden, inter] = {(hidden, inter)}, got {tuple(w_down.shape)}")
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_norm_weight(name: str, weight, size: int, ref_name: str, ref: torch.Tensor) -> None:
+    """A norm's learnable weight: [size] (size = ref's last axis), ref's device, any float dtype."""
+    _check_float(name, weight)
+    if weight.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},) = {ref_name}.shape[-1], got {tuple(weight.shape)}")
+    if weight.device != ref.device:
+        raise ValueError(f"{name} is on {weight.device} but {ref_name} is on {ref.device}")
 
 
 def swiglu_mlp_rmsnorm(
-    h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float = 1e-5, backend: str | None = None
+    h: torch.Tensor,
+    w_gate_up: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    w_down: torch.Tensor,
+    eps: float = 1e-5,
+    backend: str | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    activation: str = "swiglu",
 ) -> torch.Tensor:
-    """A post-norm SwiGLU MLP sub-layer: ``rmsnorm(h + swiglu_mlp(h, w_gate_up, w_down))``.
+    """A post-norm SwiGLU MLP sub-layer: ``rmsnorm(h + swiglu_mlp(h, w_gate_up, w_down)) [* weight]``.
 
     h [..., D]; w_gate_up [2I, D] (gate rows first), w_down [D, I]; one dtype and device;
-    returns [..., D] in it. The norm is over the last axis with no weight (TRM's post-norm
-    blocks: ``h = rmsnorm(h + mlp(h))``), statistics in fp32; it computes what
-    ``add_rmsnorm(swiglu_mlp(h, ...), h, eps=eps)`` computes. On the triton backend the
-    down projection's GEMM adds the residual and normalises whole rows in its epilogue
-    (hidden <= 512), after the gate|up GEMM with SwiGLU in its own; backward keeps h,
-    gate|up, the pre-norm sum and one fp32 rstd per row. On a GPU the first call of each
-    signature times that against the SwiGLU epilogue alone and against cuBLAS + separate
-    kernels, and runs the fastest (``trm_kernels.tune``).
+    returns [..., D] in it. The norm is over the last axis, statistics in fp32 with `eps`
+    inside the root (``y = s * rsqrt(mean(s^2) + eps) * weight``, s = h + mlp rounded to the
+    dtype, y rounded once); ``weight`` [D] is the norm's optional learnable weight (any float
+    dtype, h's device, applied in fp32; None, TRM's post-norm blocks: no weight). It computes
+    what ``add_rmsnorm(swiglu_mlp(h, ...), h, eps=eps, weight=weight)`` computes; gradients
+    flow to h, both projections and the weight (summed over the rows in fp32, rounded once to
+    its dtype). On the triton backend the down projection's GEMM adds the residual and
+    normalises whole rows (weight included) in its epilogue for hidden D <= 512, after the
+    gate|up GEMM with SwiGLU in its own; backward keeps h, gate|up, the pre-norm sum and one
+    fp32 rstd per row. For D > 512 (a language model's 2048-8192) the SwiGLU epilogue or
+    cuBLAS runs the down GEMM and the add + RMSNorm kernel (rows up to 16,384) normalises:
+    a fallback, not an error, whose reason ``trm_kernels.tune.report()`` and ``trm doctor``
+    list. On a GPU the first call of each signature times the candidates (the SwiGLU epilogue
+    alone, cuBLAS + separate kernels) and runs the fastest (``trm_kernels.tune``).
+    ``activation`` and a pair ``(w_gate, w_up)`` for w_gate_up: as :func:`swiglu_mlp`'s (every
+    kernel above takes them: the one-kernel sub-layer too).
     """
-    _check_mlp(h, w_gate_up, w_down, "h")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return call("swiglu_mlp_rmsnorm", h.device, backend, h, w_gate_up, w_down, float(eps))
+    w_gate, w_up = _check_mlp(h, w_gate_up, w_down, "h", activation)
+    eps = _check_eps(eps)
+    if weight is not None:
+        _check_norm_weight("weight", weight, h.shape[-1], "h", h)
+    extra = _mlp_extra(activation, w_up)
+    return call("swiglu_mlp_rmsnorm", h.device, backend, h, w_gate, w_down, eps, weight, *extra)
 
 
 def linear_add_rmsnorm(
-    a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float = 1e-5, backend: str | None = None
+    a: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    eps: float = 1e-5,
+    backend: str | None = None,
+    *,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A linear layer, the residual add and a post-norm: ``rmsnorm(h + a @ w^T)``.
+    """A linear layer, the residual add and a post-norm: ``rmsnorm(h + a @ w^T) [* weight]``.
 
     a [..., K]; w [N, K] (``nn.Linear``'s layout, no bias); h [..., N] with a's leading
-    shape; one dtype and device; returns [..., N] in it. The norm is over the last axis with
-    no weight, statistics in fp32 (TRM's attention sub-layer: ``h = rmsnorm(h + o_proj(attn))``);
-    it computes what ``add_rmsnorm(F.linear(a, w), h, eps=eps)`` computes, rounding the
-    product and the sum to the dtype as that does. On the triton backend the GEMM adds the
-    residual and normalises whole rows in its epilogue (N <= 512); backward keeps a, the
-    pre-norm sum and one fp32 rstd per row, and runs the norm's backward kernel and two
-    cuBLAS GEMMs. On a GPU the first call of each signature times that against cuBLAS + the
-    add + RMSNorm kernel and runs the faster (``trm_kernels.tune``).
+    shape; one dtype and device; returns [..., N] in it. The norm is over the last axis,
+    statistics in fp32 with `eps` inside the root (``y = s * rsqrt(mean(s^2) + eps) * weight``);
+    ``weight`` [N] is the norm's optional learnable weight (any float dtype, h's device,
+    applied in fp32; None, TRM's attention sub-layer ``h = rmsnorm(h + o_proj(attn))``: no
+    weight). It computes what ``add_rmsnorm(F.linear(a, w), h, eps=eps, weight=weight)``
+    computes, rounding the product and the sum to the dtype as that does; gradients flow to
+    a, w, h and the weight (summed over the rows in fp32, rounded once to its dtype). On the
+    triton backend the GEMM adds the residual and normalises whole rows (weight included) in
+    its epilogue for N <= 512; backward keeps a, the pre-norm sum and one fp32 rstd per row,
+    and runs the norm's backward kernel and two cuBLAS GEMMs. For N > 512 (a language
+    model's 2048-8192) cuBLAS's GEMM and the add + RMSNorm kernel (rows up to 16,384) run: a
+    fallback, not an error, whose reason ``trm_kernels.tune.report()`` and ``trm doctor``
+    list. On a GPU the first call of each signature where both run times the epilogue against
+    cuBLAS + the add + RMSNorm kernel and runs the faster (``trm_kernels.tune``).
     """
     _check_float("a", a)
     _check_float("h", h)
@@ -286,9 +393,92 @@ def linear_add_rmsnorm(
     if h.shape != (*a.shape[:-1], w.shape[0]):
         raise ValueError(f"h must be {(*a.shape[:-1], w.shape[0])} (a's leading shape, w's out_features), "
                          f"got {tuple(h.shape)}")  # fmt: skip
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return call("linear_add_rmsnorm", h.device, backend, a, w, h, float(eps))
+    eps = _check_eps(eps)
+    if weight is not None:
+        _check_norm_weight("weight", weight, h.shape[-1], "h", h)
+    return call("linear_add_rmsnorm", h.device, backend, a, w, h, eps, weight)
+
+
+def concat_linear(
+    x: torch.Tensor,
+    e: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A linear layer on a concatenation, ``F.linear(torch.cat([x, e], -1), weight, bias)``,
+    without making the concatenation: a recurrent-depth LM's adapter (Huginn's
+    ``adapter(cat([state, embeds], -1))``, an ``nn.Linear(Kx + Ke, N)``).
+
+    x [..., Kx]; e [..., Ke] with x's leading shape; weight [N, Kx + Ke] (``nn.Linear``'s
+    layout: columns 0..Kx-1 multiply x, Kx.. multiply e); bias [N] or None; all one dtype and
+    device (cast the weights first); returns [..., N] in it. Gradients flow to x, e, weight and
+    bias. The triton backend runs one GEMM over x's columns, then e's, into one fp32
+    accumulator (the bias added in fp32, the result rounded once); backward multiplies by the
+    weight's column blocks and writes the weight gradient's two blocks into one buffer (cuBLAS).
+    On a GPU the first call of each signature times that against ``torch.cat`` + cuBLAS and runs
+    the faster (``trm_kernels.tune``); fp32 on a GPU takes the composition.
+    """
+    _check_float("x", x)
+    for name, t in (("e", e), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_float(name, t)
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name, t in (("x", x), ("e", e)):
+        if t.dim() == 0:
+            raise ValueError(f"{name} must be [..., features], got a 0-dim tensor")
+    if e.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"e has shape {tuple(e.shape)} but must have x's leading shape {tuple(x.shape[:-1])} "
+                         f"(x has shape {tuple(x.shape)})")  # fmt: skip
+    k = x.shape[-1] + e.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must be [out_features, Kx + Ke = {x.shape[-1]} + {e.shape[-1]} = {k}], "
+                         f"got shape {tuple(weight.shape)}")  # fmt: skip
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) = weight.shape[0], got {tuple(bias.shape)}")
+    return call("concat_linear", x.device, backend, x, e, weight, bias)
+
+
+def sandwich_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    next_weight: torch.Tensor,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sandwich block's closing norm and the next sub-layer's input norm as one op:
+    returns ``(stream, next_input)``.
+
+    Huginn-style recurrent-depth blocks: ``x = norm_2(x + attn(norm_1(x)))``, then
+    ``norm_3(x)`` is the MLP's input: ``stream, mlp_in = sandwich_rmsnorm(attn_out, x,
+    norm_2.weight, norm_3.weight)``. Over the last axis, statistics in fp32 with `eps` inside
+    the root: ``stream = (x + residual) * rsqrt(mean((x + residual)^2) + eps) * weight``
+    rounded to the sum's dtype, and ``next_input = stream * rsqrt(mean(stream^2) + eps) *
+    next_weight`` from the rounded stream, in its dtype: exactly what ``s = add_rmsnorm(x,
+    residual, eps=eps, weight=weight)`` and ``add_rmsnorm(s, eps=eps, weight=next_weight)``
+    compute. x and residual [..., N] of one shape and device; their dtypes may differ (a bf16
+    branch on an fp32 stream: the sum in the promoted dtype, as add_rmsnorm takes it); weight
+    and next_weight [N], any float dtype, applied in fp32. Gradients flow to x, residual,
+    weight and next_weight (the weights' summed over the rows in fp32, rounded once to their
+    dtype). The triton backend is one kernel forward (both norms in one pass over each row;
+    it saves one fp32 rstd per row and norm) and one backward (recomputing the sum and the
+    stream), rows of up to 16,384 elements; `auto` runs the reference beyond.
+    """
+    _check_float("x", x)
+    _check_float("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)} but x has shape {tuple(x.shape)}")
+    if residual.device != x.device:
+        raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    for name, w in (("weight", weight), ("next_weight", next_weight)):
+        _check_norm_weight(name, w, x.shape[-1], "x", x)
+    eps = _check_eps(eps)
+    return call("sandwich_rmsnorm", x.device, backend, x, residual, weight, next_weight, eps)
 
 
 def token_mlp_rmsnorm(
@@ -323,15 +513,23 @@ def rope_attention(
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
     head_dim: int | None = None,
+    rope: str = "rotate_half",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Multi-head attention on a packed projection, RoPE applied inside; returns [B, S, H * d].
 
     qkv [B, S, (H + 2 * KVH) * d]: H query heads, then KVH key heads, then KVH value heads,
     each d wide (``num_kv_heads`` KVH defaults to H; KVH < H is grouped-query attention,
     query head h using key/value head h // (H / KVH); 1 is multi-query). fp32/fp16/bf16 (float64
-    on the reference backend). cos, sin [S, d] fp32 tables in the rotate-half convention
-    (``rope_cos_sin``), or both None for no rotation (then ``head_dim`` lets the layout be
-    checked). Scale 1/sqrt(d). ``causal``: query i attends keys j <= i. ``key_mask`` [B, S]
+    on the reference backend). cos, sin [P, d] tables for positions 0..P-1 with P >= S
+    (``rope_cos_sin``; positions 0..S-1 are used), or both None for no rotation (then
+    ``head_dim`` lets the layout be checked). ``rope`` is the tables' and the weights'
+    convention: ``"rotate_half"`` (default; the TRM reference, Hugging Face Llama: column i
+    pairs with i + d/2) or ``"interleaved"`` (GPT-J, Meta's Llama, complex RoPE: columns 2i
+    and 2i+1); a pair (a, b) turns to (a cos - b sin, b cos + a sin); for the opposite
+    direction pass -sin. Half-width tables [P, d/2] (one angle per pair) are refused with
+    how to widen them. Scale 1/sqrt(d). ``causal``: query i attends keys j <= i. ``window``
+    (sliding window, left): only keys j > i - window (None or 0: all). ``key_mask`` [B, S]
     bool: False marks padding keys, never attended (lengths L: ``torch.arange(S) < L[:, None]``).
     A query with no key to attend gets 0. The output has qkv's dtype; the gradient is one
     packed dqkv. Triton: d even in 32..128.
@@ -346,23 +544,19 @@ def rope_attention(
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin go together: pass both (RoPE) or neither (no rotation)")
+    _check_rope(rope)
     if cos is not None:
         _check_float("cos", cos)
         if cos.dim() != 2:
-            raise ValueError(f"cos must be [seq, head_dim], got shape {tuple(cos.shape)}")
-        head_dim = _check_heads("head_dim", head_dim) if head_dim is not None else cos.shape[1]
+            raise ValueError(f"cos must be [positions, head_dim], got shape {tuple(cos.shape)}")
+        head_dim = (
+            _check_heads("head_dim", head_dim)
+            if head_dim is not None
+            else _table_head_dim(qkv, cos, num_heads, num_kv_heads)
+        )
     kv = _layout(qkv.shape[-1], num_heads, num_kv_heads, head_dim)
     d = qkv.shape[-1] // (num_heads + 2 * kv)
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t is None:
-            continue
-        _check_float(name, t)
-        if t.shape != (qkv.shape[1], d):
-            raise ValueError(f"{name} must have shape {(qkv.shape[1], d)}, got {tuple(t.shape)}")
-        if t.device != qkv.device:
-            raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
-    if cos is not None and d % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+    _check_tables(cos, sin, qkv, d, qkv.shape[1], "the sequence's S")
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
             got = getattr(key_mask, "dtype", type(key_mask).__name__)
@@ -371,7 +565,166 @@ def rope_attention(
             raise ValueError(f"key_mask must be [batch, seq] = {tuple(qkv.shape[:2])}, got {tuple(key_mask.shape)}")
         if key_mask.device != qkv.device:
             raise ValueError(f"key_mask is on {key_mask.device} but qkv is on {qkv.device}")
-    return call("rope_attention", qkv.device, backend, qkv, cos, sin, num_heads, kv, bool(causal), key_mask)
+    _check_window(window)
+    return call("rope_attention", qkv.device, backend, qkv, cos, sin, num_heads, kv, bool(causal), key_mask, rope,
+                window or 0)  # fmt: skip
+
+
+def _check_window(window) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        raise ValueError(f"window must be a whole number of positions >= 1 (0 or None: no window), got {window!r}")
+
+
+def kv_cache_attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor | int,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    backend: str | None = None,
+    *,
+    num_kv_heads: int | None = None,
+    causal: bool = True,
+    rope: str = "rotate_half",
+    window: int | None = None,
+) -> torch.Tensor:
+    """Attention of new tokens against a key/value cache (prefill, chunked prefill, decode),
+    RoPE at each sequence's offset, the cache updated in place; returns [B, Sq, H * d].
+
+    qkv [B, Sq, (H + 2 * KVH) * d]: the new tokens' packed projection (as ``rope_attention``;
+    ``num_kv_heads`` KVH < H is grouped-query attention). k_cache, v_cache [B, C, KVH, d]:
+    static buffers of capacity C in qkv's dtype and device, any strides with the last axis
+    contiguous (Hugging Face's [B, KVH, C, d] cache is passed as ``cache.transpose(1, 2)``).
+    cache_len [B] integer tensor (or one int for every sequence): the tokens already cached,
+    which is also where the new ones go: token i of sequence b is at position
+    cache_len[b] + i. The call rotates q and k there (cos, sin [P, d] with P >= C, the
+    ``rope`` convention as in ``rope_attention``; both None: no rotation), writes the rotated
+    keys and the values into the caches at those positions (``k_cache[b, cache_len[b] + i]``
+    is the rotated key afterwards, for a cache of your own), and attends over the cached
+    positions 0..cache_len[b] + Sq - 1. ``causal`` (default True) is aligned lower-right: query
+    i sees positions up to cache_len[b] + i (SDPA's ``is_causal`` aligns upper-left, which
+    differs when Sq < the keys). ``window`` (sliding window, left): only the last `window`
+    positions up to the query's own (None or 0: no window). Scale 1/sqrt(d). The caller
+    advances cache_len by Sq.
+
+    cache_len[b] + Sq must be <= C: checked on the host for CPU tensors; on a GPU an
+    asynchronous device assertion (no synchronisation) stops the process rather than write
+    past the cache. Forward only: with grad enabled and qkv requiring grad it raises
+    (training with equal query and key lengths is ``rope_attention``, which has a backward).
+    The triton backend: one write kernel, one attention kernel whose tile holds a key/value
+    group's query heads (a decode step reads each key once per group), split over the
+    cache's positions (FlashDecoding) where the batch gives few tiles; d even in 32..128.
+    """
+    _check_float("qkv", qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [batch, new tokens, (heads + 2 * kv_heads) * head_dim], "
+                         f"got shape {tuple(qkv.shape)}")  # fmt: skip
+    num_heads = _check_heads("num_heads", num_heads)
+    if num_kv_heads is not None:
+        _check_heads("num_kv_heads", num_kv_heads)
+    _check_rope(rope)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_float(name, t)
+        if t.dim() != 4 or t.shape[0] != qkv.shape[0]:
+            raise ValueError(f"{name} must be [batch={qkv.shape[0]}, capacity, kv_heads, head_dim], "
+                             f"got shape {tuple(t.shape)}")  # fmt: skip
+        if t.dtype != qkv.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but qkv has dtype {qkv.dtype}")
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last axis (head_dim) must be contiguous, got strides {t.stride()}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has shape {tuple(k_cache.shape)}")
+    kv = _layout(qkv.shape[-1], num_heads, num_kv_heads if num_kv_heads is not None else k_cache.shape[2],
+                 k_cache.shape[3])  # fmt: skip
+    if kv != k_cache.shape[2]:
+        raise ValueError(f"k_cache has {k_cache.shape[2]} kv heads but qkv has {kv}")
+    d, capacity, seq = k_cache.shape[3], k_cache.shape[1], qkv.shape[1]
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin go together: pass both (RoPE) or neither (no rotation)")
+    _check_tables(cos, sin, qkv, d, capacity, "the cache's capacity")
+    if seq > capacity:
+        raise ValueError(f"qkv has {seq} new tokens, more than the cache's capacity {capacity}")
+    cache_len = _check_cache_len(cache_len, qkv, capacity)
+    _check_window(window)
+    if torch.is_grad_enabled() and (qkv.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        raise RuntimeError(
+            "kv_cache_attention has no backward (it writes the cache in place): run it under torch.no_grad() "
+            "for generation; to train, attend equal-length queries and keys with rope_attention"
+        )
+    return call("kv_cache_attention", qkv.device, backend, qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, kv,
+                bool(causal), rope, window or 0)  # fmt: skip
+
+
+def _check_cache_len(cache_len, qkv: torch.Tensor, capacity: int) -> torch.Tensor:
+    """cache_len as an integer tensor [B] on qkv's device, with cache_len + Sq <= capacity
+    checked (on the host for CPU tensors; by an asynchronous device assertion on a GPU)."""
+    batch, seq = qkv.shape[:2]
+    if isinstance(cache_len, int) and not isinstance(cache_len, bool):
+        cache_len = torch.full((batch,), cache_len, dtype=torch.int32, device=qkv.device)
+    if not isinstance(cache_len, torch.Tensor) or cache_len.dtype not in (torch.int32, torch.int64):
+        got = getattr(cache_len, "dtype", type(cache_len).__name__)
+        raise TypeError(f"cache_len must be an int32/int64 tensor [batch] or an int, got {got}")
+    if cache_len.shape != (batch,):
+        raise ValueError(f"cache_len must be [batch] = ({batch},), got {tuple(cache_len.shape)}")
+    if cache_len.device != qkv.device:
+        raise ValueError(f"cache_len is on {cache_len.device} but qkv is on {qkv.device}")
+    fits = (cache_len >= 0) & (cache_len + seq <= capacity)
+    if cache_len.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(fits.all()):
+            bad = int((~fits).nonzero()[0, 0])
+            raise ValueError(f"cache_len[{bad}] = {int(cache_len[bad])}: with {seq} new tokens that passes the "
+                             f"cache's capacity {capacity} (or is negative)")  # fmt: skip
+    elif not cache_len.is_meta:
+        torch._assert_async(fits.all(), "kv_cache_attention: cache_len + new tokens passes the cache's capacity")
+    return cache_len
+
+
+def _check_rope(rope) -> None:
+    if rope not in reference.ROPE_STYLES:
+        raise ValueError(f"rope must be one of {', '.join(map(repr, reference.ROPE_STYLES))}, got {rope!r}")
+
+
+def _table_head_dim(qkv: torch.Tensor, cos: torch.Tensor, num_heads: int, num_kv_heads: int | None) -> int:
+    """The head size the tables say, with half-width tables ([P, d/2], one angle per pair, as
+    complex-number RoPE keeps them) named as such when qkv's layout fits twice their width
+    and not their width."""
+    width = cos.shape[1]
+
+    def fits(d: int) -> bool:
+        try:
+            _layout(qkv.shape[-1], num_heads, num_kv_heads, d)
+        except ValueError:
+            return False
+        return True
+
+    if not fits(width) and fits(2 * width):
+        raise ValueError(
+            f"cos has {width} columns, half of a head of {2 * width}: half-width (one angle per pair) tables. "
+            f"Pass full-width ones: torch.cat((cos, cos), -1) for rope='rotate_half', "
+            f"cos.repeat_interleave(2, -1) for rope='interleaved' (trm_kernels.rope_cos_sin builds either)"
+        )
+    return width
+
+
+def _check_tables(cos, sin, qkv: torch.Tensor, d: int, positions: int, what: str) -> None:
+    """cos and sin [P, d] with P >= `positions`, fp32-able, on qkv's device; d even."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is None:
+            continue
+        _check_float(name, t)
+        if t.dim() != 2 or t.shape[1] != d:
+            half = " (half-width tables: see rope_cos_sin)" if t.dim() == 2 and 2 * t.shape[1] == d else ""
+            raise ValueError(f"{name} must be [positions, head_dim={d}], got {tuple(t.shape)}{half}")
+        if t.shape[0] < positions:
+            raise ValueError(f"{name} has {t.shape[0]} positions, fewer than {what} ({positions})")
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+    if cos is not None and d % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
 
 
 def _layout(width: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None) -> int:

@@ -109,9 +109,10 @@ def precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
-def needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd will want a gradient of any of `tensors` from the op about to run."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want a gradient of any of `tensors` (None: an absent optional
+    input) from the op about to run."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---- launches: every kernel of the package starts through `launch` ---------------------------

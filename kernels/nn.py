@@ -18,7 +18,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import add_rmsnorm, rope_attention, swiglu, swiglu_mlp, token_mlp_rmsnorm
+from . import (
+    add_rmsnorm,
+    concat_linear,
+    kv_cache_attention,
+    rope_attention,
+    sandwich_rmsnorm,
+    swiglu,
+    swiglu_mlp,
+    token_mlp_rmsnorm,
+)
 
 Linear = Callable[..., nn.Module]
 
@@ -77,6 +86,32 @@ class AddRMSNorm(RMSNorm):
         return super().extra_repr() + f", prenorm={self.prenorm}"
 
 
+class SandwichRMSNorm(nn.Module):
+    """A sandwich block's closing norm and the next sub-layer's input norm, one op: ``forward(x,
+    residual) -> (stream, next_input)`` (``trm_kernels.sandwich_rmsnorm``).
+
+    Huginn-style recurrent-depth blocks, ``x = norm_2(x + attn(norm_1(x)))`` then ``norm_3(x)``
+    as the MLP's input: ``weight`` is norm_2's, ``next_weight`` norm_3's ([size] each, fp32,
+    initialised to ones). Over the last axis, statistics in fp32.
+    """
+
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.size, self.eps = size, eps
+        self.weight = nn.Parameter(torch.ones(size))
+        self.next_weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, the sub-layer's output, and residual, the stream, [..., size] -> (stream, next_input):
+        ``stream = rmsnorm(residual + x) * weight`` in the sum's dtype (x's and residual's may
+        differ: the sum in the promoted dtype) and ``next_input = rmsnorm(stream) * next_weight``
+        in the stream's dtype; gradients reach x, residual and both weights."""
+        return sandwich_rmsnorm(x, residual, self.weight, self.next_weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, eps={self.eps}"
+
+
 def plain_weight(linear: nn.Module) -> bool:
     """Whether a linear layer computes ``F.linear(x, weight)`` and nothing else: a bias-free
     ``nn.Linear`` (not a subclass, which may change its forward) or a layer with
@@ -112,15 +147,40 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
+class KVCache:
+    """One attention layer's static key/value cache for generation: ``k``, ``v`` [B, C, KVH, d]
+    (capacity C tokens per sequence) and ``lengths`` [B] int32, the tokens cached so far.
+    ``RoPEAttention.forward(h, cos, sin, cache=cache)`` writes the new tokens' rotated keys
+    and values at positions lengths[b]..., attends, and advances ``lengths``. Sequences of
+    different lengths are different ``lengths`` (prefill each at its own length, or prefill
+    a right-padded batch and set ``lengths`` to the real lengths after: the padding's
+    entries are then overwritten by the next tokens). ``reset()`` empties it."""
+
+    def __init__(self, batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype=None, device=None):
+        self.k = torch.zeros(batch, capacity, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+
 class RoPEAttention(nn.Module):
     """Self-attention on one packed projection: ``o_proj(attention(qkv_proj(h)))``.
 
     h [B, S, D] -> [B, S, D]. qkv_proj [(H + 2 * KVH) * d, D] produces [q heads | k heads |
     v heads]; o_proj [D, H * d]. ``num_kv_heads`` < ``num_heads`` is grouped-query attention
     (1: multi-query); ``head_dim`` defaults to D / H. ``forward(h, cos=None, sin=None,
-    key_mask=None)``: RoPE tables [S, d] (``trm_kernels.rope_cos_sin``; None: no rotation),
-    a key mask [B, S] bool (False: padding). ``causal`` is fixed at construction. Scale
-    1/sqrt(d). See ``trm_kernels.rope_attention`` for the conventions.
+    key_mask=None, cache=None)``: RoPE tables (``trm_kernels.rope_cos_sin``; None: no
+    rotation), a key mask [B, S] bool (False: padding), a ``KVCache`` for generation.
+    ``causal``, ``rope`` (the weights' RoPE convention, ``"rotate_half"`` or
+    ``"interleaved"``) and ``window`` (sliding window: keys j > i - window) are fixed at
+    construction. Scale 1/sqrt(d). See
+    ``trm_kernels.rope_attention`` and ``trm_kernels.kv_cache_attention`` for the conventions.
     """
 
     def __init__(
@@ -132,8 +192,11 @@ class RoPEAttention(nn.Module):
         causal: bool = False,
         bias: bool = False,
         linear: Linear = nn.Linear,
+        rope: str = "rotate_half",
+        window: int | None = None,
     ):
         super().__init__()
+        self.rope, self.window = rope, window
         if hidden % num_heads and head_dim is None:
             raise ValueError(f"hidden={hidden} is not divisible by num_heads={num_heads}; pass head_dim")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
@@ -149,11 +212,21 @@ class RoPEAttention(nn.Module):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """The heads' outputs before o_proj, [B, S, H * d] (for a caller fusing o_proj with
         what follows it, as ``trm_kernels.linear_add_rmsnorm`` does)."""
-        return rope_attention(self.qkv_proj(h), cos, sin, self.num_heads, num_kv_heads=self.num_kv_heads,
-                              causal=self.causal, key_mask=key_mask, head_dim=self.head_dim)  # fmt: skip
+        if cache is None:
+            return rope_attention(self.qkv_proj(h), cos, sin, self.num_heads, num_kv_heads=self.num_kv_heads,
+                                  causal=self.causal, key_mask=key_mask, head_dim=self.head_dim,
+                                  rope=self.rope, window=self.window)  # fmt: skip
+        if key_mask is not None:
+            raise ValueError("key_mask and cache do not go together: a cache's lengths say which tokens are real")
+        out = kv_cache_attention(self.qkv_proj(h), cache.k, cache.v, cache.lengths, cos, sin, self.num_heads,
+                                 num_kv_heads=self.num_kv_heads, causal=self.causal, rope=self.rope,
+                                 window=self.window)  # fmt: skip
+        cache.lengths += h.shape[1]
+        return out
 
     def forward(
         self,
@@ -161,22 +234,35 @@ class RoPEAttention(nn.Module):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """h [B, S, D] -> [B, S, D], in h's dtype (fp32, fp16, bf16; float64 on the reference
         backend): ``o_proj(attention(qkv_proj(h)))``.
 
-        cos, sin: RoPE tables [S, d], fp32, in the rotate-half convention, as
-        ``trm_kernels.rope_cos_sin(S, d)`` makes them (of a longer table, pass cos[:S]); both
-        or neither (None: no rotation). key_mask: [B, S] bool, True for a real token and False
+        cos, sin: RoPE tables [P, d] for positions 0..P-1 (P >= S; with a cache P >= its
+        capacity), fp32, in the module's ``rope`` convention, as
+        ``trm_kernels.rope_cos_sin(P, d, rope=...)`` makes them; both or neither (None: no
+        rotation). cache: a ``KVCache`` (generation, no gradient): h holds the next S tokens
+        of each sequence, at positions cache.lengths[b] + i; their keys and values are
+        cached, every query attends the cached tokens (causal: up to its own position), and
+        cache.lengths advances by S. key_mask: [B, S] bool, True for a real token and False
         for padding, which no query attends (lengths L: ``torch.arange(S) < L[:, None]``);
         None: every token is real. Query i attends every real key (with ``causal``, set at
         construction, those j <= i); one with none to attend (a padded query at the start of a
         causal row) gives 0 before o_proj. Scale 1/sqrt(d); with fewer key/value heads,
         query head i reads key/value head i // (H / KVH). See ``trm_kernels.rope_attention``."""
-        return self.o_proj(self.attend(h, cos, sin, key_mask))
+        return self.o_proj(self.attend(h, cos, sin, key_mask, cache))
+
+    def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
+        """An empty ``KVCache`` for this layer (dtype and device: the qkv projection's by default)."""
+        weight = self.qkv_proj.weight
+        return KVCache(
+            batch, capacity, self.num_kv_heads, self.head_dim, dtype or weight.dtype, device or weight.device
+        )
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"
+                + (f", rope={self.rope}" if self.rope != "rotate_half" else ""))  # fmt: skip
 
 
 class TokenMixer(nn.Module):
@@ -202,4 +288,44 @@ class TokenMixer(nn.Module):
         return token_mlp_rmsnorm(h, w_gate_up, w_down, eps=self.eps)
 
 
-__all__ = ["AddRMSNorm", "RMSNorm", "RoPEAttention", "SwiGLUMLP", "TokenMixer", "plain_weight", "weight_as"]
+class ConcatLinear(nn.Module):
+    """A linear layer on the concatenation of two inputs, without making it: ``forward(x, e)``
+    is ``nn.Linear(in_x + in_e, out_features)(torch.cat([x, e], -1))``, one
+    ``trm_kernels.concat_linear`` op (a recurrent-depth LM's adapter, Huginn's
+    ``adapter(cat([state, embeds], -1))``).
+
+    Parameters are an ``nn.Linear``'s, so its state dict loads either way: weight
+    [out_features, in_x + in_e] (columns 0..in_x-1 multiply x), bias [out_features] or none;
+    initialised as ``nn.Linear(in_x + in_e, out_features)`` initialises them.
+    """
+
+    def __init__(self, in_x: int, in_e: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_x, self.in_e, self.out_features = in_x, in_e, out_features
+        linear = nn.Linear(in_x + in_e, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [..., in_x], e [..., in_e] with x's leading shape -> [..., out_features] in x's dtype
+        (fp32, fp16, bf16; float64 on the reference backend): ``cat([x, e], -1) @ weight^T + bias``.
+        The weight and bias are used in x's dtype (cast if the module's differs); gradients reach
+        x, e, the weight and the bias."""
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return concat_linear(x, e, self.weight.to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_x={self.in_x}, in_e={self.in_e}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+__all__ = [
+    "AddRMSNorm",
+    "ConcatLinear",
+    "KVCache",
+    "RMSNorm",
+    "RoPEAttention",
+    "SandwichRMSNorm",
+    "SwiGLUMLP",
+    "TokenMixer",
+    "plain_weight",
+    "weight_as",
+]

@@ -59,21 +59,74 @@ def swiglu(gate_up: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """The channel MLP ``down(silu(gate) * up)``: x [..., D], w_gate_up [2I, D] (gate rows
-    first), w_down [D, I] -> [..., D]; the ops a module of two bias-free ``nn.Linear`` runs."""
-    return F.linear(swiglu(F.linear(x, w_gate_up)), w_down)
+MLP_ACTIVATIONS = ("swiglu", "geglu", "relu2")  # gated: silu(gate) * up, gelu_tanh(gate) * up; relu(h)^2
 
 
-def swiglu_mlp_rmsnorm(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, eps: float = 1e-5):
-    """A post-norm SwiGLU MLP sub-layer: ``rmsnorm(h + swiglu_mlp(h))`` over the last axis, no weight."""
-    return add_rmsnorm(swiglu_mlp(h, w_gate_up, w_down), h, -1, eps)
+def mlp_activation(x: torch.Tensor, w_gate_up: torch.Tensor, activation: str = "swiglu",
+                   w_up: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The channel MLP's activation [..., I] of x [..., D], as modules of bias-free ``nn.Linear``
+    compute it: swiglu ``silu(gate) * up`` and geglu ``gelu(gate, approximate="tanh") * up``
+    (Gemma) with gate|up = x @ w_gate_up^T, w_gate_up [2I, D] gate rows first, or gate = x @
+    w_gate_up^T and up = x @ w_up^T for two [I, D] weights (Llama's gate_proj, up_proj);
+    relu2 ``relu(x @ w_gate_up^T)^2`` (Primer, Nemotron) with w_gate_up [I, D] and no up."""
+    if activation == "relu2":
+        return F.relu(F.linear(x, w_gate_up)).square()
+    if w_up is None:
+        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    else:
+        gate, up = F.linear(x, w_gate_up), F.linear(x, w_up)
+    return (F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
 
 
-def linear_add_rmsnorm(a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """A linear layer's output added to the residual and normalised: ``rmsnorm(h + a @ w^T)``
-    over the last axis, no weight (TRM's attention sub-layer: o_proj, then the post-norm)."""
-    return add_rmsnorm(F.linear(a, w), h, -1, eps)
+def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, activation: str = "swiglu",
+               w_up: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The channel MLP ``down(act(x))``: x [..., D], w_gate_up [2I, D] (gate rows first; [I, D]
+    with w_up [I, D] or with relu2), w_down [D, I] -> [..., D]; the ops a module of bias-free
+    ``nn.Linear`` runs (see mlp_activation)."""
+    if activation == "swiglu" and w_up is None:
+        return F.linear(swiglu(F.linear(x, w_gate_up)), w_down)
+    return F.linear(mlp_activation(x, w_gate_up, activation, w_up), w_down)
+
+
+def swiglu_mlp_rmsnorm(
+    h: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    eps: float = 1e-5,
+    weight: torch.Tensor | None = None,
+    activation: str = "swiglu",
+    w_up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A post-norm MLP sub-layer: ``rmsnorm(h + swiglu_mlp(h, ..., activation, w_up)) [* weight]``
+    over the last axis."""
+    return add_rmsnorm(swiglu_mlp(h, w_gate_up, w_down, activation, w_up), h, -1, eps, weight)
+
+
+def linear_add_rmsnorm(
+    a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A linear layer's output added to the residual and normalised: ``rmsnorm(h + a @ w^T) [* weight]``
+    over the last axis (TRM's attention sub-layer, no weight: o_proj, then the post-norm)."""
+    return add_rmsnorm(F.linear(a, w), h, -1, eps, weight)
+
+
+def sandwich_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, next_weight: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sandwich block's closing norm and the next sub-layer's opening one (Huginn's
+    ``x = norm_2(x + attn(norm_1(x)))``, then ``norm_3(x)``), over the last axis:
+    ``(stream, next_input)`` with ``stream = rmsnorm(x + residual) * weight`` in the sum's dtype
+    and ``next_input = rmsnorm(stream) * next_weight`` from the rounded stream, in its dtype."""
+    stream = add_rmsnorm(x, residual, -1, eps, weight)
+    return stream, add_rmsnorm(stream, None, -1, eps, next_weight)
+
+
+def concat_linear(
+    x: torch.Tensor, e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A linear layer on the concatenation of x [..., Kx] and e [..., Ke]: weight [N, Kx + Ke]
+    (columns 0..Kx-1 multiply x), bias [N] or None -> [..., N] (a recurrent-depth LM's adapter)."""
+    return F.linear(torch.cat([x, e], -1), weight, bias)
 
 
 def token_mlp_rmsnorm(
@@ -141,13 +194,25 @@ def left_matmul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _LeftMatmul.apply(w, x)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables for positions 0..seq_len-1: (cos, sin), each fp32 [seq_len, head_dim], in the
-    rotate-half convention: column i and i + head_dim/2 hold the angle position * base^(-2i/head_dim),
-    as the TRM reference builds them. head_dim must be even."""
+ROPE_STYLES = ("rotate_half", "interleaved")
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, base: float = 10000.0, *, rope: str = "rotate_half"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for positions 0..seq_len-1: (cos, sin), each fp32 [seq_len, head_dim].
+
+    Pair i of a head turns by the angle position * base^(-2i/head_dim). ``rope`` says where
+    the pair's two columns are: ``"rotate_half"`` (the TRM reference, Llama in Hugging Face
+    transformers, NeoX) pairs column i with i + head_dim/2, and the tables repeat the angles
+    as [angles, angles]; ``"interleaved"`` (GPT-J, Meta's original Llama, complex-number
+    RoPE) pairs columns 2i and 2i+1, and each angle is repeated in place. head_dim must be
+    even. Built as the TRM reference builds them (fp32 throughout)."""
+    if rope not in ROPE_STYLES:
+        raise ValueError(f"rope must be one of {', '.join(ROPE_STYLES)}, got {rope!r}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = freqs.repeat_interleave(2, dim=-1) if rope == "interleaved" else torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
@@ -156,11 +221,26 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in fp32 (or wider) on x [B, S, H, d]; cos/sin [S, d]."""
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """The interleaved convention's partner: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: str = "rotate_half") -> torch.Tensor:
+    """RoPE in fp32 (or wider) on x [B, S, H, d], rounded back to x's dtype: ``x * cos +
+    partner(x) * sin``, which turns each pair (a, b) to (a cos - b sin, b cos + a sin).
+    cos/sin [S, d] (every sequence at the same positions) or [B, S, d] (per sequence)."""
     x32 = x.to(_compute_dtype(x.dtype))
-    cos, sin = cos[:, None, :].to(x32.dtype), sin[:, None, :].to(x32.dtype)
-    return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x32.dtype), sin.unsqueeze(-2).to(x32.dtype)
+    partner = _rotate_pairs if rope == "interleaved" else _rotate_half
+    return (x32 * cos + partner(x32) * sin).to(x.dtype)
+
+
+def _split_qkv(qkv: torch.Tensor, num_heads: int, kv: int):
+    batch, seq, width = qkv.shape
+    head_dim = width // (num_heads + 2 * kv)
+    return qkv.view(batch, seq, num_heads + 2 * kv, head_dim).split([num_heads, kv, kv], dim=2)
 
 
 def rope_attention(
@@ -171,33 +251,94 @@ def rope_attention(
     num_kv_heads: int | None = None,
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    rope: str = "rotate_half",
+    window: int = 0,
 ) -> torch.Tensor:
     """Multi-head attention with RoPE on q and k (none when cos is None), scale 1/sqrt(d).
 
     qkv: [B, S, (H + 2 * KVH) * d] laid out as [q heads | k heads | v heads]; returns
-    [B, S, H * d]. Query head h uses key/value head h // (H / KVH). `causal`: query i attends
-    keys j <= i. `key_mask` [B, S] bool: False keys are never attended. A query with no key
-    to attend gets 0.
+    [B, S, H * d]. Query head h uses key/value head h // (H / KVH). cos/sin [P >= S, d]:
+    positions 0..S-1 are used. `causal`: query i attends keys j <= i; `window` > 0: only keys
+    j > i - window. `key_mask` [B, S] bool:
+    False keys are never attended. A query with no key to attend gets 0.
     """
     kv = num_kv_heads or num_heads
     batch, seq, width = qkv.shape
     head_dim = width // (num_heads + 2 * kv)
-    q, k, v = qkv.view(batch, seq, num_heads + 2 * kv, head_dim).split([num_heads, kv, kv], dim=2)
+    q, k, v = _split_qkv(qkv, num_heads, kv)
     if cos is not None:
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = cos[:seq], sin[:seq]
+        q, k = apply_rope(q, cos, sin, rope), apply_rope(k, cos, sin, rope)
     if kv != num_heads:
         k, v = (t.repeat_interleave(num_heads // kv, dim=2) for t in (k, v))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if key_mask is None:
+    if key_mask is None and not window:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        allowed = key_mask[:, None, None, :].expand(batch, 1, seq, seq)
+        ones = torch.ones(seq, seq, dtype=torch.bool, device=qkv.device)
+        allowed = ones if key_mask is None else key_mask[:, None, None, :].expand(batch, 1, seq, seq)
         if causal:
-            allowed = allowed & torch.ones(seq, seq, dtype=torch.bool, device=qkv.device).tril()
+            allowed = allowed & ones.tril()
+        if window:
+            allowed = allowed & ones.triu(1 - window)
         attends = allowed.any(-1, keepdim=True)  # a row with no key: attend all, then output 0 (finite gradients)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~attends)
         out = torch.where(attends, out, 0)
     return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
+
+
+def cache_positions(cache_len: torch.Tensor, seq: int) -> torch.Tensor:
+    """[B, Sq] int64: the positions of a call's new tokens, cache_len[b] + 0..Sq-1."""
+    return cache_len.long()[:, None] + torch.arange(seq, device=cache_len.device)
+
+
+def kv_cache_attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    causal: bool = True,
+    rope: str = "rotate_half",
+    window: int = 0,
+) -> torch.Tensor:
+    """Attention of Sq new tokens against a key/value cache, the cache updated in place.
+
+    qkv [B, Sq, (H + 2 * KVH) * d] (the new tokens' packed projection); k_cache, v_cache
+    [B, C, KVH, d] (any strides, the last axis contiguous); cache_len [B] integer: tokens
+    already cached per sequence. The new tokens sit at positions cache_len[b] + i: q and k
+    are rotated there (cos/sin [P >= C, d]), the rotated keys and the values are written to
+    the cache at those positions, and query i attends cached keys 0..cache_len[b] + Sq - 1,
+    with `causal` up to its own position cache_len[b] + i (lower-right alignment), and with
+    `window` > 0 only the last `window` of those (keys at positions > its own - window).
+    Returns [B, Sq, H * d].
+    """
+    kv = num_kv_heads or num_heads
+    batch, seq, _ = qkv.shape
+    q, k, v = _split_qkv(qkv, num_heads, kv)
+    pos = cache_positions(cache_len, seq)
+    if cos is not None:
+        cos, sin = cos[pos], sin[pos]
+        q, k = apply_rope(q, cos, sin, rope), apply_rope(k, cos, sin, rope)
+    rows = torch.arange(batch, device=qkv.device)[:, None]
+    k_cache[rows, pos] = k
+    v_cache[rows, pos] = v
+    keys, values = k_cache, v_cache
+    if kv != num_heads:
+        keys, values = (t.repeat_interleave(num_heads // kv, dim=2) for t in (keys, values))
+    n = torch.arange(k_cache.shape[1], device=qkv.device)
+    allowed = n < (pos[:, -1:, None] + 1)  # [B, 1, C]: every key cached after this call
+    if causal:
+        allowed = allowed & (n <= pos[:, :, None])
+    if window:
+        allowed = allowed & (n > pos[:, :, None] - window)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None]
+    )
+    return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
 def _stablemax_s(x: torch.Tensor) -> torch.Tensor:

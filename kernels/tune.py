@@ -45,6 +45,7 @@ class Decision:
     choice: str
     times_ms: dict[str, float] = field(default_factory=dict)  # candidate -> median milliseconds (rank 0's)
     failed: dict[str, str] = field(default_factory=dict)  # candidate -> the error it raised (and where)
+    skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it cannot run this signature
 
 
 class TuneWarning(RuntimeWarning):
@@ -152,11 +153,14 @@ def _time(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def choose(op: str, candidates: dict[str, Callable], args: tuple) -> str:
+def choose(op: str, candidates: dict[str, Callable], args: tuple, skipped: dict[str, str] | None = None) -> str:
     """The name of the candidate to run on `args` (each candidate takes ``*args`` and
     returns one tensor; the first is the fused kernel and the default, the last the
     composition of cuBLAS and separate ops). Times them all on the first call of a
-    signature where timing is possible (see the module docstring), then keeps the choice."""
+    signature where timing is possible (see the module docstring), then keeps the choice.
+    `skipped`: the candidates left out for this signature, each with the reason (a shape
+    its kernel does not take); recorded in :data:`decisions` whether or not anything is
+    timed, so that :func:`report` (and ``trm doctor``) say why the fused kernel did not run."""
     global _last
     if _following and _last in candidates:
         return _last
@@ -166,8 +170,11 @@ def choose(op: str, candidates: dict[str, Callable], args: tuple) -> str:
     key = (op, *(((a.dtype, a.shape, a.device, a.requires_grad and torch.is_grad_enabled()) if isinstance(
         a, torch.Tensor) else a) for a in args))  # fmt: skip
     decision = decisions.get(key)
-    if decision is None and _can_time(args):
+    if (decision is None or not (decision.times_ms or decision.failed)) and len(candidates) > 1 and _can_time(args):
         decision = decisions[key] = _decide(op, candidates, args)
+        decision.skipped = dict(skipped or {})
+    elif decision is None and skipped and not torch.compiler.is_compiling():  # untimed: the default, and why
+        decision = decisions[key] = Decision(op, _describe(args), next(iter(candidates)), skipped=dict(skipped))
     _last = decision.choice if decision is not None else next(iter(candidates))
     return _last
 
@@ -239,10 +246,11 @@ class _SharedConfigs(dict):
 
 
 def report() -> list[dict]:
-    """Every choice made in this process: op, signature, chosen candidate, timings (ms), and
-    the candidates that raised while timed."""
+    """Every choice made in this process: op, signature, chosen candidate, timings (ms), the
+    candidates that raised while timed, and those skipped for the signature with the reason
+    (e.g. a hidden size over the fused kernel's limit: the composition runs)."""
     return [
         {"op": d.op, "signature": d.signature, "choice": d.choice, "times_ms": dict(d.times_ms),
-         "failed": dict(d.failed)}
+         "failed": dict(d.failed), "skipped": dict(d.skipped)}
         for d in decisions.values()
     ]  # fmt: skip

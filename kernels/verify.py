@@ -51,8 +51,11 @@ BATCHED: dict[str, tuple[int, ...]] = {
     "swiglu_mlp": (0,),
     "swiglu_mlp_rmsnorm": (0,),
     "linear_add_rmsnorm": (0, 2),
+    "sandwich_rmsnorm": (0, 1),
+    "concat_linear": (0, 1),
     "token_mlp_rmsnorm": (0,),
     "rope_attention": (0, 6),  # qkv, key_mask
+    "kv_cache_attention": (0, 1, 2, 3),  # qkv, k_cache, v_cache, cache_len
     "stablemax_cross_entropy": (0, 1),
     "softmax_cross_entropy": (0, 1),
 }
@@ -61,20 +64,39 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "add_rmsnorm": ("x", "residual", "dim", "eps", "weight", "prenorm"),
     "inject": ("h", "a", "b"),
     "swiglu": ("gate_up", "dim"),
-    "swiglu_mlp": ("x", "w_gate_up", "w_down"),
-    "swiglu_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
-    "linear_add_rmsnorm": ("a", "w", "h", "eps"),
+    "swiglu_mlp": ("x", "w_gate_up", "w_down", "activation", "w_up"),  # w_up: w_gate_up[1] of a pair
+    "swiglu_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps", "weight", "activation", "w_up"),
+    "linear_add_rmsnorm": ("a", "w", "h", "eps", "weight"),
+    "sandwich_rmsnorm": ("x", "residual", "weight", "next_weight", "eps"),
+    "concat_linear": ("x", "e", "weight", "bias"),
     "token_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
-    "rope_attention": ("qkv", "cos", "sin", "num_heads", "num_kv_heads", "causal", "key_mask"),
+    "rope_attention": ("qkv", "cos", "sin", "num_heads", "num_kv_heads", "causal", "key_mask", "rope", "window"),
+    "kv_cache_attention": (
+        "qkv",
+        "k_cache",
+        "v_cache",
+        "cache_len",
+        "cos",
+        "sin",
+        "num_heads",
+        "num_kv_heads",
+        "causal",
+        "rope",
+        "window",
+    ),
     "stablemax_cross_entropy": ("logits", "labels", "ignore_index"),
     "softmax_cross_entropy": ("logits", "labels", "ignore_index"),
 }
+# ops without a backward (the KV cache is written in place: generation)
+FORWARD_ONLY = frozenset({"kv_cache_attention"})
 # learnable, not batched
 WEIGHTS: dict[str, tuple[int, ...]] = {
     "add_rmsnorm": (4,),
-    "swiglu_mlp": (1, 2),
-    "swiglu_mlp_rmsnorm": (1, 2),
-    "linear_add_rmsnorm": (1,),
+    "swiglu_mlp": (1, 2, 4),
+    "swiglu_mlp_rmsnorm": (1, 2, 4, 6),
+    "linear_add_rmsnorm": (1, 4),
+    "sandwich_rmsnorm": (2, 3),
+    "concat_linear": (2, 3),
     "token_mlp_rmsnorm": (1, 2),
 }
 _override: str | None = None
@@ -214,10 +236,10 @@ def _check(op: str, fused: Callable, reference: Callable, args: tuple) -> tuple[
 def parts(op: str, args: tuple) -> list[slice]:
     """The batch rows a check compares: the first ``ROWS`` and the last ``ROWS`` (the last
     programs' tiles, where a fault that depends on the batch size shows), or every row where
-    the rows are not independent (add_rmsnorm normalising along dim 0)."""
+    the rows are not independent (add_rmsnorm normalising along dim 0, a norm of one row)."""
     first = next(a for a in args if isinstance(a, torch.Tensor))
     rows = first.shape[0] if first.dim() else 1
-    if op == "add_rmsnorm" and args[2] % first.dim() == 0:
+    if (op == "add_rmsnorm" and args[2] % first.dim() == 0) or (op == "sandwich_rmsnorm" and first.dim() == 1):
         return [slice(0, rows)]
     n = min(ROWS, rows)
     return [slice(0, n)] + ([slice(max(n, rows - n), rows)] if rows > n else [])

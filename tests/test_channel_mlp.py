@@ -510,3 +510,102 @@ def test_linear_add_rmsnorm_arguments_are_named():
         K.linear_add_rmsnorm(a, w, h, eps=-1)
     with pytest.raises(TypeError, match="h must be a torch.Tensor"):
         K.linear_add_rmsnorm(a, w, [1.0])
+
+
+# ---- a learnable norm weight (language models' post-norms) and hidden sizes up to 8192 --------
+
+
+def _norm_weight(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (1 + 0.5 * torch.randn(n, generator=gen)).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, k, n, weight_dtype", [((3,), 16, 512, None), ((2,), 8, 2048, None),
+                                                      ((1, 3), 8, 4096, None), ((5,), 24, 40, "same")])  # fmt: skip
+def test_linear_add_rmsnorm_with_a_weight_against_the_reference_and_float64(dtype, rows, k, n, weight_dtype):
+    """Forward and the gradients of a, w, h and the norm weight (fp32, or the activations'
+    dtype), eps 1e-6: N = 512 in the norm epilogue, 2048 and 4096 through cuBLAS + the add +
+    RMSNorm kernel."""
+    inputs = [*_linear_inputs(rows, k, n, dtype), _norm_weight(n, dtype if weight_dtype else torch.float32)]
+    compare(lambda a, w, h, g: K.linear_add_rmsnorm(a, w, h, 1e-6, backend="triton", weight=g),
+            lambda a, w, h, g: R.linear_add_rmsnorm(a, w, h, 1e-6, g), inputs,
+            f"linear_add_rmsnorm{rows} K={k} N={n}, weight")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, hidden, inter", [((3,), 512, 16), ((2,), 2048, 8), ((1, 3), 4096, 8), ((5,), 40, 24)])
+def test_sublayer_with_a_weight_against_the_reference_and_float64(dtype, rows, hidden, inter):
+    """Every gradient (h, both projections, the fp32 norm weight), eps 1e-6; hidden 512 in the
+    norm epilogue, 2048 and 4096 through the SwiGLU epilogue and the add + RMSNorm kernel."""
+    inputs = [*_inputs(rows, hidden, inter, dtype), _norm_weight(hidden)]
+    compare(lambda h, gu, d, g: K.swiglu_mlp_rmsnorm(h, gu, d, 1e-6, backend="triton", weight=g),
+            lambda h, gu, d, g: R.swiglu_mlp_rmsnorm(h, gu, d, 1e-6, g), inputs,
+            f"swiglu_mlp_rmsnorm{rows} D={hidden} I={inter}, weight")  # fmt: skip
+
+
+def test_the_weight_is_applied_in_the_epilogues_and_its_gradient_by_the_norms_backward():
+    """No grad: one op each (the weight inside the norm epilogue, the one-kernel sub-layer
+    too); with grad the norm's backward kernel gives the weight's gradient (no extra ops)."""
+    from trm_kernels import channel_mlp
+
+    a, w, h = _linear_inputs((6,), 16, 24, torch.float32)
+    weight = _norm_weight(24)
+    with torch.no_grad(), OpLog() as log:
+        out = K.linear_add_rmsnorm(a, w, h, backend="triton", weight=weight)
+    assert log.count(torch.ops.trm.linear_add_rmsnorm) == 1
+    assert log.count(torch.ops.trm.add_rmsnorm, torch.ops.aten.mul, torch.ops.aten.mm) == 0
+    torch.testing.assert_close(out, R.linear_add_rmsnorm(a, w, h, 1e-5, weight))
+    hh, gu, d = _inputs((6,), 24, 8, torch.float32)
+    with torch.no_grad():
+        one = channel_mlp.sublayer_one_kernel(hh, gu, d, 1e-5, weight)
+    torch.testing.assert_close(one, R.swiglu_mlp_rmsnorm(hh, gu, d, 1e-5, weight))
+    leaves = [t.clone().requires_grad_() for t in (a, w, h, weight)]
+    with OpLog() as log:
+        K.linear_add_rmsnorm(*leaves[:3], backend="triton", weight=leaves[3]).sum().backward()
+    assert log.count(torch.ops.trm.add_rmsnorm_backward) == 1 and log.count(torch.ops.aten.mm) == 2
+    assert leaves[3].grad is not None and leaves[3].grad.dtype == torch.float32
+    torch.library.opcheck(torch.ops.trm.linear_add_rmsnorm_train, (*leaves[:3], 1e-6, leaves[3]))
+    torch.library.opcheck(torch.ops.trm.swiglu_mlp_rmsnorm_train,
+                          (hh.requires_grad_(), gu, d, 1e-6, weight.clone().requires_grad_()))  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["linear_add_rmsnorm", "swiglu_mlp_rmsnorm"])
+def test_eps_reaches_the_kernels(op):
+    """A large eps changes the result: the triton backend's equals the reference's at each."""
+    if op == "linear_add_rmsnorm":
+        inputs, ref = _linear_inputs((4,), 8, 16, torch.float32), R.linear_add_rmsnorm
+    else:
+        inputs, ref = _inputs((4,), 16, 8, torch.float32), R.swiglu_mlp_rmsnorm
+    for eps in (1e-6, 0.5):
+        out = getattr(K, op)(*inputs, eps, backend="triton", weight=_norm_weight(16))
+        torch.testing.assert_close(out, ref(*inputs, eps, _norm_weight(16)))
+    assert not torch.allclose(ref(*inputs, 1e-6), ref(*inputs, 0.5))
+
+
+@pytest.mark.parametrize("op", ["linear_add_rmsnorm", "swiglu_mlp_rmsnorm"])
+def test_above_the_epilogues_hidden_the_composition_runs_and_the_reason_is_reported(op):
+    """Hidden 2048: no error, the add + RMSNorm kernel normalises, and tune.report() says why
+    the norm epilogue did not run (TRM_TUNE=off: nothing is timed, the reason is still kept)."""
+    if op == "linear_add_rmsnorm":
+        inputs = _linear_inputs((2,), 8, 2048, torch.float32)
+    else:
+        inputs = _inputs((2,), 2048, 8, torch.float32)
+    with torch.no_grad(), OpLog() as log:
+        getattr(K, op)(*inputs, 1e-6, backend="triton", weight=_norm_weight(2048))
+    assert log.count(torch.ops.trm.add_rmsnorm) == 1
+    (decision,) = tune.report()
+    assert decision["op"] == op and decision["times_ms"] == {}
+    assert "hidden 2048 > 512" in decision["skipped"]["fused"] and decision["choice"] != "fused"
+
+
+def test_weight_arguments_are_named():
+    a, w, h = _linear_inputs((4,), 16, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\) = h.shape\[-1\], got \(16,\)"):
+        K.linear_add_rmsnorm(a, w, h, weight=torch.ones(16))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        K.linear_add_rmsnorm(a, w, h, weight=[1.0] * 8)
+    with pytest.raises(TypeError, match="weight must be float64/float32/float16/bfloat16"):
+        K.swiglu_mlp_rmsnorm(*_inputs((4,), 16, 8, torch.float32), weight=torch.ones(16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="weight is on meta but h is on"):
+        K.swiglu_mlp_rmsnorm(*_inputs((4,), 16, 8, torch.float32), weight=torch.ones(16, device="meta"))

@@ -492,7 +492,7 @@ def _opcheck_cases():
         (torch.ops.trm.inject, (x, torch.randn(3, 1, 8, requires_grad=True), torch.randn(8, requires_grad=True))),
         (
             torch.ops.trm.rope_attention,
-            (torch.randn(2, 9, 96, requires_grad=True), *K.rope_cos_sin(9, 32), 1, 1, False, None),
+            (torch.randn(2, 9, 96, requires_grad=True), *K.rope_cos_sin(9, 32), 1, 1, False, None, False, 0),
         ),
         (
             torch.ops.trm.rope_attention,
@@ -503,9 +503,27 @@ def _opcheck_cases():
                 2,
                 True,
                 torch.arange(9) < torch.tensor([[9], [4]]),
+                False,
+                3,
             ),
         ),
-        (torch.ops.trm.rope_attention, (torch.randn(2, 9, 6 * 48, requires_grad=True), None, None, 4, 1, True, None)),
+        (
+            torch.ops.trm.rope_attention,
+            (
+                torch.randn(2, 9, 6 * 32, requires_grad=True),
+                *K.rope_cos_sin(9, 32, rope="interleaved"),
+                2,
+                2,
+                True,
+                None,
+                True,
+                0,
+            ),
+        ),
+        (
+            torch.ops.trm.rope_attention,
+            (torch.randn(2, 9, 6 * 48, requires_grad=True), None, None, 4, 1, True, None, False, 0),
+        ),
         (torch.ops.trm.cross_entropy, (logits, labels, -100, True)),
         (torch.ops.trm.cross_entropy, (logits, labels, -100, False)),
     ]

@@ -100,7 +100,9 @@ def test_attention_in_each_gpu_familys_tiles(monkeypatch, family, dtype, head_di
     under the interpreter, causal grouped-query with a key mask, forward and backward."""
     from trm_kernels import attention
 
-    monkeypatch.setattr(attention, "_tiles_for", lambda qkv, d: attention.tiles(d, (family, 0), qkv.dtype))
+    monkeypatch.setattr(
+        attention, "_tiles_for", lambda qkv, d, il=False: attention.tiles(d, (family, 0), qkv.dtype, il)
+    )
     check_attention(2, 37, 4, 2, head_dim, True, True, True, dtype)
 
 

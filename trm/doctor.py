@@ -143,6 +143,9 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
     fp32 = lambda *shape: lambda dt: torch.randn(*shape, device=device)  # noqa: E731  (stays fp32)
     mask = torch.arange(40, device=device) < torch.tensor([[40], [29]], device=device)  # lengths 40 and 29
     cos_96, sin_96 = (t.to(device) for t in K.rope_cos_sin(40, 96))
+    cos_50, sin_50 = (t.to(device) for t in K.rope_cos_sin(50, 64))
+    lens_decode = torch.tensor([0, 17, 49], dtype=torch.int32, device=device)  # an empty cache and a full one
+    lens_chunk = torch.tensor([3, 21], dtype=torch.int32, device=device)
     cases = [
         ("add_rmsnorm", f"{trm}, hidden", args(rand(batch, 97, d), rand(batch, 97, d), -1, 1e-5)),
         ("add_rmsnorm", f"{trm}, sequence", args(rand(batch, 97, d), rand(batch, 97, d), -2, 1e-5)),
@@ -161,6 +164,14 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
                                                  rand(d, 3 * d, scale=(3 * d) ** -0.5))),
         ("swiglu_mlp", "[3, 7, 33], I 17", args(rand(3, 7, 33), rand(34, 33, scale=33**-0.5),
                                                 rand(33, 17, scale=17**-0.5))),
+        ("swiglu_mlp", "[3, 7, 33], I 17, geglu (Gemma)", args(rand(3, 7, 33), rand(34, 33, scale=33**-0.5),
+                                                               rand(33, 17, scale=17**-0.5), "geglu")),
+        ("swiglu_mlp", "[3, 7, 33], I 17, relu2 (Primer, Nemotron)",
+         args(rand(3, 7, 33), rand(17, 33, scale=33**-0.5), rand(33, 17, scale=17**-0.5), "relu2")),
+        ("swiglu_mlp_rmsnorm", "[3, 7, 40], I 24, geglu",
+         args(rand(3, 7, 40), rand(48, 40, scale=40**-0.5), rand(40, 24, scale=24**-0.5), 1e-5, None, "geglu")),
+        ("swiglu_mlp_rmsnorm", "[3, 7, 40], I 24, relu2",
+         args(rand(3, 7, 40), rand(24, 40, scale=40**-0.5), rand(40, 24, scale=24**-0.5), 1e-5, None, "relu2")),
         ("swiglu_mlp_rmsnorm", f"{trm}, I {3 * d}", args(rand(batch, 97, d), rand(6 * d, d, scale=d**-0.5),
                                                          rand(d, 3 * d, scale=(3 * d) ** -0.5), 1e-5)),
         ("swiglu_mlp_rmsnorm", "[3, 7, 600], I 40 (hidden above the norm epilogue's 512)",
@@ -169,6 +180,16 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
                                                                   rand(batch, 97, d), 1e-5)),
         ("linear_add_rmsnorm", "[3, 7, 33] @ [20, 33]", args(rand(3, 7, 33), rand(20, 33, scale=33**-0.5),
                                                              rand(3, 7, 20), 1e-5)),
+        ("swiglu_mlp_rmsnorm", "[3, 7, 40], I 24, fp32 norm weight, eps 1e-6",
+         args(rand(3, 7, 40), rand(48, 40, scale=40**-0.5), rand(40, 24, scale=24**-0.5), 1e-6, fp32(40))),
+        ("linear_add_rmsnorm", "[2, 3, 16] @ [2048, 16], fp32 norm weight, eps 1e-6 (above the epilogue's 512)",
+         args(rand(2, 3, 16), rand(2048, 16, scale=0.25), rand(2, 3, 2048), 1e-6, fp32(2048))),
+        ("sandwich_rmsnorm", f"{trm}, fp32 weights", args(rand(batch, 97, d), rand(batch, 97, d), fp32(d), fp32(d),
+                                                          1e-5)),
+        ("sandwich_rmsnorm", "[3, 7, 100], eps 1e-6", args(rand(3, 7, 100), rand(3, 7, 100), fp32(100), fp32(100),
+                                                           1e-6)),
+        ("concat_linear", "cat([3, 7, 33], [3, 7, 20]) @ [24, 53] + bias",
+         args(rand(3, 7, 33), rand(3, 7, 20), rand(24, 53, scale=53**-0.5), rand(24))),
         ("token_mlp_rmsnorm", f"{trm}, I {inter}",
          args(rand(batch, 97, d), rand(2 * inter, 97, scale=97**-0.5), rand(97, inter, scale=inter**-0.5), 1e-5)),
         ("token_mlp_rmsnorm", "[2, 13, 40], I 24",
@@ -181,6 +202,15 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
         ("rope_attention", "[2, 40, 4x96], 2 kv heads, causal, key mask, RoPE",
          args(rand(2, 40, 8 * 96), cos_96, sin_96, 4, 2, True, mask)),
         ("rope_attention", "[2, 40, 4x32], 1 kv head, no RoPE", args(rand(2, 40, 6 * 32), None, None, 4, 1)),
+        ("rope_attention", "[2, 13, 2x32], interleaved RoPE",
+         args(rand(2, 13, 3 * 64), *(t.to(device) for t in K.rope_cos_sin(13, 32, rope="interleaved")), 2, 2, True,
+              None, "interleaved")),
+        ("kv_cache_attention", "decode [3, 1, 4x64] against caches of 50, 2 kv heads",
+         args(rand(3, 1, 8 * 64), rand(3, 50, 2, 64), rand(3, 50, 2, 64), lens_decode, cos_50, sin_50, 4, 2, True,
+              "rotate_half", 0)),
+        ("kv_cache_attention", "prefill chunk [2, 9, 4x32], 1 kv head, interleaved, window 5",
+         args(rand(2, 9, 6 * 32), rand(2, 30, 1, 32), rand(2, 30, 1, 32), lens_chunk,
+              *(t.to(device) for t in K.rope_cos_sin(30, 32, rope="interleaved")), 4, 1, True, "interleaved", 5)),
         ("stablemax_cross_entropy", f"[{batch}, 97, 11]", lambda dt: (*logits_labels(batch, 97, 11)(dt), -100)),
         ("softmax_cross_entropy", f"[{batch}, 97, 11]", lambda dt: (*logits_labels(batch, 97, 11)(dt), -100)),
     ]  # fmt: skip
@@ -201,7 +231,7 @@ def _run(op: str, backend_name: str, args: tuple):
     """Output and the gradients of the activations and learnable weights (not of tables like
     cos/sin) of one op call; `args` are the op's parameters in order (verify.PARAMETERS)."""
     grad_of = [(i in verify.BATCHED[op] or i in verify.WEIGHTS.get(op, ())) and isinstance(a, torch.Tensor)
-               and a.is_floating_point() for i, a in enumerate(args)]  # fmt: skip
+               and a.is_floating_point() and op not in verify.FORWARD_ONLY for i, a in enumerate(args)]  # fmt: skip
     names = verify.PARAMETERS[op]
     out, grads = run_op(lambda *a: getattr(K, op)(**dict(zip(names, a, strict=False)), backend=backend_name),
                         args, grad_of)  # fmt: skip
@@ -377,8 +407,9 @@ def choices(device: torch.device, quick: bool, progress: Callable[[str], None]) 
     return [
         Check("choice", c["op"], "triton", c["signature"].split("[")[0], c["signature"], None,
               ", ".join([*(f"{name} {ms:.3f} ms" for name, ms in c["times_ms"].items()),
-                         *(f"{name} raised {error}" for name, error in c["failed"].items())]) + f": {c['choice']}",
-              {"choice": c["choice"], "times_ms": c["times_ms"], "failed": c["failed"]})
+                         *(f"{name} raised {error}" for name, error in c["failed"].items()),
+                         *(f"{name} skipped ({why})" for name, why in c["skipped"].items())]) + f": {c['choice']}",
+              {"choice": c["choice"], "times_ms": c["times_ms"], "failed": c["failed"], "skipped": c["skipped"]})
         for c in tune.report()
     ]  # fmt: skip
 
