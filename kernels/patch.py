@@ -1,5 +1,9 @@
 """One call to run existing TRM and HRM code on the fused ops: ``trm_kernels.patch(model)``.
 
+Other model families have a module each (``patch_llama``: Hugging Face Llama-style decoder
+layers; ``patch_sandwich``: Huginn-style sandwich blocks; see ``patch_family``), recognised
+first and checked the same way; what follows is TRM / HRM's.
+
 It looks for modules built like the TRM reference implementation's (SamsungSAILMontreal/
 TinyRecursiveModels, HRM's likewise), by structure and attribute names, never by class:
 
@@ -78,24 +82,30 @@ from . import (
     token_mlp_rmsnorm,
 )
 from .nn import weight_as
-from .patch_check import _exception, _verify
+from .patch_check import _exception, _verify, _verify_calls
+from .patch_llama import LLAMA
+from .patch_sandwich import SANDWICH, adapter_note
 
 OPS = ("attention", "rmsnorm", "swiglu", "token_mixer", "inject")
+FAMILIES = {family.kind: family for family in (LLAMA, SANDWICH)}  # besides TRM/HRM's, which are here
 
 
 @dataclass
 class PatchReport:
     """What ``patch`` did: the modules it gave a fused forward (name -> the ops it fused) and
     those it left as they were (name -> why: a part it cannot map, or the measured difference
-    between the module's forward and the fused one)."""
+    between the module's forward and the fused one); ``notes``: for a patched module of a model
+    family (name -> which fused ops its forward runs and which calls still take its own forward)."""
 
     replaced: dict[str, list[str]] = field(default_factory=dict)
     left_alone: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"patched {len(self.replaced)} module(s), left {len(self.left_alone)} alone"]
-        lines += [f"  patched {name or '(root)'}: {', '.join(ops) or 'no op switched on'}"
-                  for name, ops in self.replaced.items()]  # fmt: skip
+        for name, ops in self.replaced.items():
+            lines.append(f"  patched {name or '(root)'}: {', '.join(ops) or 'no op switched on'}")
+            lines += [f"    runs {self.notes[name]}"] if name in self.notes else []
         lines += [f"  left alone {name or '(root)'}: {why}" for name, why in self.left_alone.items()]
         return "\n".join(lines)
 
@@ -221,7 +231,8 @@ def _reasoning_forward(module: nn.Module, ops: tuple[str, ...], hidden_states, i
     return hidden_states
 
 
-_FORWARDS = {"block": _block_forward, "reasoning module": _reasoning_forward}
+_FORWARDS = {"block": _block_forward, "reasoning module": _reasoning_forward,
+             **{kind: family.forward for kind, family in FAMILIES.items()}}  # fmt: skip
 
 
 class FusedForward:
@@ -282,9 +293,11 @@ def patch(
     token_mixer: bool = True,
     inject: bool = True,
 ) -> PatchReport:
-    """Give every reference-structured TRM/HRM block and reasoning module of `model` a forward
-    on the fused ops (in place), each only after it was verified to compute what the module's
-    own forward computes; returns what was patched and what was left alone, and why.
+    """Give every reference-structured TRM/HRM block and reasoning module of `model`, and every
+    Llama-style decoder layer and Huginn-style sandwich block, a forward on the fused ops (in
+    place), each only after it was verified to compute what the module's own forward computes;
+    returns what was patched (with ``notes`` for the families: the ops and which calls keep the
+    module's own forward) and what was left alone, and why, every candidate by module path.
 
     Each switch turns one op off (it then runs its plain PyTorch reference): ``attention``
     (packed-qkv attention with RoPE, causal and grouped-query as the module says),
@@ -309,7 +322,12 @@ def patch(
     report = PatchReport()
     blocks, reasoning = [], []
     for name, module in model.named_modules():
-        if _looks_like_block(module):
+        family = next((f for f in FAMILIES.values() if f.looks_like(module)), None)
+        if family is not None:
+            _install_family(report, name, module, family, chosen)
+        elif why := adapter_note(name, module):
+            report.left_alone[name] = why
+        elif _looks_like_block(module):
             blocks.append((name, module))
         elif _looks_like_reasoning_module(module):
             reasoning.append((name, module))
@@ -327,8 +345,26 @@ def patch(
         else:
             report.replaced[name] = ops
     if not report.replaced and not report.left_alone:
-        report.left_alone[""] = "no module built like the reference's TRM/HRM blocks or reasoning modules"
+        report.left_alone[""] = ("no module built like the reference's TRM/HRM blocks or reasoning modules, "
+                                 "a Llama-style decoder layer or a sandwich block")  # fmt: skip
     return report
+
+
+def _install_family(report: PatchReport, name: str, module: nn.Module, family, chosen: set[str]) -> None:
+    ops = [op for op in family.switches if op in chosen]
+    generation = ["kv_cache"] if family.cache_calls is not None else []  # on while its calls are checked
+    if problem := _install(module, family.kind, ops + generation, family.problem(module)):
+        report.left_alone[name] = problem
+        return
+    fused, cache_problem = module.__dict__["forward"], None
+    if generation:
+        cache_problem = _verify_calls(module, fused, _original_forward(module), family.cache_calls(module))
+        fused.ops = tuple(ops) + (() if cache_problem else ("kv_cache",))
+    report.replaced[name] = ops
+    off = [op for op in family.switches if op not in chosen]
+    report.notes[name] = (family.note(module, fused.ops) + (f"; calls with a cache: its own forward ({cache_problem})"
+                          if cache_problem else "") + (f"; off (their plain PyTorch reference): {', '.join(off)}"
+                          if off else ""))  # fmt: skip
 
 
 __all__ = ["OPS", "FusedForward", "PatchReport", "patch"]

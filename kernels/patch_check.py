@@ -42,8 +42,10 @@ def _weight(module: nn.Module, path: str) -> torch.Tensor | None:
 
 def _check_input(module: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], dict] | str:
     """The check's inputs (name -> a CPU float32 tensor) and keyword arguments, or why there are none."""
-    from .patch import _forward_takes  # (patch imports this module)
+    from .patch import FAMILIES, _forward_takes  # (patch imports this module)
 
+    if kind in FAMILIES:
+        return FAMILIES[kind].check_input(module)
     layers = [module] if kind == "block" else list(module.layers)
     if kind != "block":
         for i, layer in enumerate(layers):
@@ -69,11 +71,12 @@ def _check_input(module: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor],
 
 
 def _tables(value, device: torch.device, dtype: torch.dtype):
-    """A keyword argument of the check on the device: RoPE tables in fp32 (float64 for the oracle)."""
+    """A keyword argument of the check on the device: RoPE tables (a tensor or a tuple of them)
+    in fp32 (float64 for the oracle)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
     if isinstance(value, tuple):
-        wide = torch.float64 if dtype == torch.float64 else torch.float32
         return tuple(t.to(device, wide) for t in value)
-    return value
+    return value.to(device, wide) if isinstance(value, torch.Tensor) else value
 
 
 def _copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,7 +87,8 @@ def _copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _run(module: nn.Module, fn: Callable, kind: str, inputs: dict, kwargs: dict, dtype: torch.dtype):
     """fn(module's inputs) in `dtype` on the module's device, with the module's parameters and
     buffers replaced by copies in `dtype`: its output (detached) and the gradients of
-    sum(out * g), g fixed random, for the inputs and the parameters (None: not reached)."""
+    sum(out * g), g fixed random, for the inputs and the parameters (None: not reached), and
+    what it returned the output as (a tensor, or the first of a tuple of it and Nones)."""
     probe = _Probe(module)
     device = next((t.device for t in module.parameters()), torch.device("cpu"))
     leaves = {name: t.to(device, dtype, copy=True).requires_grad_() for name, t in inputs.items()}
@@ -94,14 +98,19 @@ def _run(module: nn.Module, fn: Callable, kind: str, inputs: dict, kwargs: dict,
     call_kwargs = {name: _tables(value, device, dtype) for name, value in kwargs.items()}
     if kind == "block":  # as the reference calls blocks: by keyword
         args, call_kwargs = (), {"cos_sin": call_kwargs["cos_sin"], "hidden_states": args[0]}
+    elif kind not in ("block", "reasoning module"):  # a model family's: every argument by keyword
+        args, call_kwargs = (), {**leaves, **call_kwargs}
     out = torch.func.functional_call(probe, {**params, **buffers}, (fn, args, call_kwargs))
+    form = "a tensor"
+    if isinstance(out, tuple) and out and all(t is None for t in out[1:]):  # Huginn's (x, None)
+        out, form = out[0], f"a tuple of {len(out)} (a tensor, then None)"
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"returned a {type(out).__name__}, not a tensor")
+        raise TypeError(f"returned a {type(out).__name__}, not a tensor (or a tensor and Nones)")
     gen = torch.Generator().manual_seed(1)
     g = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
     wrt = {**leaves, **{name.removeprefix("target."): p for name, p in params.items() if p.requires_grad}}
     grads = torch.autograd.grad((out * g).sum(), list(wrt.values()), allow_unused=True)
-    return out.detach(), dict(zip(wrt, grads, strict=True))
+    return out.detach(), dict(zip(wrt, grads, strict=True)), form
 
 
 @contextlib.contextmanager
@@ -167,7 +176,7 @@ def _difference(fused, original, original64, fused64, what: str) -> str | None:
 
 def _results(run) -> dict[str, torch.Tensor | None]:
     """One _run's output and gradients by what the report calls them."""
-    out, grads = run
+    out, grads, _ = run
     return {"forward": out, **{f"gradient of {name}": g for name, g in grads.items()}}
 
 
@@ -184,16 +193,20 @@ def _verify(module: nn.Module, fused: FusedForward, original: Callable) -> str |
         first = None
         for dtype in CHECK_DTYPES:
             try:
-                ref = _results(_run(module, original, fused.kind, inputs, kwargs, dtype))
+                ref_run = _run(module, original, fused.kind, inputs, kwargs, dtype)
+                ref = _results(ref_run)
                 break
             except Exception as e:  # any: the module's own code, on an input it may not take
                 first = first or _exception(e)
         else:
             return f"cannot check it: its forward raised {first} on a float32 input {shape}"
         try:
-            got = _results(_run(module, fused, fused.kind, inputs, kwargs, dtype))
+            got_run = _run(module, fused, fused.kind, inputs, kwargs, dtype)
+            got = _results(got_run)
         except Exception as e:
             return f"the fused forward raised {_exception(e)} where its own forward runs"
+        if got_run[2] != ref_run[2]:
+            return f"its forward returns {ref_run[2]}, the fused one {got_run[2]}"
         ref64, got64 = None, None
         with contextlib.suppress(Exception):  # e.g. FlashAttention: only the fused forward runs in float64
             ref64 = _results(_run(module, original, fused.kind, inputs, kwargs, torch.float64))
@@ -207,3 +220,36 @@ def _verify(module: nn.Module, fused: FusedForward, original: Callable) -> str |
     more = f"; {len(problems) - 4} more" if len(problems) > 4 else ""
     where = "" if dtype == torch.float32 else f", in {str(dtype).removeprefix('torch.')}"
     return f"its forward differs from the fused one ({'; '.join(problems[:4])}{more}{where})"
+
+
+def _run_calls(module: nn.Module, fn: Callable, calls: Callable[[torch.dtype, torch.device], list[dict]], dtype):
+    """fn on each of calls(dtype, device)'s keyword sets in turn (sharing what they share, a cache),
+    without gradients, the module's parameters and buffers replaced by copies in `dtype`: the outputs."""
+    probe = _Probe(module)
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    state = {name: _copy(t, dtype) for name, t in (*probe.named_parameters(), *probe.named_buffers())}
+    with torch.no_grad():
+        outs = [torch.func.functional_call(probe, state, (fn, (), kwargs)) for kwargs in calls(dtype, device)]
+    return {f"call {i} forward": out[0] if isinstance(out, tuple) else out for i, out in enumerate(outs)}
+
+
+def _verify_calls(module: nn.Module, fused: FusedForward, original: Callable, calls) -> str | None:
+    """None when `fused` gives what `original` gives on a sequence of calls without gradients
+    (a prefill and a decode step with a fresh cache each way), in float32 on the reference
+    backend, under the tolerance rule against both in float64; else why not."""
+    with _state_kept(module):
+        try:
+            ref = _run_calls(module, original, calls, torch.float32)
+        except Exception as e:
+            return f"cannot check it: its forward raised {_exception(e)}"
+        try:
+            got = _run_calls(module, fused, calls, torch.float32)
+        except Exception as e:
+            return f"the fused forward raised {_exception(e)} where its own forward runs"
+        ref64, got64 = None, None
+        with contextlib.suppress(Exception):
+            ref64 = _run_calls(module, original, calls, torch.float64)
+        with contextlib.suppress(Exception):
+            got64 = _run_calls(module, fused, calls, torch.float64)
+    problems = [p for what in ref if (p := _difference(got.get(what), ref[what], ref64, got64, what))]
+    return f"its forward differs from the fused one ({'; '.join(problems[:4])})" if problems else None
