@@ -69,6 +69,7 @@ STEPS = ("train", "eval", "adaptive")
 MEAN_STEPS = 4.0
 BATCHES = (768, 1)
 LM_BATCHES = (32, 1)  # sequences of LMConfig.seq_len tokens
+LM_DECODE = "decode"  # the LM's decode step: one token per sequence, its caches full to the last position
 
 # Kernels each of our ops launches on a GPU, read from its implementation in kernels/.
 LAUNCHES = {
@@ -92,6 +93,11 @@ LAUNCHES = {
     "trm.swiglu_mlp_backward": 1,  # d(act) GEMM with d(gate|up) and the activation in its epilogue
     "trm.linear_add_rmsnorm": 1,  # the GEMM with the residual add and RMSNorm in its epilogue
     "trm.linear_add_rmsnorm_train": 1,
+    "trm.sandwich_rmsnorm": 1,  # both norms in one pass over each row
+    "trm.sandwich_rmsnorm_backward": 3,  # the kernel, then the sums of the two weights' per-program partials
+    # the cache write, the attention, the merge of its key chunks (split-K: a decode step of
+    # LMConfig at batch 32 or 1 has too few row tiles to fill the GPU, so its keys are cut)
+    "trm.kv_cache_attention": 3,
 }
 # Ops that launch no kernel: allocations, views not tagged as views, and the 0-dim tensor a
 # Python number becomes in torch.where(mask, 0, t) (a CPU wrapped number on CUDA).
@@ -148,10 +154,10 @@ def _attention_pairs(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, causa
 def trm_flops(name: str, args: tuple) -> int:
     """Matrix FLOPs of one of our ops, by what its kernels compute."""
     if name == "trm.rope_attention":  # q k^T and p v: 2 * 2 * pairs * d per head
-        qkv, _, _, heads, kv_heads, causal, _ = args
+        qkv, _, _, heads, kv_heads, causal = args[:6]
         return 4 * _attention_pairs(qkv, heads, kv_heads, causal)
     if name == "trm.rope_attention_backward":  # dK/dV: q k^T, p^T dO, dO v^T, dS^T q; dQ: q k^T, dO v^T, dS k
-        _, qkv, _, _, _, _, heads, kv_heads, causal, _ = args
+        _, qkv, _, _, _, _, heads, kv_heads, causal = args[:9]
         return 14 * _attention_pairs(qkv, heads, kv_heads, causal)
     if name in ("trm.token_mlp_rmsnorm", "trm.token_mlp_rmsnorm_train"):  # gate|up [2I, S] @ h, down [S, I] @ act
         h, w_gate_up = args[0], args[1]
@@ -160,18 +166,25 @@ def trm_flops(name: str, args: tuple) -> int:
     if name in ("trm.linear_add_rmsnorm", "trm.linear_add_rmsnorm_train"):  # a [M, K] @ w [N, K]^T
         a, w = args[0], args[1]
         return 2 * a.shape[0] * a.shape[1] * w.shape[0]
+    # q k^T and p v of each new token against all C positions of the cache: what a decode step with the cache
+    # full attends (cache_len's values are not known on the meta device; a prefill attends fewer)
+    if name == "trm.kv_cache_attention":
+        qkv, k_cache, _, _, _, _, heads = args[:7]
+        batch, seq, _ = qkv.shape
+        return 4 * batch * seq * heads * k_cache.shape[3] * k_cache.shape[1]
     if name == "trm.swiglu_mlp_backward":  # d(act) = dy [M, D] @ W_down [D, I]
-        dy, _, w_down = args
+        dy, _, w_down = args[:3]  # (and the activation, where not swiglu)
         return 2 * dy.shape[0] * dy.shape[1] * w_down.shape[1]
     return 0
 
 
 def _rows_written(target: torch.Tensor, indices) -> int:
-    """Bytes index_put_ writes into `target`: the rows its first-axis index selects."""
-    index = indices[0] if len(indices) == 1 and indices[0] is not None else None
-    if index is None or index.dtype == torch.bool:
+    """Bytes index_put_ writes into `target`: the rows its leading axes' integer indices select
+    (one index: rows of the first axis; two, as a KV cache's [batch, position]: its entries)."""
+    if any(i is None or i.dtype == torch.bool for i in indices):
         return nbytes(target)
-    return index.numel() * (target.numel() // max(1, target.shape[0])) * target.element_size()
+    rows = torch.broadcast_shapes(*(i.shape for i in indices)).numel()
+    return rows * target.shape[len(indices) :].numel() * target.element_size()
 
 
 class Counter(TorchDispatchMode):
@@ -224,7 +237,7 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, counter, q, k, v, mask, causal):
         b, h, s, d = q.shape
-        pairs = s * (s + 1) // 2 if causal else s * s
+        pairs = s * (s + 1) // 2 if causal else s * k.shape[2]  # a decode step: its queries against every key
         counter.paused = True
         out = torch.empty_like(q)
         counter.paused = False
@@ -364,22 +377,38 @@ def run_step(config: str, provider: str, step: str, batch: int, region, marks, m
                     state.advance(model, model._eval_step, cfg.n_sup, 0.0)
 
 
-def run_lm_step(provider: str, step: str, batch: int, counter: Counter, region=None) -> None:
-    """The recurrent-depth LM's training step (forward, cross-entropy, backward, AdamW) in bf16
-    on the meta device: the plain-PyTorch twin for eager, trm_kernels.nn for fused (no CUDA
-    graphs: that provider counts the same), with `region` (default: the counter) around it."""
-    from .recurrent_depth import LMConfig, PlainRecurrentDepthLM, RecurrentDepthLM
+def run_lm_step(
+    provider: str, step: str, batch: int, counter: Counter, region=None, cfg: LMConfig | None = None
+) -> None:
+    """The recurrent-depth LM's training step (forward, cross-entropy, backward, AdamW) or decode
+    step in bf16 on the meta device: the plain-PyTorch twin for eager, trm_kernels.nn for fused
+    (no CUDA graphs: that provider counts the same), with `region` (default: the counter) around
+    it. `cfg`: LMConfig() unless given.
 
-    if step != "train":
-        raise ValueError(f"{LM}: only its training step is counted, not {step!r}")
-    cfg = LMConfig()
+    The decode step (LM_DECODE) is one token per sequence, without grad, through one KV cache
+    per loop (``trm_benchmarks.recurrent_depth.generate``'s decode) holding seq_len - 1 tokens:
+    the longest step the RoPE tables allow. Its bytes are mostly the weights, read once per
+    loop (the byte model: each input read once per op), and each loop's whole cache."""
+    from .recurrent_depth import PlainRecurrentDepthLM, RecurrentDepthLM
+
+    if step not in ("train", LM_DECODE):
+        raise ValueError(f"{LM}: its training and decode steps are counted, not {step!r}")
+    cfg = cfg or LMConfig()
     with torch.device("meta"):
         model = (PlainRecurrentDepthLM if provider == "eager" else RecurrentDepthLM)(cfg).to(torch.bfloat16)
         tokens = torch.ones(batch, cfg.seq_len + 1, dtype=torch.long)
         mask = torch.ones(batch, cfg.seq_len + 1, dtype=torch.bool)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     backend = "reference" if provider == "eager" else "triton"
-    with K.use_backend(backend), _FlashAttention(counter), region if region is not None else counter:
+    region = region if region is not None else counter
+    if step == LM_DECODE:
+        caches = model.new_caches(batch, cfg.seq_len)
+        for cache in caches:
+            cache.lengths.fill_(cfg.seq_len - 1)
+        with K.use_backend(backend), _FlashAttention(counter), torch.no_grad(), region:
+            model(tokens[:, :1], caches=caches)
+        return
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with K.use_backend(backend), _FlashAttention(counter), region:
         logits = model(tokens[:, :-1], mask[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
@@ -589,7 +618,7 @@ def run(
     for config in configs:
         lm = config == LM
         seq_len = LMConfig().seq_len if lm else preset(config).model.seq_len
-        for step in ("train",) if lm else STEPS:
+        for step in ("train", LM_DECODE) if lm else STEPS:
             for batch in LM_BATCHES if lm else batches:
                 floor_flops = None  # the step's matrix FLOPs as the eager step counts them
                 for provider in PROVIDERS:
@@ -603,7 +632,8 @@ def run(
                             del p["ops"]
                         floor_us = floor_flops / GPUS[key].bf16 * 1e6
                         entry = {"config": config, "step": step, "batch": batch, "provider": provider, "gpu": key,
-                                 **p, "tokens_per_s": batch * seq_len / (p["us"] * 1e-6), "floor_us": floor_us,
+                                 **p, "tokens_per_s": batch * (1 if step == LM_DECODE else seq_len) / (p["us"] * 1e-6),
+                                 "floor_us": floor_us,
                                  "x_floor": p["us"] / floor_us if floor_us else None}  # fmt: skip
                         report["steps"].append(entry)
         batch = (LM_BATCHES if lm else batches)[0]
@@ -696,9 +726,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['config']} | {r['tokens']:,} x {r['hidden']} x {r['intermediate']} | {kernel} | "
                          f"{_fmt_us(r['composed_us'])} | {_fmt_us(r['fused_memory_us'])} | {even} |")  # fmt: skip
         lines.append("")
-    titles = {"train": "training step", "eval": "evaluation step", "adaptive": "adaptive evaluation step"}
+    titles = {"train": "training step", "eval": "evaluation step", "adaptive": "adaptive evaluation step",
+              LM_DECODE: "decode step (one token per sequence against one KV cache per loop, each full)"}  # fmt: skip
     for config in configs:
-        for step in [s for s in STEPS if _find(report, config=config, step=s)]:
+        for step in [s for s in (*STEPS, LM_DECODE) if _find(report, config=config, step=s)]:
             lines += [f"## {config}, {titles[step]}", "",
                       "| GPU | batch | eager | fused | fused + CUDA graphs | fused / eager | graphs / eager | "
                       "launches (eager / fused / graphs) | tokens/s, graphs |",

@@ -106,6 +106,8 @@ SNIPPETS = {
     "kernels/README.md: class SwiGLU(nn.Module):": "alone",
     "kernels/README.md: class Block(nn.Module):": "alone",
     "kernels/README.md: B, S, D, heads = 2, 16, 512, 8": "alone",
+    "kernels/README.md: attn = KN.RoPEAttention(256, num_heads=8, num_kv_heads=2, causal=True)": "alone",
+    'kernels/README.md: cfg = dataclasses.replace(QUICK, core="sandwich", injection="adapter")': "alone",
 }
 
 # Where a cheap command writes outside its temporary directory as written, the test writes here instead.

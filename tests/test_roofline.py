@@ -259,6 +259,38 @@ def test_the_recurrent_depth_lms_step_counts_its_products_and_its_causal_attenti
     assert {e["batch"] for e in report["steps"]} == set(R.LM_BATCHES) and "recurrent-depth" in R.markdown(report)
 
 
+def test_the_recurrent_depth_lms_decode_step_reads_the_weights_per_loop_and_the_whole_caches():
+    """A decode step of QUICK by hand: one token per sequence against caches of C = seq_len
+    positions, in bf16. FLOPs: every linear layer once per loop, and q k^T, p v against the C
+    cached keys; the fused attention op reads each loop's whole cache; every weight is read
+    once per loop (the head once)."""
+    from trm_benchmarks.recurrent_depth import QUICK
+
+    cfg, batch, elt = QUICK, 2, 2
+    d, hd, heads, kv, c = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.seq_len
+    per_loop = (heads + 2 * kv) * hd * d + d * heads * hd + 3 * cfg.intermediate_size * d  # weights, elements
+    flops = cfg.loops * (2 * batch * per_loop + 4 * batch * heads * hd * c) + 2 * batch * d * cfg.vocab_size
+    caches = 2 * batch * c * kv * hd * elt
+    for provider in ("eager", "fused"):
+        counter = R.Counter()
+        R.run_lm_step(provider, R.LM_DECODE, batch, counter, cfg=cfg)
+        assert sum(op.flops for op in counter.ops) == flops, provider
+        floor = cfg.loops * (per_loop * elt + caches) + d * cfg.vocab_size * elt
+        assert floor < sum(op.bytes for op in counter.ops) < 2 * floor, provider
+        if provider == "fused":
+            attention = [op for op in counter.ops if op.name == "trm.kv_cache_attention"]
+            qkv, out = batch * (heads + 2 * kv) * hd * elt, batch * heads * hd * elt
+            tables = 2 * c * hd * elt  # cos and sin, cast with the model
+            assert [op.bytes for op in attention] == [qkv + caches + 4 * batch + tables + out] * cfg.loops
+            assert [op.launches for op in attention] == [3] * cfg.loops
+    report = R.run(configs=(R.LM,), gpus=("h100",))
+    decode = [s for s in report["steps"] if s["step"] == R.LM_DECODE]
+    assert {s["batch"] for s in decode} == set(R.LM_BATCHES) and len(decode) == len(R.LM_BATCHES) * len(R.PROVIDERS)
+    one = next(s for s in decode if s["batch"] == 1)
+    assert one["tokens_per_s"] == pytest.approx(1 / (one["us"] * 1e-6))
+    assert "recurrent-depth, decode step" in R.markdown(report)
+
+
 def test_saved_bytes_count_each_saved_storage_once_and_no_parameters():
     x = torch.randn(4, 8, requires_grad=True) * 1  # an activation (not a leaf)
     w = torch.nn.Parameter(torch.randn(16, 8))
