@@ -91,8 +91,11 @@ def _store_pairs(rows_ptr, valid, x1, x2, HALF: tl.constexpr, HALF_P: tl.constex
 
 @triton.jit
 def _trig(TABLE, pos, valid, HALF: tl.constexpr, HALF_P: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """A RoPE table's angle of each pair at positions `pos`: [rows, HALF_P]."""
-    return _load_pairs(TABLE + pos[:, None] * (2 * HALF), valid, HALF, HALF_P, INTERLEAVED)[0]
+    """A RoPE table's angle of each pair at positions `pos`: [rows, HALF_P] (the pair's first
+    column: c rotate-half, 2c interleaved; the fp32 tables are small and cached)."""
+    c = tl.arange(0, HALF_P)
+    col = 2 * c if INTERLEAVED else c
+    return tl.load(TABLE + pos[:, None] * (2 * HALF) + col[None, :], mask=_cols(valid, c, HALF, HALF_P), other=0.0)
 
 
 @triton.jit
@@ -103,10 +106,19 @@ def _rotated(
     """The two halves of one head's rows (at positions `pos`), rotated by RoPE in fp32 and
     rounded to the storage dtype as the reference rounds q and k (or as stored, without
     RoPE): (x1, x2), each [rows, HALF_P], zero past HALF."""
-    x1, x2 = _load_pairs(base + rows[:, None].to(tl.int64) * row_stride, valid, HALF, HALF_P, INTERLEAVED)
+    c = tl.arange(0, HALF_P)
+    mask = _cols(valid, c, HALF, HALF_P)
+    if INTERLEAVED:
+        x1, x2 = _load_pairs(base + rows[:, None].to(tl.int64) * row_stride, valid, HALF, HALF_P, True)
+        trig = pos[:, None] * (2 * HALF) + 2 * c[None, :]
+    else:
+        ptr = base + rows[:, None].to(tl.int64) * row_stride + c[None, :]
+        x1 = tl.load(ptr, mask=mask, other=0.0)
+        x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+        trig = pos[:, None] * (2 * HALF) + c[None, :]
     if ROPE:
-        cos = _trig(COS, pos, valid, HALF, HALF_P, INTERLEAVED)
-        sin = _trig(SIN, pos, valid, HALF, HALF_P, INTERLEAVED)
+        cos = tl.load(COS + trig, mask=mask, other=0.0)
+        sin = tl.load(SIN + trig, mask=mask, other=0.0)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         dtype = base.dtype.element_ty
         x1, x2 = (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
@@ -393,10 +405,11 @@ def tiles(
     major = capability[0] if capability is not None else None
     if dtype == torch.float32 and major is not None:
         if wide:  # 8 warps spread dK/dV's accumulators (2 stages on wgmma GPUs, 1 on mma.sync ones)
-            # ptxas holds these at 64 registers a thread: sm_80 spilled 8 B at 16 x 16 (window), the
-            # others 16 B at 32 x 16
-            dkdv = Tile(16, 16, 8, 2) if major in (9, 10) else Tile(32 if capability == (8, 0) else 16, 16, 8, 1)
-            return {"fwd": Tile(32, 16, 4, 1), "dq": Tile(32, 16, 4, 1), "dkdv": dkdv}
+            dkdv = Tile(16, 16, 8, 2) if major in (9, 10) else Tile(16, 16, 8, 1)
+            # dQ at 4 warps spilled 8 B on sm_90/100 with triton 3.6 (window, interleaved); at 8 on
+            # sm_100 4 B with 3.9
+            dq = {9: Tile(32, 16, 8, 1), 10: Tile(16, 16, 4, 1)}.get(major, Tile(32, 16, 4, 1))
+            return {"fwd": Tile(32, 16, 4, 1), "dq": dq, "dkdv": dkdv}
         return {"fwd": Tile(16, 32, 4, 1), "dq": Tile(16, 32, 4, 1), "dkdv": Tile(16, 16, 4, 1)}
     if major in (9, 10):  # Hopper, B200: wgmma / tcgen05
         if wide:
