@@ -406,9 +406,9 @@ def tiles(
     if dtype == torch.float32 and major is not None:
         if wide:  # 8 warps spread dK/dV's accumulators (2 stages on wgmma GPUs, 1 on mma.sync ones)
             dkdv = Tile(16, 16, 8, 2) if major in (9, 10) else Tile(16, 16, 8, 1)
-            # dQ at 4 warps spilled 8 B on sm_90/100 with triton 3.6 (window, interleaved); at 8 on
-            # sm_100 4 B with 3.9
-            dq = {9: Tile(32, 16, 8, 1), 10: Tile(16, 16, 4, 1)}.get(major, Tile(32, 16, 4, 1))
+            # dQ at 4 warps spilled 8 B on sm_90/100 and 992 B on sm_120 with triton 3.6 (window,
+            # interleaved); at 8 on sm_100 4 B with 3.9
+            dq = {9: Tile(32, 16, 8, 1), 10: Tile(16, 16, 4, 1), 12: Tile(32, 16, 8, 1)}.get(major, Tile(32, 16, 4, 1))
             return {"fwd": Tile(32, 16, 4, 1), "dq": dq, "dkdv": dkdv}
         return {"fwd": Tile(16, 32, 4, 1), "dq": Tile(16, 32, 4, 1), "dkdv": Tile(16, 16, 4, 1)}
     if major in (9, 10):  # Hopper, B200: wgmma / tcgen05
