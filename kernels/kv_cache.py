@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._triton import check_input, device_budget, launch, next_pow2, on_gpu, precision, takes
-from .attention import HEAD_DIMS, LOG2E, _cols, _launch_by_batch, _rotated, _rows, _store_pairs
+from .attention import HEAD_DIMS, LOG2E, _cols, _launch_by_batch, _rotated, _rows, _store_pairs, head_dim_of
 
 
 @triton.jit
@@ -185,7 +185,7 @@ def splits_for(programs: int, capacity: int, block_n: int) -> int:
 
 
 def supports(qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, num_kv_heads, causal, rope, window) -> bool:
-    return takes(qkv) and qkv.shape[-1] // (num_heads + 2 * num_kv_heads) in HEAD_DIMS
+    return takes(qkv) and head_dim_of(qkv, num_heads, num_kv_heads) in HEAD_DIMS
 
 
 @torch.library.custom_op("trm::kv_cache_attention", mutates_args=("k_cache", "v_cache"))
@@ -196,7 +196,7 @@ def cache_attention(
 ) -> torch.Tensor:  # fmt: skip
     qkv = qkv.contiguous()
     batch, seq, _ = qkv.shape
-    d = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
+    d = head_dim_of(qkv, num_heads, num_kv_heads)
     if d not in HEAD_DIMS:
         raise ValueError(f"kv_cache_attention: head_dim {d} is not supported by the triton backend (even, 32..128)")
     rope = cos is not None
@@ -240,7 +240,7 @@ def cache_attention(
 @cache_attention.register_fake
 def _(qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, num_kv_heads, causal, interleaved, window, splits):
     batch, seq, _ = qkv.shape
-    d = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
+    d = head_dim_of(qkv, num_heads, num_kv_heads)
     return qkv.new_empty(batch, seq, num_heads * d)
 
 
