@@ -515,6 +515,10 @@ def rope_attention(
     head_dim: int | None = None,
     rope: str = "rotate_half",
     window: int | None = None,
+    qk_norm: str | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Multi-head attention on a packed projection, RoPE applied inside; returns [B, S, H * d].
 
@@ -533,6 +537,13 @@ def rope_attention(
     bool: False marks padding keys, never attended (lengths L: ``torch.arange(S) < L[:, None]``).
     A query with no key to attend gets 0. The output has qkv's dtype; the gradient is one
     packed dqkv. Triton: d even in 32..128.
+
+    QK-norm (Qwen3, Gemma 3, OLMoE): ``qk_norm="before"`` (or ``"after"``) RoPE normalises
+    every query and key head over its d columns, y = x * rsqrt(mean(x^2) + qk_norm_eps) * w,
+    in fp32 and rounded to qkv's dtype, with ``q_norm_weight`` / ``k_norm_weight`` [d] (any
+    float dtype, shared by the heads; None: no weight; Gemma's (1 + w) is passed as 1 + w).
+    ``qk_norm_eps`` defaults to 1e-6 (Qwen3's and Gemma 3's). The weights get gradients.
+    A norm over all heads at once (OLMo 2's) is not this: normalise the projection before.
     """
     _check_float("qkv", qkv)
     if qkv.dim() != 3:
@@ -566,8 +577,27 @@ def rope_attention(
         if key_mask.device != qkv.device:
             raise ValueError(f"key_mask is on {key_mask.device} but qkv is on {qkv.device}")
     _check_window(window)
+    norm = _check_qk_norm(qk_norm, q_norm_weight, k_norm_weight, qk_norm_eps, qkv, d)
     return call("rope_attention", qkv.device, backend, qkv, cos, sin, num_heads, kv, bool(causal), key_mask, rope,
-                window or 0)  # fmt: skip
+                window or 0, *norm)  # fmt: skip
+
+
+def _check_qk_norm(qk_norm, q_norm_weight, k_norm_weight, eps, qkv: torch.Tensor, d: int) -> tuple:
+    """The attention ops' last four arguments, checked: (q weight, k weight, mode, eps)."""
+    if qk_norm is not None and qk_norm not in reference.QK_NORMS:
+        raise ValueError(f"qk_norm must be None, 'before' or 'after' (RoPE), got {qk_norm!r}")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is None:
+            continue
+        if qk_norm is None:
+            raise ValueError(f"{name} is given but qk_norm is None: pass qk_norm='before' (or 'after') RoPE")
+        _check_float(name, w)
+        if w.shape != (d,):
+            raise ValueError(f"{name} must have shape (head_dim,) = ({d},), got {tuple(w.shape)}")
+        if w.device != qkv.device:
+            raise ValueError(f"{name} is on {w.device} but qkv is on {qkv.device}")
+    return q_norm_weight, k_norm_weight, qk_norm, _check_eps(eps)
+
 
 
 def _check_window(window) -> None:
@@ -589,6 +619,10 @@ def kv_cache_attention(
     causal: bool = True,
     rope: str = "rotate_half",
     window: int | None = None,
+    qk_norm: str | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Attention of new tokens against a key/value cache (prefill, chunked prefill, decode),
     RoPE at each sequence's offset, the cache updated in place; returns [B, Sq, H * d].
@@ -606,8 +640,10 @@ def kv_cache_attention(
     positions 0..cache_len[b] + Sq - 1. ``causal`` (default True) is aligned lower-right: query
     i sees positions up to cache_len[b] + i (SDPA's ``is_causal`` aligns upper-left, which
     differs when Sq < the keys). ``window`` (sliding window, left): only the last `window`
-    positions up to the query's own (None or 0: no window). Scale 1/sqrt(d). The caller
-    advances cache_len by Sq.
+    positions up to the query's own (None or 0: no window). ``qk_norm``, ``q_norm_weight``,
+    ``k_norm_weight``, ``qk_norm_eps``: QK-norm as in ``rope_attention`` (the cache then holds
+    the normalised, rotated keys, as Hugging Face's Qwen3 caches them). Scale 1/sqrt(d). The
+    caller advances cache_len by Sq.
 
     cache_len[b] + Sq must be <= C: checked on the host for CPU tensors; on a GPU an
     asynchronous device assertion (no synchronisation) stops the process rather than write
@@ -655,8 +691,9 @@ def kv_cache_attention(
             "kv_cache_attention has no backward (it writes the cache in place): run it under torch.no_grad() "
             "for generation; to train, attend equal-length queries and keys with rope_attention"
         )
+    norm = _check_qk_norm(qk_norm, q_norm_weight, k_norm_weight, qk_norm_eps, qkv, d)
     return call("kv_cache_attention", qkv.device, backend, qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, kv,
-                bool(causal), rope, window or 0)  # fmt: skip
+                bool(causal), rope, window or 0, *norm)  # fmt: skip
 
 
 def _check_cache_len(cache_len, qkv: torch.Tensor, capacity: int) -> torch.Tensor:

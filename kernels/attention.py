@@ -448,7 +448,7 @@ def head_dim_of(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> int:
 
 
 def supports(qkv: torch.Tensor, cos, sin, num_heads: int, num_kv_heads: int, causal: bool, key_mask,
-             rope: str = "rotate_half", window: int = 0) -> bool:  # fmt: skip
+             rope: str = "rotate_half", window: int = 0, *_qk_norm) -> bool:  # fmt: skip
     return takes(qkv) and head_dim_of(qkv, num_heads, num_kv_heads) in HEAD_DIMS
 
 
@@ -564,8 +564,20 @@ def rope_attention(
     key_mask: torch.Tensor | None = None,
     rope: str = "rotate_half",
     window: int = 0,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    qk_norm: str | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
+    """The triton backend of :func:`trm_kernels.rope_attention`; QK-norm (``qk_norm`` "before"
+    or "after" RoPE) is a row-local pass of its own before these kernels (``qk_norm.py``)."""
     check_input("qkv", qkv)
     if cos is not None and cos.shape[0] != qkv.shape[1]:  # a longer table: its first S positions
         cos, sin = cos[: qkv.shape[1]], sin[: qkv.shape[1]]
-    return attention_fwd(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask, rope == "interleaved", window)[0]
+    interleaved = rope == "interleaved"
+    if qk_norm is not None:
+        from .qk_norm import qk_norm as normed
+
+        qkv, cos, sin = normed(qkv, q_norm_weight, k_norm_weight, qk_norm, cos, sin, num_heads, num_kv_heads,
+                               interleaved, qk_norm_eps)  # fmt: skip
+    return attention_fwd(qkv, cos, sin, num_heads, num_kv_heads, causal, key_mask, interleaved, window)[0]

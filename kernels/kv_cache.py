@@ -184,7 +184,8 @@ def splits_for(programs: int, capacity: int, block_n: int) -> int:
     return max(1, min(MAX_SPLITS, blocks, triton.cdiv(TARGET_PROGRAMS, max(programs, 1))))
 
 
-def supports(qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, num_kv_heads, causal, rope, window) -> bool:
+def supports(qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, num_kv_heads, causal, rope, window,
+             *_qk_norm) -> bool:  # fmt: skip
     return takes(qkv) and head_dim_of(qkv, num_heads, num_kv_heads) in HEAD_DIMS
 
 
@@ -256,10 +257,22 @@ def kv_cache_attention(
     causal: bool = True,
     rope: str = "rotate_half",
     window: int = 0,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    qk_norm: str | None = None,
+    qk_norm_eps: float = 1e-6,
+    *,
     splits: int = 0,
 ) -> torch.Tensor:
     """The triton backend of :func:`trm_kernels.kv_cache_attention` (`splits` > 0 forces the
-    number of key chunks; 0 chooses)."""
+    number of key chunks; 0 chooses). QK-norm is the row-local pass of ``qk_norm.py`` on the
+    new tokens first (after RoPE: rotated there at their positions, then no rotation here)."""
     check_input("qkv", qkv)
-    return cache_attention(qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, num_kv_heads, causal,
-                           rope == "interleaved", window, splits)  # fmt: skip
+    interleaved = rope == "interleaved"
+    if qk_norm is not None:
+        from .qk_norm import qk_norm as normed
+
+        qkv, cos, sin = normed(qkv, q_norm_weight, k_norm_weight, qk_norm, cos, sin, num_heads, num_kv_heads,
+                               interleaved, qk_norm_eps, cache_len)  # fmt: skip
+    return cache_attention(qkv, k_cache, v_cache, cache_len, cos, sin, num_heads, num_kv_heads, causal, interleaved,
+                           window, splits)  # fmt: skip

@@ -179,7 +179,11 @@ class RoPEAttention(nn.Module):
     rotation), a key mask [B, S] bool (False: padding), a ``KVCache`` for generation.
     ``causal``, ``rope`` (the weights' RoPE convention, ``"rotate_half"`` or
     ``"interleaved"``) and ``window`` (sliding window: keys j > i - window) are fixed at
-    construction. Scale 1/sqrt(d). See
+    construction. ``qk_norm`` ``"before"`` or ``"after"`` (RoPE) normalises each query and
+    key head (QK-norm, as Qwen3 and Gemma 3 do before RoPE): ``q_norm`` and ``k_norm`` are
+    ``RMSNorm(d, qk_norm_eps)`` modules (eps 1e-6; learnable weights ``q_norm.weight``,
+    ``k_norm.weight`` [d], ones at first; ``qk_norm_weight=False``: none) whose norm the
+    attention op applies inside. Scale 1/sqrt(d). See
     ``trm_kernels.rope_attention`` and ``trm_kernels.kv_cache_attention`` for the conventions.
     """
 
@@ -194,9 +198,15 @@ class RoPEAttention(nn.Module):
         linear: Linear = nn.Linear,
         rope: str = "rotate_half",
         window: int | None = None,
+        qk_norm: str | None = None,
+        qk_norm_weight: bool = True,
+        qk_norm_eps: float = 1e-6,
     ):
         super().__init__()
         self.rope, self.window = rope, window
+        if qk_norm not in (None, "before", "after"):
+            raise ValueError(f"qk_norm must be None, 'before' or 'after' (RoPE), got {qk_norm!r}")
+        self.qk_norm = qk_norm
         if hidden % num_heads and head_dim is None:
             raise ValueError(f"hidden={hidden} is not divisible by num_heads={num_heads}; pass head_dim")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
@@ -205,6 +215,15 @@ class RoPEAttention(nn.Module):
         self.head_dim, self.causal = head_dim or hidden // num_heads, causal
         self.qkv_proj = linear(hidden, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
         self.o_proj = linear(num_heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = self.k_norm = None  # QK-norm: each head's RMSNorm (the attention op applies them)
+        if qk_norm is not None:
+            self.q_norm, self.k_norm = (RMSNorm(self.head_dim, qk_norm_eps, qk_norm_weight) for _ in range(2))
+
+    def _norm_args(self) -> dict:
+        if self.qk_norm is None:
+            return {}
+        return dict(qk_norm=self.qk_norm, qk_norm_eps=self.q_norm.eps, q_norm_weight=self.q_norm.weight,
+                    k_norm_weight=self.k_norm.weight)  # fmt: skip
 
     def attend(
         self,
@@ -219,12 +238,12 @@ class RoPEAttention(nn.Module):
         if cache is None:
             return rope_attention(self.qkv_proj(h), cos, sin, self.num_heads, num_kv_heads=self.num_kv_heads,
                                   causal=self.causal, key_mask=key_mask, head_dim=self.head_dim,
-                                  rope=self.rope, window=self.window)  # fmt: skip
+                                  rope=self.rope, window=self.window, **self._norm_args())  # fmt: skip
         if key_mask is not None:
             raise ValueError("key_mask and cache do not go together: a cache's lengths say which tokens are real")
         out = kv_cache_attention(self.qkv_proj(h), cache.k, cache.v, cache.lengths, cos, sin, self.num_heads,
                                  num_kv_heads=self.num_kv_heads, causal=self.causal, rope=self.rope,
-                                 window=self.window)  # fmt: skip
+                                 window=self.window, **self._norm_args())  # fmt: skip
         cache.lengths += h.shape[1]
         return out
 

@@ -237,6 +237,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: str 
     return (x32 * cos + partner(x32) * sin).to(x.dtype)
 
 
+QK_NORMS = ("before", "after")  # QK-norm before or after RoPE
+
+
+def head_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of each head of x [..., d] over its d columns, in fp32 (or wider), times the
+    weight [d] (None: none), rounded back to x's dtype: QK-norm (Qwen3, Gemma 3, OLMoE)."""
+    x32 = x.to(_compute_dtype(x.dtype))
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(y.dtype) if weight is not None else y).to(x.dtype)
+
+
+def _rope_qk(q, k, cos, sin, rope: str, qk_norm: str | None, q_weight, k_weight, eps: float):
+    """q and k rotated, and normalised before or after the rotation where ``qk_norm`` says."""
+    if qk_norm == "before":
+        q, k = head_rmsnorm(q, q_weight, eps), head_rmsnorm(k, k_weight, eps)
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin, rope), apply_rope(k, cos, sin, rope)
+    if qk_norm == "after":
+        q, k = head_rmsnorm(q, q_weight, eps), head_rmsnorm(k, k_weight, eps)
+    return q, k
+
+
 def _split_qkv(qkv: torch.Tensor, num_heads: int, kv: int):
     batch, seq, width = qkv.shape
     head_dim = width // (num_heads + 2 * kv)
@@ -253,6 +275,10 @@ def rope_attention(
     key_mask: torch.Tensor | None = None,
     rope: str = "rotate_half",
     window: int = 0,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    qk_norm: str | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Multi-head attention with RoPE on q and k (none when cos is None), scale 1/sqrt(d).
 
@@ -260,7 +286,8 @@ def rope_attention(
     [B, S, H * d]. Query head h uses key/value head h // (H / KVH). cos/sin [P >= S, d]:
     positions 0..S-1 are used. `causal`: query i attends keys j <= i; `window` > 0: only keys
     j > i - window. `key_mask` [B, S] bool:
-    False keys are never attended. A query with no key to attend gets 0.
+    False keys are never attended. A query with no key to attend gets 0. `qk_norm` "before"
+    or "after" (RoPE): each q and k head through :func:`head_rmsnorm` with its weight [d].
     """
     kv = num_kv_heads or num_heads
     batch, seq, width = qkv.shape
@@ -268,7 +295,7 @@ def rope_attention(
     q, k, v = _split_qkv(qkv, num_heads, kv)
     if cos is not None:
         cos, sin = cos[:seq], sin[:seq]
-        q, k = apply_rope(q, cos, sin, rope), apply_rope(k, cos, sin, rope)
+    q, k = _rope_qk(q, k, cos, sin, rope, qk_norm, q_norm_weight, k_norm_weight, qk_norm_eps)
     if kv != num_heads:
         k, v = (t.repeat_interleave(num_heads // kv, dim=2) for t in (k, v))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -304,6 +331,10 @@ def kv_cache_attention(
     causal: bool = True,
     rope: str = "rotate_half",
     window: int = 0,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    qk_norm: str | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Attention of Sq new tokens against a key/value cache, the cache updated in place.
 
@@ -314,6 +345,7 @@ def kv_cache_attention(
     the cache at those positions, and query i attends cached keys 0..cache_len[b] + Sq - 1,
     with `causal` up to its own position cache_len[b] + i (lower-right alignment), and with
     `window` > 0 only the last `window` of those (keys at positions > its own - window).
+    `qk_norm` as in :func:`rope_attention` (the cache holds the normalised, rotated keys).
     Returns [B, Sq, H * d].
     """
     kv = num_kv_heads or num_heads
@@ -322,7 +354,7 @@ def kv_cache_attention(
     pos = cache_positions(cache_len, seq)
     if cos is not None:
         cos, sin = cos[pos], sin[pos]
-        q, k = apply_rope(q, cos, sin, rope), apply_rope(k, cos, sin, rope)
+    q, k = _rope_qk(q, k, cos, sin, rope, qk_norm, q_norm_weight, k_norm_weight, qk_norm_eps)
     rows = torch.arange(batch, device=qkv.device)[:, None]
     k_cache[rows, pos] = k
     v_cache[rows, pos] = v

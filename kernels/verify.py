@@ -59,6 +59,7 @@ BATCHED: dict[str, tuple[int, ...]] = {
     "stablemax_cross_entropy": (0, 1),
     "softmax_cross_entropy": (0, 1),
 }
+QK_NORM = ("q_norm_weight", "k_norm_weight", "qk_norm", "qk_norm_eps")  # the attention ops' last four
 # each op's parameters in order (the implementations take them positionally)
 PARAMETERS: dict[str, tuple[str, ...]] = {
     "add_rmsnorm": ("x", "residual", "dim", "eps", "weight", "prenorm"),
@@ -70,7 +71,8 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "sandwich_rmsnorm": ("x", "residual", "weight", "next_weight", "eps"),
     "concat_linear": ("x", "e", "weight", "bias"),
     "token_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps"),
-    "rope_attention": ("qkv", "cos", "sin", "num_heads", "num_kv_heads", "causal", "key_mask", "rope", "window"),
+    "rope_attention": ("qkv", "cos", "sin", "num_heads", "num_kv_heads", "causal", "key_mask", "rope", "window",
+                       *QK_NORM),
     "kv_cache_attention": (
         "qkv",
         "k_cache",
@@ -83,6 +85,7 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
         "causal",
         "rope",
         "window",
+        *QK_NORM,
     ),
     "stablemax_cross_entropy": ("logits", "labels", "ignore_index"),
     "softmax_cross_entropy": ("logits", "labels", "ignore_index"),
@@ -98,6 +101,7 @@ WEIGHTS: dict[str, tuple[int, ...]] = {
     "sandwich_rmsnorm": (2, 3),
     "concat_linear": (2, 3),
     "token_mlp_rmsnorm": (1, 2),
+    "rope_attention": (9, 10),
 }
 _override: str | None = None
 

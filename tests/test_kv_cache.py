@@ -73,7 +73,7 @@ def check_cache_attention(batch, seq, capacity, heads, kv, d, dtype, backend="tr
 
             k_got, v_got = k_cache, v_cache
             got = kv_cache.kv_cache_attention(qkv, k_got, v_got, lens, cos, sin, heads, kv, causal, rope,
-                                              window or 0, splits)  # fmt: skip
+                                              window or 0, splits=splits)  # fmt: skip
         else:
             k_got, v_got = k_cache.clone(), v_cache.clone()
             got = K.kv_cache_attention(qkv, k_got, v_got, lens, cos, sin, heads, backend, num_kv_heads=kv,
