@@ -255,6 +255,31 @@ def _specs(dtype: str = "bf16", capability: int = 90):
                                  "KVH": "i32"}, {"D": 64, "HALF_P": 32, "BLOCK_M": attention.DELTA_ROWS,
                                                  "INTERLEAVED": True}, set(), 4),
         **_kv_cache_specs(t, dtype, prec, cc, torch_dtype),
+        **_qk_norm_specs(t),
+    }  # fmt: skip
+
+
+def _qk_norm_specs(t: str) -> dict:
+    """QK-norm's pass (head size 128, the widest): before RoPE, after it (interleaved, at a
+    cache's offsets), and their backwards."""
+    from trm_kernels import qk_norm
+
+    fwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "LENS": "*i32", "W": "*fp32", "OUT": t, "S": "i32", "H": "i32",
+           "KVH": "i32", "eps": "fp32"}  # fmt: skip
+    bwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "W": "*fp32", "G": t, "DQKV": t, "PART": "*fp32", "S": "i32",
+           "H": "i32", "KVH": "i32", "eps": "fp32"}  # fmt: skip
+    head = {"D": 128, "HALF_P": 64, "D_P": 128, "BLOCK_M": qk_norm.ROWS}
+    before, after = {"ROPE": False, "INTERLEAVED": False}, {"ROPE": True, "INTERLEAVED": False}
+    interleaved = {"ROPE": True, "INTERLEAVED": True}
+    return {
+        "qk_norm_fwd before RoPE d128": (qk_norm._qk_norm_fwd, fwd, head | before | {"HAS_LENS": False}, set(),
+                                         qk_norm.WARPS),
+        "qk_norm_fwd after interleaved RoPE, cache offsets d128": (
+            qk_norm._qk_norm_fwd, fwd, head | interleaved | {"HAS_LENS": True}, set(), qk_norm.WARPS),
+        "qk_norm_bwd before RoPE d128": (qk_norm._qk_norm_bwd, bwd, head | before, set(), qk_norm.WARPS),
+        "qk_norm_bwd after RoPE d128": (qk_norm._qk_norm_bwd, bwd, head | after, set(), qk_norm.WARPS),
+        "qk_norm_bwd after interleaved RoPE d128": (qk_norm._qk_norm_bwd, bwd, head | interleaved, set(),
+                                                    qk_norm.WARPS),
     }  # fmt: skip
 
 

@@ -14,8 +14,10 @@ as ``self_attn.is_causal`` says, default True; grouped-query as the shapes say),
 the residual add and the post-attention norm as one weighted ``add_rmsnorm(prenorm=True)``
 returning the stream and the MLP's input, and ``swiglu_mlp``. With a ``trm_kernels.nn.KVCache``
 as ``past_key_value`` (generation, no gradient): q and k are rotated at the given positions and
-``kv_cache_attention`` writes the cache, attends and the cache's lengths advance. What is not
-mapped (biases, a q/k norm, another activation or scale) is left to the check to find.
+``kv_cache_attention`` writes the cache, attends and the cache's lengths advance. Qwen3's
+``self_attn.q_norm`` / ``k_norm`` (RMSNorms of each head before RoPE) become the attention's
+QK-norm. What is not mapped (biases, another norm, activation or scale) is left to the check to
+find.
 Calls with an ``attention_mask``, another kind of cache, ``output_attentions``, no
 ``position_embeddings`` or arguments the layer's forward does not name run its own forward.
 """
@@ -41,7 +43,7 @@ from .patch_family import (
     packed_weight,
     rope_tables,
 )
-from .reference import apply_rope
+from .reference import apply_rope, head_rmsnorm
 
 _HANDLED = {"hidden_states", "attention_mask", "position_embeddings", "past_key_value", "past_key_values",
             "position_ids", "cache_position", "use_cache", "output_attentions"}  # fmt: skip
@@ -91,6 +93,21 @@ def _mlp_names(mlp: nn.Module) -> tuple[str, ...] | None:
     return names if all(linear_weight(mlp, n) is not None for n in names) else None
 
 
+def _qk_norms(attn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """Qwen3's per-head q_norm and k_norm, or None."""
+    return (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") or hasattr(attn, "k_norm") else None
+
+
+def _qk_norm_args(attn: nn.Module) -> dict:
+    """The attention op's QK-norm arguments (before RoPE, as Qwen3 normalises), or none."""
+    norms = _qk_norms(attn)
+    if norms is None:
+        return {}
+    q_norm, k_norm = norms
+    return dict(qk_norm="before", q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight,
+                qk_norm_eps=norm_eps(q_norm))  # fmt: skip
+
+
 def _problem(layer: nn.Module) -> str | None:
     problem = norm_problem(layer.input_layernorm, "input_layernorm")
     if problem:
@@ -102,6 +119,13 @@ def _problem(layer: nn.Module) -> str | None:
     if isinstance(layout, str):
         return layout
     names, heads, _, d = layout
+    attn = layer.self_attn
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        for name in ("q_norm", "k_norm"):
+            if problem := norm_problem(getattr(attn, name, None), f"self_attn.{name}", d):
+                return problem.replace("the hidden size", "the head size")
+        if norm_eps(attn.q_norm) != norm_eps(attn.k_norm):
+            return "self_attn.q_norm and k_norm have different eps"
     weights = [getattr(layer.self_attn, n).weight for n in names]
     if any(w.shape[1] != hidden for w in weights):
         return f"self_attn's projections do not take the hidden size {hidden}"
@@ -128,10 +152,14 @@ def _own_call(named: dict | None, cache, ops: tuple[str, ...]) -> bool:
     return any(value is not None for name, value in named.items() if name not in _HANDLED)
 
 
-def _rotated(qkv: torch.Tensor, cos, sin, heads: int, kv: int, d: int) -> torch.Tensor:
-    """qkv with q and k turned at the tokens' own positions (tables [B or 1, S, d])."""
+def _rotated(qkv: torch.Tensor, cos, sin, heads: int, kv: int, d: int, attn: nn.Module) -> torch.Tensor:
+    """qkv with q and k turned at the tokens' own positions (tables [B or 1, S, d]), after
+    their QK-norm where the attention has one."""
     b, s, _ = qkv.shape
     q, k, v = qkv.view(b, s, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
+    if norm := _qk_norm_args(attn):
+        eps = norm["qk_norm_eps"]
+        q, k = head_rmsnorm(q, norm["q_norm_weight"], eps), head_rmsnorm(k, norm["k_norm_weight"], eps)
     return torch.cat([apply_rope(q, cos, sin), apply_rope(k, cos, sin), v], dim=2).view(b, s, -1)
 
 
@@ -150,14 +178,16 @@ def _forward(layer: nn.Module, ops: tuple[str, ...], *args, **kwargs):
     causal = bool(getattr(attn, "is_causal", True))
     tables = rope_tables(cos, sin)
     if cache is not None:
-        out = kv_cache_attention(_rotated(qkv, cos, sin, heads, kv, d), cache.k, cache.v, cache.lengths, None, None,
+        out = kv_cache_attention(_rotated(qkv, cos, sin, heads, kv, d, attn), cache.k, cache.v, cache.lengths, None, None,
                                  heads, backend(ops, "attention"), num_kv_heads=kv, causal=causal)  # fmt: skip
         cache.lengths += x.shape[1]
     else:
         if tables is None:  # per-sequence positions: turned here, the attention without tables
-            qkv, tables = _rotated(qkv, cos, sin, heads, kv, d), (None, None)
+            qkv, tables, norm = _rotated(qkv, cos, sin, heads, kv, d, attn), (None, None), {}
+        else:
+            norm = _qk_norm_args(attn)
         out = rope_attention(qkv, *tables, heads, backend(ops, "attention"), num_kv_heads=kv, causal=causal,
-                             head_dim=d)  # fmt: skip
+                             head_dim=d, **norm)  # fmt: skip
     h, y = add_rmsnorm(F.linear(out, weight_as(attn.o_proj, out.dtype)), x, -1, norm_eps(ln_post),
                        backend(ops, "rmsnorm"), weight=ln_post.weight, prenorm=True)  # fmt: skip
     w_gate_up = packed_weight(mlp, _mlp_names(mlp), y.dtype, cache)
@@ -195,7 +225,9 @@ def _note(layer: nn.Module, ops: tuple[str, ...]) -> str:
     packs = [what for what, n in (("q/k/v", len(names)), ("gate/up", len(_mlp_names(layer.mlp)))) if n > 1]
     packed = f"; {' and '.join(packs)} weights concatenated per call (once per KVCache in generation)" if packs else ""
     cached = " (kv_cache_attention with a trm_kernels.nn.KVCache, checked too)" if "kv_cache" in ops else ""
-    return (f"add_rmsnorm(weight), rope_attention{cached}, add_rmsnorm(weight, prenorm=True), swiglu_mlp{packed}; "
+    normed = " with QK-norm before RoPE (self_attn.q_norm, k_norm)" if _qk_norms(layer.self_attn) else ""
+    return (f"add_rmsnorm(weight), rope_attention{cached}{normed}, add_rmsnorm(weight, prenorm=True), "
+            f"swiglu_mlp{packed}; "
             "its own forward for calls with an attention_mask, another past_key_value, output_attentions or no "
             "position_embeddings")  # fmt: skip
 

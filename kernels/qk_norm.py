@@ -31,6 +31,7 @@ from .attention import _cols, _launch_by_batch, _load_pairs, _rotated, _rows, _s
 
 MODES = ("before", "after")  # QK-norm before or after RoPE
 ROWS = 32  # rows of one head per program
+WARPS = 8
 
 
 @triton.jit
@@ -160,7 +161,8 @@ def qk_norm_fwd(
             num_kv_heads, eps)  # fmt: skip
     batched = (0, 3, 5) if cache_len is not None else (0, 5)
     _launch_by_batch(_qk_norm_fwd, triton.cdiv(seq, ROWS), heads, batch, args, batched,
-                     **_meta(d, cos is not None, interleaved), HAS_LENS=cache_len is not None)  # fmt: skip
+                     **_meta(d, cos is not None, interleaved), HAS_LENS=cache_len is not None,
+                     num_warps=WARPS)  # fmt: skip
     return out
 
 
@@ -185,7 +187,8 @@ def qk_norm_bwd(
     part = torch.empty(batch, blocks, num_heads + num_kv_heads, d, dtype=torch.float32, device=qkv.device)
     args = (qkv, *_tables(qkv, cos, sin), _weights(q_weight, k_weight, d, qkv), grad, dqkv, part, seq, num_heads,
             num_kv_heads, eps)  # fmt: skip
-    _launch_by_batch(_qk_norm_bwd, blocks, heads, batch, args, (0, 4, 5, 6), **_meta(d, cos is not None, interleaved))
+    _launch_by_batch(_qk_norm_bwd, blocks, heads, batch, args, (0, 4, 5, 6), **_meta(d, cos is not None, interleaved),
+                     num_warps=WARPS)  # fmt: skip
     per_head = part.sum((0, 1))
     return dqkv, torch.stack((per_head[:num_heads].sum(0), per_head[num_heads:].sum(0)))
 

@@ -47,6 +47,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's convention: the weight is stored as an offset from one, (1 + weight) * h."""
+
+    def forward(self, h):
+        dtype, h = h.dtype, wide(h)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + getattr(self, self.name))
+        return ((1 + self.weight) * h).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # a Llama-style decoder stack
 
@@ -104,8 +113,9 @@ class LlamaAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, heads * d, bias=bias)
             self.k_proj, self.v_proj = nn.Linear(hidden, kv * d, bias=False), nn.Linear(hidden, kv * d, bias=False)
         self.o_proj = nn.Linear(heads * d, hidden, bias=False)
-        if qk_norm:  # Qwen3's
-            self.q_norm, self.k_norm = RMSNorm(d), RMSNorm(d)
+        if qk_norm:  # Qwen3's (Gemma 3's with the weight as an offset from one)
+            norm = OffsetRMSNorm if qk_norm == "offset" else RMSNorm
+            self.q_norm, self.k_norm = norm(d), norm(d)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_value=None, **kwargs):
         b, s, _ = hidden_states.shape
@@ -334,6 +344,7 @@ LLAMAS = {
     "separate q/k/v, gqa": dict(),
     "packed qkv_proj and gate_up_proj": dict(packed=True),
     "multi-head, eps": dict(kv=2, eps_name="eps"),
+    "q/k norms (Qwen3)": dict(qk_norm=True),
 }
 LAYERS = ["layers.0", "layers.1"]
 
@@ -347,6 +358,7 @@ def test_llama_layers_are_patched_and_match_on_the_reference_backend(variant):
         assert lines in str(report)
         assert "add_rmsnorm(weight, prenorm=True), swiglu_mlp" in report.notes[name]
         assert "rope_attention (kv_cache_attention with a trm_kernels.nn.KVCache, checked too)" in report.notes[name]
+        assert ("checked too) with QK-norm before RoPE" in report.notes[name]) == ("norm" in variant)
         assert ("q/k/v and gate/up weights concatenated per call" in report.notes[name]) != ("packed" in variant)
 
 
@@ -383,8 +395,8 @@ def test_the_fused_forwards_run_the_fused_ops(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton interpreter runs on CPU only")
-@pytest.mark.parametrize("make", [LlamaModel, lambda: LlamaModel(packed=True), RavenLM], ids=["llama", "packed",
-                                                                                            "raven"])  # fmt: skip
+@pytest.mark.parametrize("make", [LlamaModel, lambda: LlamaModel(packed=True, qk_norm=True), RavenLM],
+                         ids=["llama", "packed, q/k norms", "raven"])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_patched_families_match_under_the_interpreter(make, dtype):
     check_patched(make, "triton", dtype)
@@ -394,11 +406,11 @@ def test_the_patched_families_match_under_the_interpreter(make, dtype):
     "make, name, expected",
     [
         (lambda: LlamaModel(bias=True), "layers.{}", ["gradient of self_attn.q_proj.bias: none computed by the fused"]),
-        (lambda: LlamaModel(qk_norm=True), "layers.{}", ["forward rel. error", "of self_attn.q_norm.weight: none"]),
+        (lambda: LlamaModel(qk_norm="offset"), "layers.{}", ["forward rel. error", "q_proj.weight rel. error"]),
         (lambda: RavenLM(qk_bias=True), "transformer.core_block.{}", ["forward rel. error", "attn.qk_bias: none"]),
         (lambda: RavenLM(extra_norm=True), "transformer.core_block.{}", ["forward rel. error", "norm_5.weight: none"]),
     ],
-    ids=["llama q_proj bias", "llama q/k norms", "huginn qk_bias", "sandwich extra norm"],
+    ids=["llama q_proj bias", "llama q/k norms (1 + w)", "huginn qk_bias", "sandwich extra norm"],
 )
 def test_a_block_changed_slightly_is_left_alone_with_the_measured_difference(make, name, expected):
     torch.manual_seed(0)
@@ -442,10 +454,10 @@ def kv_caches(model, batch=2, capacity=16, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON else []))
-@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed, q/k norms"])
 def test_generation_with_a_kv_cache_runs_kv_cache_attention(monkeypatch, backend, packed):
     torch.manual_seed(0)
-    model = LlamaModel(packed=packed)
+    model = LlamaModel(packed=packed, qk_norm=packed)
     patched = copy.deepcopy(model)
     K.patch(patched)
     prompt = torch.randn(2, 5, HIDDEN)
