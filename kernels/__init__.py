@@ -599,7 +599,6 @@ def _check_qk_norm(qk_norm, q_norm_weight, k_norm_weight, eps, qkv: torch.Tensor
     return q_norm_weight, k_norm_weight, qk_norm, _check_eps(eps)
 
 
-
 def _check_window(window) -> None:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ValueError(f"window must be a whole number of positions >= 1 (0 or None: no window), got {window!r}")

@@ -178,8 +178,8 @@ def _forward(layer: nn.Module, ops: tuple[str, ...], *args, **kwargs):
     causal = bool(getattr(attn, "is_causal", True))
     tables = rope_tables(cos, sin)
     if cache is not None:
-        out = kv_cache_attention(_rotated(qkv, cos, sin, heads, kv, d, attn), cache.k, cache.v, cache.lengths, None, None,
-                                 heads, backend(ops, "attention"), num_kv_heads=kv, causal=causal)  # fmt: skip
+        out = kv_cache_attention(_rotated(qkv, cos, sin, heads, kv, d, attn), cache.k, cache.v, cache.lengths, None,
+                                 None, heads, backend(ops, "attention"), num_kv_heads=kv, causal=causal)  # fmt: skip
         cache.lengths += x.shape[1]
     else:
         if tables is None:  # per-sequence positions: turned here, the attention without tables
