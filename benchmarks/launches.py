@@ -183,14 +183,17 @@ def _sandwich_block(batch: int, seq: int, hidden: int, inter: int) -> None:
     _backward(mlp_in, out)
 
 
-def _language_model(batch: int, seq: int, hidden: int, heads: int, kv_heads: int, inter: int, vocab: int) -> None:
-    """A causal grouped-query decoder layer (head size 128), pre-norm with learnable weights."""
+def _language_model(batch: int, seq: int, hidden: int, heads: int, kv_heads: int, inter: int, vocab: int,
+                    qk_norm: str | None = None) -> None:  # fmt: skip
+    """A causal grouped-query decoder layer (head size 128), pre-norm with learnable weights
+    (and with `qk_norm`, Qwen3's QK-norm: weights [d] on q and k)."""
     import trm_kernels as K
 
     d = hidden // heads
     mask = _meta(batch, seq, dtype=torch.bool, grad=False)
+    norm = dict(qk_norm=qk_norm, q_norm_weight=_meta(d, dtype=torch.float32), k_norm_weight=_meta(d)) if qk_norm else {}
     attn = K.rope_attention(_meta(batch, seq, (heads + 2 * kv_heads) * d), *_tables(seq, d), heads, backend="triton",
-                            num_kv_heads=kv_heads, causal=True, key_mask=mask)  # fmt: skip
+                            num_kv_heads=kv_heads, causal=True, key_mask=mask, **norm)  # fmt: skip
     fp32 = torch.float32  # the residual stream and the norm's weight
     stream, normed = K.add_rmsnorm(_meta(batch, seq, hidden), _meta(batch, seq, hidden, dtype=fp32),
                                    weight=_meta(hidden, dtype=fp32), prenorm=True, backend="triton")  # fmt: skip
@@ -201,14 +204,16 @@ def _language_model(batch: int, seq: int, hidden: int, heads: int, kv_heads: int
     _backward(attn, stream, out, loss)
 
 
-def _cached_attention(batch: int, seq: int, capacity: int, heads: int, kv_heads: int, d: int) -> None:
+def _cached_attention(batch: int, seq: int, capacity: int, heads: int, kv_heads: int, d: int,
+                      qk_norm: str | None = None) -> None:  # fmt: skip
     """A language model's generation step: `seq` new tokens per sequence against a cache (decode: 1)."""
     import trm_kernels as K
 
     caches = [_meta(batch, capacity, kv_heads, d, grad=False) for _ in range(2)]
     lens = _meta(batch, dtype=torch.int32, grad=False)
     K.kv_cache_attention(_meta(batch, seq, (heads + 2 * kv_heads) * d, grad=False), *caches, lens,
-                         *_tables(capacity, d), heads, backend="triton", num_kv_heads=kv_heads)  # fmt: skip
+                         *_tables(capacity, d), heads, backend="triton", num_kv_heads=kv_heads,
+                         qk_norm=qk_norm)  # fmt: skip
 
 
 def _in(dtype: torch.dtype, run: Callable, *sizes: int) -> None:
@@ -235,10 +240,14 @@ def cases() -> dict[str, Callable[[], None]]:
         "maze mlp_t batch 1536 x 916": lambda: _token_mixer(1536, 916, 512, 1536),
         "one-kernel sub-layer, maze rows": lambda: _one_kernel_sublayer(1536 * 916, 512, 1536),
         "LM 8 x 4096, hidden 4096, 32/8 heads": lambda: _language_model(8, 4096, 4096, 32, 8, 14336, 8192),
+        "LM 8 x 4096, QK-norm before RoPE (Qwen3)": lambda: _language_model(
+            8, 4096, 4096, 32, 8, 14336, 8192, "before"
+        ),
         "sandwich block 8 x 4096, hidden 5280": lambda: _sandwich_block(8, 4096, 5280, 17920),
         "recurrent-depth adapter 8 x 4096, hidden 5280": lambda: _recurrent_depth_adapter(8, 4096, 5280),
         "LM decode, batch 16384, cache 4096, 32/8 heads": lambda: _cached_attention(16384, 1, 4096, 32, 8, 128),
         "LM decode, batch 1, cache 131072, 32/8 heads": lambda: _cached_attention(1, 1, 131072, 32, 8, 128),
+        "LM decode, batch 16384, QK-norm after RoPE": lambda: _cached_attention(16384, 1, 4096, 32, 8, 128, "after"),
         "LM prefill chunk 8 x 2048, cache 8192, 32/8 heads": lambda: _cached_attention(8, 2048, 8192, 32, 8, 128),
     }
 

@@ -71,6 +71,7 @@ else:
     from . import cross_entropy as _ce
     from . import inject as _inject
     from . import kv_cache as _kv_cache
+    from . import qk_norm as _qk_norm  # noqa: F401  (QK-norm's ops, registered before any call)
     from . import rmsnorm as _rmsnorm
     from . import sandwich as _sandwich
     from . import swiglu as _swiglu
