@@ -19,7 +19,7 @@ KERNELS = {  # every Triton kernel of the package
     "_attn_bwd_dq", "_ce_fwd", "_inject", "_swiglu_fwd", "_swiglu_bwd", "_linear_swiglu_fwd", "_swiglu_mlp_bwd",
     "_down_add_rmsnorm_fwd", "_mlp_add_rmsnorm_fwd", "_token_mlp_rmsnorm_fwd", "_token_mlp_bwd_dh",
     "_token_mlp_bwd_dw", "_concat_linear_fwd", "_cache_write", "_cache_attn", "_cache_combine", "_sandwich_fwd",
-    "_sandwich_bwd",
+    "_sandwich_bwd", "_qk_norm_fwd", "_qk_norm_bwd",
 }  # fmt: skip
 
 
