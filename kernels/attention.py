@@ -171,6 +171,26 @@ def _window_start(first_row, window, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr
 
 
 @triton.jit
+def _softmax_step(
+    qk, allowed, m_i, l_i, acc, qk_scale, v_base, cols, v_stride, k_ok,
+    D: tl.constexpr, D_P: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax: scores qk [rows, BLOCK_N] (unscaled; -inf where not
+    `allowed`), the running max m_i and sum l_i (log2 domain) and the output accumulator acc
+    updated with the block's values (rows of v at `cols`). Shared by the attention forward and
+    the KV-cache attention."""
+    qk = tl.where(allowed, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _rows(v_base, cols, v_stride, k_ok, D, D_P)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_base.dtype.element_ty), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd(
     QKV, COS, SIN, KEY_MASK, OUT, LSE, S, H, KVH, scale, window,
     D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -198,15 +218,9 @@ def _attn_fwd(
         k_ok = _keys_ok(KEY_MASK, b, cols, S, HAS_MASK)
         k1, k2 = _rotated(k_base, cols, row_stride, cols, COS, SIN, k_ok, HALF, HALF_P, ROPE, INTERLEAVED)
         qk = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
-        qk = tl.where(_allowed(rows, q_ok, cols, k_ok, CAUSAL, window, WINDOW), qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _rows(v_base, cols, row_stride, k_ok, D, D_P)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PREC)
-        m_i = m_new
+        allowed = _allowed(rows, q_ok, cols, k_ok, CAUSAL, window, WINDOW)
+        m_i, l_i, acc = _softmax_step(qk, allowed, m_i, l_i, acc, qk_scale, v_base, cols, row_stride, k_ok, D, D_P,
+                                      PREC)  # fmt: skip
     attended = l_i > 0
     out = acc / tl.where(attended, l_i, 1.0)[:, None]  # 0 for a row with no key to attend
     d = tl.arange(0, D_P)

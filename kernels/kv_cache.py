@@ -26,7 +26,17 @@ import triton
 import triton.language as tl
 
 from ._triton import check_input, device_budget, launch, next_pow2, on_gpu, precision, takes
-from .attention import HEAD_DIMS, LOG2E, _cols, _launch_by_batch, _rotated, _rows, _store_pairs, head_dim_of
+from .attention import (
+    HEAD_DIMS,
+    LOG2E,
+    _cols,
+    _launch_by_batch,
+    _rotated,
+    _rows,
+    _softmax_step,
+    _store_pairs,
+    head_dim_of,
+)
 
 
 @triton.jit
@@ -102,15 +112,7 @@ def _cache_attn(
             allowed = allowed & (cols[None, :] <= pos[:, None])
         if WINDOW:
             allowed = allowed & (cols[None, :] > pos[:, None] - window)
-        qk = tl.where(allowed, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _rows(v_base, cols, vc_s, k_ok, D, D_P)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(qk, allowed, m_i, l_i, acc, qk_scale, v_base, cols, vc_s, k_ok, D, D_P, PREC)
     attended = l_i > 0
     out = acc / tl.where(attended, l_i, 1.0)[:, None]
     d = tl.arange(0, D_P)
