@@ -281,7 +281,9 @@ class RoPEAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"
-                + (f", rope={self.rope}" if self.rope != "rotate_half" else ""))  # fmt: skip
+                + (f", rope={self.rope}" if self.rope != "rotate_half" else "")
+                + (f", window={self.window}" if self.window else "")
+                + (f", qk_norm={self.qk_norm}" if self.qk_norm else ""))  # fmt: skip
 
 
 class TokenMixer(nn.Module):
