@@ -157,6 +157,38 @@ def _attention_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
             yield Row("attention forward+backward", case, name, ms_f + ms_b, tflops=3.5 * flops / (ms_f + ms_b) / 1e9)
 
 
+def _qk_norm_cases(shape, dtype, device, compile_ok) -> Iterator[Row]:
+    """Causal GQA attention with Qwen3's QK-norm (before RoPE, weights [d]), forward and
+    forward+backward: eager and ``torch.compile`` of the reference, the triton op with its
+    norm pass, and the triton op without QK-norm (the floor: what the norm pass adds)."""
+    batch, seq, heads, kv, d = shape
+    qkv = torch.randn(batch, seq, (heads + 2 * kv) * d, device=device, dtype=dtype)
+    cos, sin = (t.to(device) for t in K.rope_cos_sin(seq, d))
+    weights = [1 + 0.1 * torch.randn(d, device=device) for _ in range(2)]
+    flops = 4 * batch * heads * seq * seq * d / 2  # causal: half the scores
+    case = f"attention + QK-norm B={batch} H={heads}/{kv} S={seq} d={d}"
+
+    def reference(t, wq, wk):
+        return R.rope_attention(t, cos, sin, heads, kv, True, None, "rotate_half", 0, wq, wk, "before")
+
+    providers = [("eager", reference, [qkv, *weights])]
+    if compile_ok:
+        providers.append(("torch.compile", torch.compile(reference), [qkv, *weights]))
+    if "triton" in K.available("rope_attention") and fused_runs_on(device):
+        fused = functools.partial(K.rope_attention, num_kv_heads=kv, causal=True, backend="triton")
+        providers += [
+            ("triton", lambda t, wq, wk: fused(t, cos, sin, heads, qk_norm="before", q_norm_weight=wq,
+                                               k_norm_weight=wk), [qkv, *weights]),
+            ("triton, no QK-norm (the floor)", lambda t: fused(t, cos, sin, heads), [qkv]),
+        ]  # fmt: skip
+    for name, fn, inputs in providers:
+        fwd, bwd = _fwd_bwd(fn, inputs)
+        ms_f, ms_b = bench(fwd, device), bench(bwd, device)
+        yield Row("attention + QK-norm forward", case, name, ms_f, tflops=flops / ms_f / 1e9)
+        yield Row("attention + QK-norm forward+backward", case, name, ms_f + ms_b,
+                  tflops=3.5 * flops / (ms_f + ms_b) / 1e9)  # fmt: skip
+
+
 def _kv_cache_cases(shapes, dtype, device, compile_ok) -> Iterator[Row]:
     """A generation step against a KV cache (decode: 1 new token; chunked prefill: Sq), each
     sequence with `cached` tokens before the step; GB/s by the bytes the step must read (the
@@ -368,6 +400,7 @@ def run(device: torch.device, quick: bool, compile_ok: bool) -> list[Row]:
         _ce_cases([(768, 81)] if not quick else [(2, 16)], 11, dtype, device, compile_ok),
         _attention_cases(attn, dtype, device, compile_ok),
         _kv_cache_cases(_cache_shapes(quick), dtype, device, compile_ok),
+        _qk_norm_cases((1, 16, 2, 1, 32) if quick else (8, 2048, 32, 8, 128), dtype, device, compile_ok),
         _token_mix_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device),
         _token_mlp_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),
         _token_mlp_training_cases(*rows_list[0], hidden, 512 if not quick else 32, dtype, device, compile_ok),

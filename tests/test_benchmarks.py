@@ -26,6 +26,8 @@ def test_benchmark_command_writes_json_markdown_and_plots(tmp_path, monkeypatch)
     assert {"add+rmsnorm forward", "swiglu backward", "attention forward", "training step"} <= groups
     cache = {r["provider"] for r in data["rows"] if r["group"] == "kv-cache attention"}
     assert cache == {"eager", "triton", "sdpa (no rope, no cache write)"}  # a decode step and a prefill chunk
+    qk_norm = {r["provider"] for r in data["rows"] if r["group"] == "attention + QK-norm forward+backward"}
+    assert qk_norm == {"eager", "triton", "triton, no QK-norm (the floor)"}
     mlp_t = {r["provider"] for r in data["rows"] if r["group"] == "mlp_t sub-layer forward+backward"}
     assert mlp_t == {"eager", targets.AUTO_MLP, targets.TOKEN_COMPOSED, targets.TOKEN_FUSED}
     assert data["ceilings"]["copy_gbps"] > 0 and data["environment"]["torch"] == torch.__version__
