@@ -211,10 +211,12 @@ def _specs(dtype: str = "bf16", capability: int = 90):
         "add_rmsnorm_bwd sequence": (rmsnorm._add_rmsnorm_bwd, norm_bwd, sequence, SEQUENCE_DIV16, sequence_warps),
         "add_rmsnorm_fwd pre-norm, weight": (rmsnorm._add_rmsnorm_fwd, prenorm_fwd, prenorm, HIDDEN_DIV16, 8),
         "add_rmsnorm_bwd pre-norm, weight": (rmsnorm._add_rmsnorm_bwd, prenorm_bwd, prenorm, HIDDEN_DIV16, 8),
-        "swiglu_fwd": (swiglu._swiglu_fwd, {"GU": t, "OUT": t, "n_out": "i32", "half": "i32"},
-                       {"BLOCK": swiglu.BLOCK}, {"n_out", "half"}, 4),
-        "swiglu_bwd": (swiglu._swiglu_bwd, {"DOUT": t, "GU": t, "DGU": t, "n_out": "i32", "half": "i32"},
-                       {"BLOCK": swiglu.BLOCK}, {"n_out", "half"}, 4),
+        **{f"swiglu_{which}{'' if act == 'swiglu' else ' ' + act}": (
+            kernel, sig, {"BLOCK": swiglu.BLOCK, "ACTIVATION": act}, {"n_out", "half"}, 4)
+           for act in swiglu.GATED
+           for which, kernel, sig in (("fwd", swiglu._swiglu_fwd, {"GU": t, "OUT": t, "n_out": "i32", "half": "i32"}),
+                                      ("bwd", swiglu._swiglu_bwd, {"DOUT": t, "GU": t, "DGU": t, "n_out": "i32",
+                                                                   "half": "i32"}))},
         "inject": (inject._inject, inject_sig, {"HAS_B": True, "BROADCAST": False, "BLOCK": inject.BLOCK}, {"n"}, 4),
         "inject broadcast": (inject._inject, inject_sig, {"HAS_B": True, "BROADCAST": True, "BLOCK": inject.BLOCK},
                              {"n", "d2", "a0", "b0", "b1"}, 4),

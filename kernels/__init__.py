@@ -164,18 +164,23 @@ def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, back
     return call("inject", h.device, backend, h, a, b)
 
 
-def swiglu(gate_up: torch.Tensor, dim: int = -1, backend: str | None = None) -> torch.Tensor:
+def swiglu(
+    gate_up: torch.Tensor, dim: int = -1, backend: str | None = None, *, activation: str = "swiglu"
+) -> torch.Tensor:
     """``silu(gate) * up`` on the packed tensor: gate the first half along `dim`, up the second.
 
     gate_up [..., 2I, ...] (2I along `dim`; -1 for an MLP, -2 for TRM's token mixer's
     [B, 2I, D]) -> [..., I, ...] in gate_up's dtype, computed in fp32 and rounded once. The
     backward recomputes the activation from gate_up (nothing else is saved).
+    ``activation="geglu"``: ``gelu(gate, approximate="tanh") * up`` (Gemma's GeGLU) instead.
     """
     _check_float("gate_up", gate_up)
     _check_dim("gate_up", gate_up, dim)
     if gate_up.shape[dim] % 2:
         raise ValueError(f"gate_up must have an even size along dim={dim}, got {gate_up.shape[dim]}")
-    return call("swiglu", gate_up.device, backend, gate_up, dim)
+    if activation not in ("swiglu", "geglu"):
+        raise ValueError(f"activation must be 'swiglu' or 'geglu' (gated; relu2 is swiglu_mlp's), got {activation!r}")
+    return call("swiglu", gate_up.device, backend, gate_up, dim, activation)
 
 
 def swiglu_mlp(

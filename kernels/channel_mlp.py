@@ -56,6 +56,7 @@ from ._triton import (
     precision,
     takes,
 )
+from .swiglu import _gate, _gelu_sigmoid
 
 
 @triton.jit
@@ -89,13 +90,6 @@ def _gemm(A, B, rows, m_ok, cols, n_ok, K, ld_b, acc,
         b = tl.load(B + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     return acc
-
-
-@triton.jit
-def _gelu_sigmoid(g):
-    """sigmoid(2 t), t = sqrt(2 / pi) (g + 0.044715 g^3): gelu_tanh(g) = 0.5 g (1 + tanh(t)) =
-    g times this, as F.gelu(approximate="tanh") defines it (no tanh needed)."""
-    return tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
 
 
 @triton.jit
@@ -177,14 +171,7 @@ def _swiglu_mlp_bwd(
         gu_offs = rows[:, None] * (2 * N) + rn[None, :]
         g = tl.load(GU + gu_offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(GU + gu_offs + N, mask=mask, other=0.0).to(tl.float32)
-        if ACTIVATION == "swiglu":
-            s = tl.sigmoid(g)
-            f = g * s  # silu
-            df = s + f * (1 - s)
-        else:  # geglu: f = g s, s = sigmoid(z), z = 2 sqrt(2 / pi) (g + 0.044715 g^3)
-            s = _gelu_sigmoid(g)
-            f = g * s
-            df = s + f * (1 - s) * (1.5957691216057308 * (1 + 3 * 0.044715 * g * g))
+        f, df = _gate(g, ACTIVATION)  # silu or gelu_tanh, and its derivative
         tl.store(DGU + gu_offs, (d * u * df).to(dtype), mask=mask)
         tl.store(DGU + gu_offs + N, (d * f).to(dtype), mask=mask)
         tl.store(ACT + act_offs, (f * u).to(dtype), mask=mask)
@@ -471,10 +458,10 @@ def fused(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, activa
 
 def composed(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, activation: str = "swiglu",
              w_up: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """cuBLAS GEMMs around the separate Triton SwiGLU kernel (what ran before the fusion); for
-    the other activations and two weights, around eager PyTorch's activation."""
-    if activation == "swiglu" and w_up is None:
-        return F.linear(_swiglu.swiglu(F.linear(x, w_gate_up)), w_down)
+    """cuBLAS GEMMs around the separate Triton SwiGLU (or GeGLU) kernel (what ran before the
+    fusion); for relu2 and two weights, around eager PyTorch's activation."""
+    if activation in _swiglu.GATED and w_up is None:
+        return F.linear(_swiglu.swiglu(F.linear(x, w_gate_up), -1, activation), w_down)
     return F.linear(_reference.mlp_activation(x, w_gate_up, activation, w_up), w_down)
 
 

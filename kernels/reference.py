@@ -53,10 +53,11 @@ def inject(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> t
     return h + (a if b is None else a + b)
 
 
-def swiglu(gate_up: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """silu(gate) * up, with gate and up the two halves of `gate_up` along `dim` (gate first)."""
+def swiglu(gate_up: torch.Tensor, dim: int = -1, activation: str = "swiglu") -> torch.Tensor:
+    """silu(gate) * up, with gate and up the two halves of `gate_up` along `dim` (gate first);
+    ``activation="geglu"``: gelu(gate, approximate="tanh") * up."""
     gate, up = gate_up.chunk(2, dim=dim)
-    return F.silu(gate) * up
+    return (F.silu(gate) if activation == "swiglu" else F.gelu(gate, approximate="tanh")) * up
 
 
 MLP_ACTIVATIONS = ("swiglu", "geglu", "relu2")  # gated: silu(gate) * up, gelu_tanh(gate) * up; relu(h)^2

@@ -64,7 +64,7 @@ QK_NORM = ("q_norm_weight", "k_norm_weight", "qk_norm", "qk_norm_eps")  # the at
 PARAMETERS: dict[str, tuple[str, ...]] = {
     "add_rmsnorm": ("x", "residual", "dim", "eps", "weight", "prenorm"),
     "inject": ("h", "a", "b"),
-    "swiglu": ("gate_up", "dim"),
+    "swiglu": ("gate_up", "dim", "activation"),
     "swiglu_mlp": ("x", "w_gate_up", "w_down", "activation", "w_up"),  # w_up: w_gate_up[1] of a pair
     "swiglu_mlp_rmsnorm": ("h", "w_gate_up", "w_down", "eps", "weight", "activation", "w_up"),
     "linear_add_rmsnorm": ("a", "w", "h", "eps", "weight"),

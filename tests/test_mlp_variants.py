@@ -213,3 +213,32 @@ def test_the_parity_guard_checks_every_gradient(activation, pair):
         out.sum().backward()
     assert [r.ok for r in verify.verified.values()] == [True], [r.detail for r in verify.verified.values()]
     assert all(t.grad is not None for t in (x, *ws))
+
+
+# ---- GeGLU in the element-wise op (what cuBLAS + the activation kernel runs) ----------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, dim", [((3, 17, 2 * 77), -1), ((2, 2 * 13, 24), -2)])
+def test_geglu_elementwise_against_the_reference_and_float64(dtype, shape, dim):
+    gu = (torch.randn(shape) * 3).to(DEVICE, dtype)
+    compare(lambda t: K.swiglu(t, dim, "triton", activation="geglu"),
+            lambda t: R.swiglu(t, dim, "geglu"), [gu], f"geglu{shape}")  # fmt: skip
+    gate, up = gu.double().chunk(2, dim)  # an oracle of its own: gelu_tanh written out
+    want = 0.5 * gate * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate**3))) * up
+    check(K.swiglu(gu, dim, "triton", activation="geglu"), R.swiglu(gu, dim, "geglu"), want, f"geglu{shape} oracle")
+
+
+def test_composed_geglu_runs_the_elementwise_kernel_and_its_errors_are_named():
+    x, w_gate_up, w_down = _inputs((4, 3), 16, 8, torch.float32, "geglu", False)
+    from trm_kernels import channel_mlp
+
+    with OpLog() as log:
+        got = channel_mlp.composed(x, w_gate_up, w_down, "geglu")
+    assert log.count(torch.ops.trm.swiglu) == 1
+    check(got, R.swiglu_mlp(x, w_gate_up, w_down, "geglu"),
+          R.swiglu_mlp(x.double(), w_gate_up.double(), w_down.double(), "geglu"), "composed geglu")  # fmt: skip
+    torch.library.opcheck(torch.ops.trm.swiglu, (torch.randn(4, 10, requires_grad=True), 1, "geglu"))
+    torch.library.opcheck(torch.ops.trm.swiglu_backward, (torch.randn(4, 5), torch.randn(4, 10), 1, "geglu"))
+    with pytest.raises(ValueError, match="activation must be 'swiglu' or 'geglu' .gated; relu2 is swiglu_mlp's."):
+        K.swiglu(torch.randn(2, 4), activation="relu2")

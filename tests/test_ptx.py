@@ -21,8 +21,8 @@ concat_linear = importlib.import_module("trm_kernels.concat_linear")  # the modu
 
 HALF = ("bf16", "fp16")  # the dtypes the GEMM-epilogue and token-mixer kernels run in on a GPU
 
-MEMORY_BOUND = ["add_rmsnorm_fwd hidden", "add_rmsnorm_fwd sequence", "swiglu_fwd", "swiglu_bwd", "inject",
-                "sandwich_rmsnorm_fwd hidden 4096"]  # fmt: skip
+MEMORY_BOUND = ["add_rmsnorm_fwd hidden", "add_rmsnorm_fwd sequence", "swiglu_fwd", "swiglu_bwd", "swiglu_fwd geglu",
+                "swiglu_bwd geglu", "inject", "sandwich_rmsnorm_fwd hidden 4096"]  # fmt: skip
 
 
 # The oldest Triton we claim (pyproject.toml's floor), installed on its own with
@@ -217,6 +217,10 @@ ATTENTION = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "attenti
              "attention_bwd_dq causal GQA mask d128 interleaved RoPE", "attention_fwd causal GQA mask d128 window",
              "attention_bwd_dkdv causal GQA mask d128 window",
              "attention_bwd_dq causal GQA mask d128 window")  # fmt: skip
+# QK-norm's pass (trm_kernels.qk_norm) at head size 128
+QK_NORM = ("qk_norm_fwd before RoPE d128", "qk_norm_fwd after interleaved RoPE, cache offsets d128",
+           "qk_norm_bwd before RoPE d128", "qk_norm_bwd after RoPE d128",
+           "qk_norm_bwd after interleaved RoPE d128")  # fmt: skip
 # the KV-cache kernels: a decode tile is 16 rows (a group's heads), under a warpgroup product's 64
 KV_CACHE = ("kv_cache_write", "kv_cache_attn decode, split", "kv_cache_attn prefill chunk",
             "kv_cache_attn interleaved, window", "kv_cache_attn decode, interleaved",
@@ -251,7 +255,8 @@ NO_SPILLS = ("add_rmsnorm_fwd hidden", "add_rmsnorm_bwd hidden", "add_rmsnorm_fw
              "attention_bwd_delta", "attention_bwd_rope", *ATTENTION, *SWIGLU_MLP, *NORM_EPILOGUE, *CONCAT_LINEAR,
              "add_rmsnorm_fwd sequence", "add_rmsnorm_bwd sequence", "add_rmsnorm_fwd widest",
              "add_rmsnorm_bwd widest", "cross_entropy_fwd stablemax", "cross_entropy_fwd softmax",
-             "cross_entropy_fwd stablemax widest", *SANDWICH, *KV_CACHE, "attention_bwd_rope interleaved")  # fmt: skip
+             "cross_entropy_fwd stablemax widest", *SANDWICH, *KV_CACHE, "attention_bwd_rope interleaved",
+             "swiglu_fwd geglu", "swiglu_bwd geglu", *QK_NORM)  # fmt: skip
 
 
 def test_attention_and_the_elementwise_kernels_do_not_spill_anywhere(report):

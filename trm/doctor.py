@@ -160,6 +160,7 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[
         ("swiglu", f"[{batch}, 97, {wide}]", args(rand(batch, 97, wide), -1)),
         ("swiglu", f"[{batch}, {2 * inter}, {d}], sequence", args(rand(batch, 2 * inter, d), -2)),
         ("swiglu", "[3, 5, 18]", args(rand(3, 5, 18), -1)),
+        ("swiglu", "[3, 5, 18], geglu (Gemma)", args(rand(3, 5, 18), -1, "geglu")),
         ("swiglu_mlp", f"{trm}, I {3 * d}", args(rand(batch, 97, d), rand(6 * d, d, scale=d**-0.5),
                                                  rand(d, 3 * d, scale=(3 * d) ** -0.5))),
         ("swiglu_mlp", "[3, 7, 33], I 17", args(rand(3, 7, 33), rand(34, 33, scale=33**-0.5),
