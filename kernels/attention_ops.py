@@ -7,7 +7,7 @@ import torch
 
 from . import reference
 from .backend import call
-from .checks import _check_eps, _check_float, _check_heads
+from .checks import _check_float, _check_heads
 
 
 def rope_attention(
@@ -46,7 +46,7 @@ def rope_attention(
     A query with no key to attend gets 0. The output has qkv's dtype; the gradient is one
     packed dqkv. Triton: d even in 32..128.
 
-    QK-norm (Qwen3, Gemma 3, OLMoE): ``qk_norm="before"`` (or ``"after"``) RoPE normalises
+    QK-norm (Qwen3, Gemma 3): ``qk_norm="before"`` (or ``"after"``) RoPE normalises
     every query and key head over its d columns, y = x * rsqrt(mean(x^2) + qk_norm_eps) * w,
     in fp32 and rounded to qkv's dtype, with ``q_norm_weight`` / ``k_norm_weight`` [d] (any
     float dtype, shared by the heads; None: no weight; Gemma's (1 + w) is passed as 1 + w).
@@ -104,7 +104,9 @@ def _check_qk_norm(qk_norm, q_norm_weight, k_norm_weight, eps, qkv: torch.Tensor
             raise ValueError(f"{name} must have shape (head_dim,) = ({d},), got {tuple(w.shape)}")
         if w.device != qkv.device:
             raise ValueError(f"{name} is on {w.device} but qkv is on {qkv.device}")
-    return q_norm_weight, k_norm_weight, qk_norm, _check_eps(eps)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < float("inf"):
+        raise ValueError(f"qk_norm_eps must be a finite number >= 0, got {eps!r}")
+    return q_norm_weight, k_norm_weight, qk_norm, float(eps)
 
 
 def _check_window(window) -> None:
@@ -154,8 +156,9 @@ def kv_cache_attention(
 
     cache_len[b] + Sq must be <= C: checked on the host for CPU tensors; on a GPU an
     asynchronous device assertion (no synchronisation) stops the process rather than write
-    past the cache. Forward only: with grad enabled and qkv requiring grad it raises
-    (training with equal query and key lengths is ``rope_attention``, which has a backward).
+    past the cache. Forward only: with grad enabled and qkv (or a cache, or a QK-norm weight)
+    requiring grad it raises (training with equal query and key lengths is
+    ``rope_attention``, which has a backward).
     The triton backend: one write kernel, one attention kernel whose tile holds a key/value
     group's query heads (a decode step reads each key once per group), split over the
     cache's positions (FlashDecoding) where the batch gives few tiles; d even in 32..128.
@@ -193,7 +196,8 @@ def kv_cache_attention(
         raise ValueError(f"qkv has {seq} new tokens, more than the cache's capacity {capacity}")
     cache_len = _check_cache_len(cache_len, qkv, capacity)
     _check_window(window)
-    if torch.is_grad_enabled() and (qkv.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+    learnable = (qkv, k_cache, v_cache, q_norm_weight, k_norm_weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in learnable):
         raise RuntimeError(
             "kv_cache_attention has no backward (it writes the cache in place): run it under torch.no_grad() "
             "for generation; to train, attend equal-length queries and keys with rope_attention"

@@ -222,6 +222,9 @@ class RoPEAttention(nn.Module):
     def _norm_args(self) -> dict:
         if self.qk_norm is None:
             return {}
+        if self.q_norm.eps != self.k_norm.eps:
+            raise ValueError(f"q_norm.eps={self.q_norm.eps} and k_norm.eps={self.k_norm.eps} differ: the attention "
+                             "op's QK-norm takes one eps")  # fmt: skip
         return dict(qk_norm=self.qk_norm, qk_norm_eps=self.q_norm.eps, q_norm_weight=self.q_norm.weight,
                     k_norm_weight=self.k_norm.weight)  # fmt: skip
 

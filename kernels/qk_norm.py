@@ -1,6 +1,6 @@
 """QK-norm for the attention ops (Triton): RMSNorm over each query and key head, before or after RoPE.
 
-Models such as Qwen3, Gemma 3 and OLMoE normalise every query and key head over its d
+Models such as Qwen3 and Gemma 3 normalise every query and key head over its d
 columns (a learnable weight [d] shared by the heads, or none) before RoPE; some normalise
 after it. ``rope_attention`` and ``kv_cache_attention`` take this as ``qk_norm=``; this
 module is their triton backend's part of it: one row-local pass that writes the packed qkv

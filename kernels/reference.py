@@ -243,7 +243,7 @@ QK_NORMS = ("before", "after")  # QK-norm before or after RoPE
 
 def head_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm of each head of x [..., d] over its d columns, in fp32 (or wider), times the
-    weight [d] (None: none), rounded back to x's dtype: QK-norm (Qwen3, Gemma 3, OLMoE)."""
+    weight [d] (None: none), rounded back to x's dtype: QK-norm (Qwen3, Gemma 3)."""
     x32 = x.to(_compute_dtype(x.dtype))
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.to(y.dtype) if weight is not None else y).to(x.dtype)

@@ -116,29 +116,35 @@ def test_a_norm_without_weight_with_a_mask_and_a_window(mode):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("mode", ["before", "after"])
 def test_decoding_with_a_cache_equals_attention_over_the_whole_sequence(backend, mode):
-    """A prefill of 5 then single-token steps through a cache, per-sequence offsets: the same
-    outputs as rope_attention over every token at once (causal, QK-norm), and the cache holds
-    the normalised, rotated keys."""
+    """Prompts of 5 and 3 tokens (the second right-padded in the prefill), then single-token
+    steps at each sequence's own offset: every sequence's outputs equal attention over its
+    tokens at once (causal, QK-norm), and the cache holds the normalised, rotated keys."""
     heads, kv, d, total = 4, 2, 32, 9
     qkv = torch.randn(2, total, (heads + 2 * kv) * d, device=DEVICE)
     cos, sin = (t.to(DEVICE) for t in K.rope_cos_sin(12, d, rope="interleaved"))
     wq, wk = weights(d)
-    norm = dict(qk_norm=mode, q_norm_weight=wq, k_norm_weight=wk)
+    norm = dict(qk_norm=mode, q_norm_weight=wq, k_norm_weight=wk, num_kv_heads=kv, rope="interleaved")
     k_cache, v_cache = (torch.zeros(2, 12, kv, d, device=DEVICE) for _ in range(2))
     lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    outs = []
     with torch.no_grad():
-        for chunk in (slice(0, 5), *(slice(i, i + 1) for i in range(5, total))):
-            outs.append(K.kv_cache_attention(qkv[:, chunk], k_cache, v_cache, lens, cos, sin, heads, backend,
-                                              num_kv_heads=kv, rope="interleaved", **norm))  # fmt: skip
-            lens += chunk.stop - chunk.start
-    want = oracle(qkv, cos, sin, heads, kv, mode, wq, wk, rope="interleaved")
-    ref = R.rope_attention(qkv, cos, sin, heads, kv, True, None, "interleaved", 0, wq, wk, mode)
-    check(torch.cat(outs, 1), ref, want, f"{backend} decode, qk_norm={mode}")
-    keys = qkv.view(2, total, heads + 2 * kv, d)[:, :, heads : heads + kv]
-    pos = torch.arange(total, device=DEVICE)
-    normed = R._rope_qk(keys, keys, cos[pos], sin[pos], "interleaved", mode, wk, wk, 1e-6)[0]
-    torch.testing.assert_close(k_cache[:, :total], normed, rtol=1e-5, atol=1e-5)
+        prefill = K.kv_cache_attention(qkv[:, :5], k_cache, v_cache, lens, cos, sin, heads, backend, **norm)
+        lens.copy_(torch.tensor([5, 3]))  # the second prompt has 3 real tokens
+        steps = []
+        for i in range(4):
+            token = torch.stack([qkv[0, 5 + i], qkv[1, 3 + i]])[:, None]
+            steps.append(K.kv_cache_attention(token, k_cache, v_cache, lens, cos, sin, heads, backend, **norm))
+            lens += 1
+    decoded = torch.cat(steps, 1)  # [2, 4, H * d]: tokens 5..8 of the first, 3..6 of the second
+    for b, (real, got) in enumerate(((9, torch.cat([prefill[0], decoded[0]])),
+                                     (7, torch.cat([prefill[1, :3], decoded[1]])))):  # fmt: skip
+        x = qkv[b : b + 1, :real]
+        want = oracle(x, cos, sin, heads, kv, mode, wq, wk, rope="interleaved")
+        ref = R.rope_attention(x, cos, sin, heads, kv, True, None, "interleaved", 0, wq, wk, mode)
+        check(got[None], ref, want, f"{backend} decode, qk_norm={mode}, sequence {b}")
+        keys = x.view(1, real, heads + 2 * kv, d)[:, :, heads : heads + kv]
+        pos = torch.arange(real, device=DEVICE)
+        normed = R._rope_qk(keys, keys, cos[pos], sin[pos], "interleaved", mode, wk, wk, 1e-6)[0]
+        torch.testing.assert_close(k_cache[b : b + 1, :real], normed, rtol=1e-5, atol=1e-5)
 
 
 def test_the_module_learns_its_norm_weights_and_caches():
@@ -160,6 +166,9 @@ def test_the_module_learns_its_norm_weights_and_caches():
                                                            for i in range(5, 8)]  # fmt: skip
         whole = attn(x, cos, sin)
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-5)
+    attn.k_norm.eps = 1e-5
+    with pytest.raises(ValueError, match="q_norm.eps=1e-06 and k_norm.eps=1e-05 differ"):
+        attn(x, cos, sin)
     bare = KN.RoPEAttention(64, 2, qk_norm="after", qk_norm_weight=False)
     assert bare.q_norm.weight is None and not any("norm" in k for k in bare.state_dict())
     with pytest.raises(ValueError, match="qk_norm must be None, 'before' or 'after'"):
@@ -184,11 +193,19 @@ def test_arguments_are_named():
         call(qk_norm="before", q_norm_weight=torch.ones(32, dtype=torch.int64))
     with pytest.raises(ValueError, match="q_norm_weight is on meta but qkv is on cpu"):
         call(qk_norm="before", q_norm_weight=w.to("meta"))
-    with pytest.raises(ValueError, match="eps must be a number >= 0"):
-        call(qk_norm="after", qk_norm_eps=-1.0)
+    for eps in (-1.0, float("inf"), "1e-6"):
+        with pytest.raises(ValueError, match="qk_norm_eps must be a finite number >= 0"):
+            call(qk_norm="after", qk_norm_eps=eps)
     caches = [torch.zeros(1, 8, 2, 32) for _ in range(2)]
+    tables = cos.repeat(2, 1), sin.repeat(2, 1)
     with pytest.raises(ValueError, match="qk_norm must be None"):
-        K.kv_cache_attention(qkv, *caches, 0, cos.repeat(2, 1), sin.repeat(2, 1), 2, qk_norm=True)
+        K.kv_cache_attention(qkv, *caches, 0, *tables, 2, qk_norm=True)
+    learnable = torch.nn.Parameter(torch.ones(32))  # a cache's write has no backward: refused, not half-done
+    with pytest.raises(RuntimeError, match="kv_cache_attention has no backward"):
+        K.kv_cache_attention(qkv, *caches, 0, *tables, 2, qk_norm="before", k_norm_weight=learnable)
+    with torch.no_grad():
+        K.kv_cache_attention(qkv, *caches, 0, *tables, 2, qk_norm="before", k_norm_weight=learnable)
+    assert not caches[0].requires_grad
 
 
 def test_opcheck_and_compile_without_graph_breaks():
