@@ -26,6 +26,15 @@ def on_device():
         yield
 
 
+def rope_partner(t: torch.Tensor, rope: str) -> torch.Tensor:
+    """RoPE's partner of each column, written out for the tests' float64 oracles: the pair
+    (a, b) turns to (a cos - b sin, b cos + a sin) as ``t * cos + rope_partner(t) * sin``."""
+    d = t.shape[-1]
+    if rope == "interleaved":
+        return torch.stack((-t[..., 1::2], t[..., 0::2]), -1).flatten(-2)
+    return torch.cat((-t[..., d // 2 :], t[..., : d // 2]), -1)
+
+
 def check(fused: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, what: str) -> None:
     problem = tolerance_problem(fused, ref, oracle, what)
     assert problem is None, problem

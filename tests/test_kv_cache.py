@@ -7,17 +7,10 @@ import torch.nn.functional as F
 import trm_kernels as K
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import DEVICE, DTYPES, check
+from oracle import DEVICE, DTYPES, check, rope_partner
 from trm_kernels import reference as R
 
 pytestmark = pytest.mark.skipif("triton" not in K.available("kv_cache_attention"), reason="triton is not installed")
-
-
-def _partner(t: torch.Tensor, rope: str) -> torch.Tensor:
-    d = t.shape[-1]
-    if rope == "interleaved":
-        return torch.stack((-t[..., 1::2], t[..., 0::2]), -1).flatten(-2)
-    return torch.cat((-t[..., d // 2 :], t[..., : d // 2]), -1)
 
 
 def oracle(qkv, k_cache, v_cache, lens, cos, sin, heads, kv, causal=True, rope="rotate_half", window=0):
@@ -32,7 +25,7 @@ def oracle(qkv, k_cache, v_cache, lens, cos, sin, heads, kv, causal=True, rope="
         pos = torch.arange(cached, cached + seq, device=qkv.device)
         if cos is not None:
             c, s = cos[pos].double()[:, None], sin[pos].double()[:, None]
-            q, k = q * c + _partner(q, rope) * s, k * c + _partner(k, rope) * s
+            q, k = q * c + rope_partner(q, rope) * s, k * c + rope_partner(k, rope) * s
         new_keys.append(k)
         keys = torch.cat([k_cache[b, :cached].double(), k]).repeat_interleave(heads // kv, 1)
         values = torch.cat([v_cache[b, :cached].double(), v]).repeat_interleave(heads // kv, 1)

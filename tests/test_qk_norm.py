@@ -4,17 +4,10 @@ independent float64 oracle: each head normalised by hand, rotated, then an expli
 import pytest
 import torch
 import trm_kernels as K
-from oracle import DEVICE, DTYPES, check, compare
+from oracle import DEVICE, DTYPES, check, compare, rope_partner
 from trm_kernels import reference as R
 
 pytestmark = pytest.mark.skipif("triton" not in K.available("rope_attention"), reason="triton is not installed")
-
-
-def _partner(t: torch.Tensor, rope: str) -> torch.Tensor:
-    d = t.shape[-1]
-    if rope == "interleaved":
-        return torch.stack((-t[..., 1::2], t[..., 0::2]), -1).flatten(-2)
-    return torch.cat((-t[..., d // 2 :], t[..., : d // 2]), -1)
 
 
 def oracle(qkv, cos, sin, heads, kv, mode, wq, wk, eps=1e-6, rope="rotate_half", causal=True):
@@ -32,7 +25,7 @@ def oracle(qkv, cos, sin, heads, kv, mode, wq, wk, eps=1e-6, rope="rotate_half",
     c, s = cos[:seq].double()[:, None], sin[:seq].double()[:, None]
     if mode == "before":
         q, k = norm(q, wq), norm(k, wk)
-    q, k = q * c + _partner(q, rope) * s, k * c + _partner(k, rope) * s
+    q, k = q * c + rope_partner(q, rope) * s, k * c + rope_partner(k, rope) * s
     if mode == "after":
         q, k = norm(q, wq), norm(k, wk)
     k, v = k.repeat_interleave(heads // kv, 2), v.repeat_interleave(heads // kv, 2)
