@@ -51,7 +51,7 @@ def rope_attention(
     in fp32 and rounded to qkv's dtype, with ``q_norm_weight`` / ``k_norm_weight`` [d] (any
     float dtype, shared by the heads; None: no weight; Gemma's (1 + w) is passed as 1 + w).
     ``qk_norm_eps`` defaults to 1e-6 (Qwen3's and Gemma 3's). The weights get gradients.
-    A norm over all heads at once (OLMo 2's) is not this: normalise the projection before.
+    A norm over all heads at once (OLMo 2's, OLMoE's) is not this: normalise the projection before.
     """
     _check_float("qkv", qkv)
     if qkv.dim() != 3:
