@@ -76,10 +76,10 @@ def test_off_lets_a_wrong_result_through_and_always_checks_every_call(fused_on_c
 
 class _WrongBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up, dim):
+    def forward(ctx, gate_up, dim, activation="swiglu"):
         ctx.save_for_backward(gate_up)
         ctx.dim = dim
-        return reference.swiglu(gate_up, dim)
+        return reference.swiglu(gate_up, dim, activation)
 
     @staticmethod
     def backward(ctx, grad):
@@ -87,7 +87,7 @@ class _WrongBackward(torch.autograd.Function):
         with torch.enable_grad():
             x = gate_up.detach().requires_grad_()
             (g,) = torch.autograd.grad(reference.swiglu(x, ctx.dim), x, grad)
-        return 2 * g, None
+        return 2 * g, None, None
 
 
 def test_a_wrong_backward_is_caught_where_a_gradient_is_needed(fused_on_cpu):
