@@ -218,3 +218,12 @@ def fits(budget: tuple[int, int] | None, dtype: torch.dtype, needed: int) -> boo
     sm_86/89/120) and spill registers; cuBLAS's fp32 GEMM plus the element-wise kernels run
     instead."""
     return budget is None or (dtype != torch.float32 and needed <= budget[1])
+
+
+def has_configs(cache: dict, launchable, t: torch.Tensor) -> bool:
+    """Whether ``launchable(device, dtype)`` leaves any config for tensors like `t`, kept per
+    (device, dtype) in `cache`: a plain dict, which torch.compile traces."""
+    key = (t.device, t.dtype)
+    if key not in cache:
+        cache[key] = bool(launchable(t.device, t.dtype))
+    return cache[key]

@@ -48,6 +48,7 @@ from ._triton import (
     check_input,
     device_budget,
     fits,
+    has_configs,
     interpreting,
     launch,
     needed_on,
@@ -468,14 +469,11 @@ def composed(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, act
 CANDIDATES = {"fused": fused, "cuBLAS + swiglu": composed}
 
 
-_HAS_TILES: dict[tuple[torch.device, torch.dtype], bool] = {}  # a plain dict, which torch.compile traces
+_HAS_TILES: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def _has_tiles(t: torch.Tensor) -> bool:
-    key = (t.device, t.dtype)
-    if key not in _HAS_TILES:
-        _HAS_TILES[key] = bool(launchable(t.device, t.dtype))
-    return _HAS_TILES[key]
+    return has_configs(_HAS_TILES, launchable, t)
 
 
 def swiglu_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, activation: str = "swiglu",

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import tune
-from ._triton import check_input, device_budget, fits, interpreting, launch, needed_on, precision
+from ._triton import check_input, device_budget, fits, has_configs, interpreting, launch, needed_on, precision
 from .channel_mlp import GROUP_M, _gemm, _tile_offsets
 
 
@@ -162,14 +162,11 @@ def composed(x: torch.Tensor, e: torch.Tensor, weight: torch.Tensor, bias: torch
 
 CANDIDATES = {"fused": fused, "torch.cat + F.linear": composed}
 
-_HAS_TILES: dict[tuple[torch.device, torch.dtype], bool] = {}  # a plain dict, which torch.compile traces
+_HAS_TILES: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def _has_tiles(t: torch.Tensor) -> bool:
-    key = (t.device, t.dtype)
-    if key not in _HAS_TILES:
-        _HAS_TILES[key] = bool(launchable(t.device, t.dtype))
-    return _HAS_TILES[key]
+    return has_configs(_HAS_TILES, launchable, t)
 
 
 def concat_linear(x: torch.Tensor, e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -56,3 +56,15 @@ def fused_on_cpu(monkeypatch):
     monkeypatch.delenv("TRM_BACKEND", raising=False)
     with verify.use_verify("first"), K.use_backend("auto"):
         yield
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    """No timed choice of trm_kernels.tune and no stand-in timer before or after the test
+    (TRM_TUNE=off above): the fused-GEMM tests ask for it."""
+    from trm_kernels import tune
+
+    tune.reset()
+    monkeypatch.setattr(tune, "_timer", None)
+    yield
+    tune.reset()

@@ -13,17 +13,8 @@ from trm_kernels import tune, verify
 
 pytestmark = [
     pytest.mark.skipif("triton" not in K.available("swiglu_mlp"), reason="triton is not installed"),
-    pytest.mark.usefixtures("on_device"),
+    pytest.mark.usefixtures("on_device", "fresh_choices"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    """Each test starts with no timed choice and no stand-in timer (and TRM_TUNE=off, conftest)."""
-    tune.reset()
-    monkeypatch.setattr(tune, "_timer", None)
-    yield
-    tune.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -19,17 +19,8 @@ concat_linear = pytest.importorskip("trm_kernels.concat_linear")
 
 pytestmark = [
     pytest.mark.skipif("triton" not in K.available("concat_linear"), reason="triton is not installed"),
-    pytest.mark.usefixtures("on_device"),
+    pytest.mark.usefixtures("on_device", "fresh_choices"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    """Each test starts with no timed choice and no stand-in timer (and TRM_TUNE=off, conftest)."""
-    tune.reset()
-    monkeypatch.setattr(tune, "_timer", None)
-    yield
-    tune.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -10,25 +10,16 @@ import torch
 import trm_kernels as K
 from oracle import DEVICE, DTYPES, OpLog, check, compare, on_device  # noqa: F401  (on_device: a fixture)
 from trm_kernels import reference as R
-from trm_kernels import tune
 
 pytestmark = [
     pytest.mark.skipif("triton" not in K.available("swiglu_mlp"), reason="triton is not installed"),
-    pytest.mark.usefixtures("on_device"),
+    pytest.mark.usefixtures("on_device", "fresh_choices"),
 ]
 
 # (activation, the gate and up weights given as a pair)
 VARIANTS = [("geglu", False), ("relu2", False), ("swiglu", True), ("geglu", True)]
 IDS = [f"{a}{' pair' if pair else ''}" for a, pair in VARIANTS]
 SHAPES = [((5,), 40, 24), ((2, 37), 33, 17), ((70,), 48, 40)]  # I, D not multiples of the 32 tiles
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    tune.reset()
-    monkeypatch.setattr(tune, "_timer", None)
-    yield
-    tune.reset()
 
 
 @pytest.fixture(autouse=True)
