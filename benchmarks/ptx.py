@@ -266,20 +266,20 @@ def _qk_norm_specs(t: str) -> dict:
     cache's offsets), and their backwards."""
     from trm_kernels import qk_norm
 
-    fwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "LENS": "*i32", "W": "*fp32", "OUT": t, "S": "i32", "H": "i32",
-           "KVH": "i32", "eps": "fp32"}  # fmt: skip
-    bwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "W": "*fp32", "G": t, "DQKV": t, "PART": "*fp32", "S": "i32",
-           "H": "i32", "KVH": "i32", "eps": "fp32"}  # fmt: skip
-    head = {"D": 128, "HALF_P": 64, "D_P": 128, "BLOCK_M": qk_norm.ROWS}
-    before, after = {"ROPE": False, "INTERLEAVED": False}, {"ROPE": True, "INTERLEAVED": False}
-    interleaved = {"ROPE": True, "INTERLEAVED": True}
+    fwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "LENS": "*i32", "QW": "*fp32", "KW": "*fp32", "OUT": t,
+           "S": "i32", "H": "i32", "KVH": "i32", "eps": "fp32"}  # fmt: skip
+    bwd = {"QKV": t, "COS": "*fp32", "SIN": "*fp32", "QW": "*fp32", "KW": "*fp32", "G": t, "DQKV": t, "PART": "*fp32",
+           "S": "i32", "H": "i32", "KVH": "i32", "eps": "fp32"}  # fmt: skip
+    head = {"D": 128, "HALF_P": 64, "D_P": 128, "BLOCK_M": qk_norm.ROWS, "HAS_QW": True, "HAS_KW": True}
+    before, interleaved = {"ROPE": False, "INTERLEAVED": False}, {"ROPE": True, "INTERLEAVED": True}
+    after = {"ROPE": True, "INTERLEAVED": False, "HAS_QW": False, "HAS_KW": False}  # and without weights
     return {
         "qk_norm_fwd before RoPE d128": (qk_norm._qk_norm_fwd, fwd, head | before | {"HAS_LENS": False}, set(),
                                          qk_norm.WARPS),
         "qk_norm_fwd after interleaved RoPE, cache offsets d128": (
             qk_norm._qk_norm_fwd, fwd, head | interleaved | {"HAS_LENS": True}, set(), qk_norm.WARPS),
         "qk_norm_bwd before RoPE d128": (qk_norm._qk_norm_bwd, bwd, head | before, set(), qk_norm.WARPS),
-        "qk_norm_bwd after RoPE d128": (qk_norm._qk_norm_bwd, bwd, head | after, set(), qk_norm.WARPS),
+        "qk_norm_bwd after RoPE d128, no weights": (qk_norm._qk_norm_bwd, bwd, head | after, set(), qk_norm.WARPS),
         "qk_norm_bwd after interleaved RoPE d128": (qk_norm._qk_norm_bwd, bwd, head | interleaved, set(),
                                                     qk_norm.WARPS),
     }  # fmt: skip

@@ -35,15 +35,34 @@ WARPS = 8
 
 
 @triton.jit
-def _weight_pairs(W, HALF: tl.constexpr, HALF_P: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """A norm weight [D] (fp32) as the two members of its columns' RoPE pairs, each [1, HALF_P]."""
+def _weight_pairs(W, HAS_W: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """A norm weight [D] (any float dtype; ones without HAS_W) in fp32 as the two members of its
+    columns' RoPE pairs, each [1, HALF_P]."""
     c = tl.arange(0, HALF_P)
-    ok = c < HALF
-    if INTERLEAVED:
-        w1, w2 = tl.load(W + 2 * c, mask=ok, other=0.0), tl.load(W + 2 * c + 1, mask=ok, other=0.0)
+    if HAS_W:
+        ok = c < HALF
+        if INTERLEAVED:
+            w1, w2 = tl.load(W + 2 * c, mask=ok, other=0.0), tl.load(W + 2 * c + 1, mask=ok, other=0.0)
+        else:
+            w1, w2 = tl.load(W + c, mask=ok, other=0.0), tl.load(W + HALF + c, mask=ok, other=0.0)
+        w1, w2 = w1.to(tl.float32), w2.to(tl.float32)
     else:
-        w1, w2 = tl.load(W + c, mask=ok, other=0.0), tl.load(W + HALF + c, mask=ok, other=0.0)
+        w1 = tl.full([HALF_P], 1.0, tl.float32)
+        w2 = tl.full([HALF_P], 1.0, tl.float32)
     return w1[None, :], w2[None, :]
+
+
+@triton.jit
+def _head_weight(
+    QW, KW, is_k, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    """The weight pairs of a q head (k_weight's where `is_k`)."""
+    if is_k:
+        w1, w2 = _weight_pairs(KW, HAS_KW, HALF, HALF_P, INTERLEAVED)
+    else:
+        w1, w2 = _weight_pairs(QW, HAS_QW, HALF, HALF_P, INTERLEAVED)
+    return w1, w2
 
 
 @triton.jit
@@ -54,13 +73,13 @@ def _rstd(x1, x2, eps, D: tl.constexpr):
 
 @triton.jit
 def _qk_norm_fwd(
-    QKV, COS, SIN, LENS, W, OUT, S, H, KVH, eps,
+    QKV, COS, SIN, LENS, QW, KW, OUT, S, H, KVH, eps,
     D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
-    INTERLEAVED: tl.constexpr, HAS_LENS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_LENS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
 ):  # fmt: skip
     """Rows of head j (q heads, k heads, v heads in turn) of one sequence: q and k normalised
     (rotated first with ROPE, at positions rows, or lens[b] + rows with HAS_LENS) with their
-    weight (W [2, D] fp32: q's, k's), v copied."""
+    weight (QW, KW [D], any float dtype; HAS_QW / HAS_KW false: none), v copied."""
     m_block, bj = tl.program_id(0), tl.program_id(1)
     heads = H + 2 * KVH
     b, j = bj // heads, bj % heads
@@ -77,7 +96,7 @@ def _qk_norm_fwd(
         x1, x2 = _rotated(src, rows, row_stride, pos, COS, SIN, ok, HALF, HALF_P, ROPE, INTERLEAVED)
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
         rstd = _rstd(a1, a2, eps, D)[:, None]
-        w1, w2 = _weight_pairs(W + (j >= H).to(tl.int32) * D, HALF, HALF_P, INTERLEAVED)
+        w1, w2 = _head_weight(QW, KW, j >= H, HAS_QW, HAS_KW, HALF, HALF_P, INTERLEAVED)
         dtype = OUT.dtype.element_ty
         out_rows = dst + rows[:, None].to(tl.int64) * row_stride
         _store_pairs(out_rows, ok, (a1 * rstd * w1).to(dtype), (a2 * rstd * w2).to(dtype), HALF, HALF_P,
@@ -90,9 +109,9 @@ def _qk_norm_fwd(
 
 @triton.jit
 def _qk_norm_bwd(
-    QKV, COS, SIN, W, G, DQKV, PART, S, H, KVH, eps,
+    QKV, COS, SIN, QW, KW, G, DQKV, PART, S, H, KVH, eps,
     D: tl.constexpr, HALF_P: tl.constexpr, D_P: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
 ):  # fmt: skip
     """The gradient w.r.t. qkv from G, the gradient w.r.t. the forward's output: through the
     norm (and the rotation's transpose, with ROPE) for q and k, G itself for v; and this
@@ -113,7 +132,7 @@ def _qk_norm_bwd(
         a1, a2 = a1 * rstd, a2 * rstd  # x_hat
         g1, g2 = _load_pairs(G + offset + rows[:, None].to(tl.int64) * row_stride, ok, HALF, HALF_P, INTERLEAVED)
         g1, g2 = g1.to(tl.float32), g2.to(tl.float32)
-        w1, w2 = _weight_pairs(W + (j >= H).to(tl.int32) * D, HALF, HALF_P, INTERLEAVED)
+        w1, w2 = _head_weight(QW, KW, j >= H, HAS_QW, HAS_KW, HALF, HALF_P, INTERLEAVED)
         part_row = PART + ((b.to(tl.int64) * tl.num_programs(0) + m_block) * (H + KVH) + j) * D + tl.arange(0, 1)
         one = tl.full([1], 1, tl.int1)
         _store_pairs(part_row[:, None], one, tl.sum(g1 * a1, axis=0)[None, :], tl.sum(g2 * a2, axis=0)[None, :],
@@ -133,10 +152,10 @@ def _meta(d: int, rope: bool, interleaved: bool) -> dict:
     return dict(D=d, HALF_P=half_p, D_P=2 * half_p, BLOCK_M=ROWS, ROPE=rope, INTERLEAVED=rope and interleaved)
 
 
-def _weights(q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, d: int, like: torch.Tensor):
-    """The two weights as one fp32 [2, d] (ones for a norm without weight)."""
-    ones = torch.ones(d, dtype=torch.float32, device=like.device)
-    return torch.stack([w.float() if w is not None else ones for w in (q_weight, k_weight)]).contiguous()
+def _weights(q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    """The kernels' weight arguments: (QW, KW, HAS_QW, HAS_KW); qkv stands in for a missing one."""
+    return (q_weight.contiguous() if q_weight is not None else like, k_weight.contiguous() if k_weight is not None
+            else like), dict(HAS_QW=q_weight is not None, HAS_KW=k_weight is not None)  # fmt: skip
 
 
 def _tables(qkv: torch.Tensor, cos, sin):
@@ -157,11 +176,11 @@ def qk_norm_fwd(
     d = width // heads
     out = torch.empty_like(qkv)
     lens = cache_len.contiguous() if cache_len is not None else qkv
-    args = (qkv, *_tables(qkv, cos, sin), lens, _weights(q_weight, k_weight, d, qkv), out, seq, num_heads,
-            num_kv_heads, eps)  # fmt: skip
-    batched = (0, 3, 5) if cache_len is not None else (0, 5)
+    weights, has = _weights(q_weight, k_weight, qkv)
+    args = (qkv, *_tables(qkv, cos, sin), lens, *weights, out, seq, num_heads, num_kv_heads, eps)
+    batched = (0, 3, 6) if cache_len is not None else (0, 6)
     _launch_by_batch(_qk_norm_fwd, triton.cdiv(seq, ROWS), heads, batch, args, batched,
-                     **_meta(d, cos is not None, interleaved), HAS_LENS=cache_len is not None,
+                     **_meta(d, cos is not None, interleaved), HAS_LENS=cache_len is not None, **has,
                      num_warps=WARPS)  # fmt: skip
     return out
 
@@ -185,10 +204,10 @@ def qk_norm_bwd(
     blocks = triton.cdiv(seq, ROWS)
     dqkv = torch.empty_like(qkv)
     part = torch.empty(batch, blocks, num_heads + num_kv_heads, d, dtype=torch.float32, device=qkv.device)
-    args = (qkv, *_tables(qkv, cos, sin), _weights(q_weight, k_weight, d, qkv), grad, dqkv, part, seq, num_heads,
-            num_kv_heads, eps)  # fmt: skip
-    _launch_by_batch(_qk_norm_bwd, blocks, heads, batch, args, (0, 4, 5, 6), **_meta(d, cos is not None, interleaved),
-                     num_warps=WARPS)  # fmt: skip
+    weights, has = _weights(q_weight, k_weight, qkv)
+    args = (qkv, *_tables(qkv, cos, sin), *weights, grad, dqkv, part, seq, num_heads, num_kv_heads, eps)
+    _launch_by_batch(_qk_norm_bwd, blocks, heads, batch, args, (0, 5, 6, 7), **_meta(d, cos is not None, interleaved),
+                     **has, num_warps=WARPS)  # fmt: skip
     per_head = part.sum((0, 1))
     return dqkv, torch.stack((per_head[:num_heads].sum(0), per_head[num_heads:].sum(0)))
 

@@ -219,7 +219,7 @@ ATTENTION = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "attenti
              "attention_bwd_dq causal GQA mask d128 window")  # fmt: skip
 # QK-norm's pass (trm_kernels.qk_norm) at head size 128
 QK_NORM = ("qk_norm_fwd before RoPE d128", "qk_norm_fwd after interleaved RoPE, cache offsets d128",
-           "qk_norm_bwd before RoPE d128", "qk_norm_bwd after RoPE d128",
+           "qk_norm_bwd before RoPE d128", "qk_norm_bwd after RoPE d128, no weights",
            "qk_norm_bwd after interleaved RoPE d128")  # fmt: skip
 # the KV-cache kernels: a decode tile is 16 rows (a group's heads), under a warpgroup product's 64
 KV_CACHE = ("kv_cache_write", "kv_cache_attn decode, split", "kv_cache_attn prefill chunk",
