@@ -30,6 +30,7 @@ the real positions. After training it prints the greedy generation of a few fres
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -520,10 +521,17 @@ def main(argv: list[str] | None = None) -> list[float]:
         parser.error("--backend triton: needs triton, and a GPU or TRITON_INTERPRET=1 set (the interpreter, on a "
                      "CPU); auto and reference run anywhere")  # fmt: skip
     print(f"copy task, {QUICK.seq_len + 1} tokens a sequence, batch {args.batch}, on {device}", flush=True)
-    model, losses = train_copy_task(QUICK, args.steps, args.batch, args.lr, args.seed, args.backend, device,
-                                    log=lambda i, loss: print(f"step {i}: loss {loss:.3f}", flush=True))  # fmt: skip
-    with K.use_backend(args.backend):
-        show_copies(model, torch.Generator().manual_seed(args.seed + 1))
+
+    def log(step: int, loss: float) -> None:
+        print(f"step {step}: loss {loss:.3f}", flush=True)
+
+    try:
+        model, losses = train_copy_task(QUICK, args.steps, args.batch, args.lr, args.seed, args.backend, device, log)
+        with K.use_backend(args.backend):
+            show_copies(model, torch.Generator().manual_seed(args.seed + 1))
+    except KeyboardInterrupt:  # the example keeps nothing on disk: nothing to save or lose
+        print("interrupted: this example saves nothing, so nothing is lost", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     return losses
 
 

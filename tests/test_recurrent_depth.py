@@ -241,3 +241,16 @@ def test_the_training_example_learns_the_copy_task_in_seconds(capsys):
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
     assert "--steps 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_training_example_exits_130_without_a_traceback(monkeypatch, capsys):
+    import trm_benchmarks.recurrent_depth as rd
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rd, "train_copy_task", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        rd.main(["--steps", "5"])
+    assert stop.value.code == 130
+    assert "interrupted: this example saves nothing, so nothing is lost" in capsys.readouterr().err
